@@ -1,0 +1,319 @@
+"""The configuration tree: frozen dataclasses read from YAML and `key.sub=value` overrides.
+
+Every value is type-checked on the way in; an unknown key, a wrong type or an impossible
+value raises UserError with one line that names the key and the fix. Checks that need the
+devices (mesh sizes, divisibility of sharded dimensions) live in mesh.py and sharding.py.
+"""
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import yaml
+
+from pjit_llm.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+DType = Literal["float32", "bfloat16"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 0  # 0: the tokenizer's vocabulary, rounded up to a multiple of 128
+    num_layers: int = 4
+    embed_dim: int = 256
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_dim: int = 768
+    max_len: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    param_dtype: DType = "float32"
+    dtype: DType = "float32"  # compute dtype; the loss is always float32
+    scan_layers: bool = True
+    remat: Literal["none", "full", "dots"] = "none"
+    attention: Literal["xla", "cudnn"] = "xla"
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    def validate(self) -> None:
+        _positive(self, "model", "num_layers", "embed_dim", "num_heads", "num_kv_heads",
+                  "mlp_dim", "max_len", "rope_theta", "norm_eps", "init_std")
+        if self.vocab_size < 0:
+            raise UserError("model.vocab_size must be >= 0 (0 follows the tokenizer)")
+        if self.embed_dim % self.num_heads:
+            raise UserError(f"model.num_heads={self.num_heads} does not divide model.embed_dim="
+                            f"{self.embed_dim}; pick a head count that divides the width")
+        if self.head_dim % 2:
+            raise UserError(f"head dimension embed_dim/num_heads={self.head_dim} must be even "
+                            "for rotary embeddings; change model.embed_dim or model.num_heads")
+        if self.num_heads % self.num_kv_heads:
+            raise UserError(f"model.num_kv_heads={self.num_kv_heads} must divide model.num_heads="
+                            f"{self.num_heads} (grouped-query attention)")
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Logical axis -> mesh axes it is sharded over (empty: replicated).
+
+    Activations use the same table; a mesh axis already taken by an earlier dimension of the
+    same array is skipped, so `embed` is sharded over `fsdp` in parameters but not in
+    activations whose batch already uses `fsdp`.
+    """
+
+    batch: tuple[str, ...] = ("data", "fsdp")
+    length: tuple[str, ...] = ()
+    embed: tuple[str, ...] = ("fsdp",)
+    heads: tuple[str, ...] = ("tensor",)
+    kv_heads: tuple[str, ...] = ("tensor",)
+    head_dim: tuple[str, ...] = ()
+    mlp: tuple[str, ...] = ("tensor",)
+    vocab: tuple[str, ...] = ("tensor",)
+    layers: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            axes = getattr(self, f.name)
+            for a in axes:
+                if a not in MESH_AXES:
+                    raise UserError(f"mesh.rules.{f.name}: unknown mesh axis {a!r}; "
+                                    f"use some of {', '.join(MESH_AXES)} or null")
+            if len(set(axes)) != len(axes):
+                raise UserError(f"mesh.rules.{f.name} names a mesh axis twice: {list(axes)}")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Sizes of the mesh axes; one may be -1 to take the remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    emulate_devices: int = 0  # >0: run on that many emulated CPU devices
+    rules: Rules = field(default_factory=Rules)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.data, self.fsdp, self.tensor)
+
+    def validate(self) -> None:
+        sizes = dict(zip(MESH_AXES, self.shape))
+        for name, size in sizes.items():
+            if size == 0 or size < -1:
+                raise UserError(f"mesh.{name}={size} is not a size; use a positive integer or -1")
+        if list(sizes.values()).count(-1) > 1:
+            raise UserError("only one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+        if self.emulate_devices < 0:
+            raise UserError("mesh.emulate_devices must be >= 0")
+        self.rules.validate()
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["builtin"] = "builtin"
+    seq_len: int = 256
+    batch_size: int = 16  # global, in sequences
+    val_fraction: float = 0.05  # share of documents held out for evaluation
+    seed: int = 0
+
+    def validate(self) -> None:
+        _positive(self, "data", "seq_len", "batch_size")
+        if not 0 < self.val_fraction < 1:
+            raise UserError(f"data.val_fraction={self.val_fraction} must lie strictly between 0 and 1")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = 3e-3
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0  # 0 disables clipping
+
+    def validate(self) -> None:
+        _positive(self, "optimizer", "lr", "eps")
+        for name in ("warmup_steps", "weight_decay", "clip_norm"):
+            if getattr(self, name) < 0:
+                raise UserError(f"optimizer.{name} must be >= 0")
+        for name in ("min_lr_ratio", "b1", "b2"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UserError(f"optimizer.{name} must lie in [0, 1]")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 300
+    seed: int = 0
+    grad_accum: int = 1  # micro-batches per step, accumulated inside the compiled step
+    log_every: int = 25
+    eval_every: int = 100  # 0: only at the end
+    eval_batches: int = 4
+    run_dir: str = "runs/default"
+
+    def validate(self) -> None:
+        _positive(self, "train", "steps", "grad_accum", "log_every", "eval_batches")
+        if self.eval_every < 0:
+            raise UserError("train.eval_every must be >= 0 (0 evaluates only at the end)")
+        if not self.run_dir:
+            raise UserError("train.run_dir must not be empty")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        for section in (self.model, self.mesh, self.data, self.optimizer, self.train):
+            section.validate()
+        if self.data.seq_len > self.model.max_len:
+            raise UserError(f"data.seq_len={self.data.seq_len} exceeds model.max_len="
+                            f"{self.model.max_len}; shorten the sequences or raise max_len")
+        if self.data.batch_size % self.train.grad_accum:
+            raise UserError(f"train.grad_accum={self.train.grad_accum} must divide "
+                            f"data.batch_size={self.data.batch_size}")
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+
+def _positive(section, prefix: str, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) <= 0:
+            raise UserError(f"{prefix}.{name}={getattr(section, name)} must be positive")
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return [_plain(v) for v in x]
+    return x
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML file (or the built-in defaults), apply `a.b=value` overrides, validate."""
+    raw = _read_yaml(path) if path else {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} is not of the form key.sub=value")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        _set_dotted(raw, key.strip(), value)
+    cfg = _build(Config, raw, "")
+    cfg.validate()
+    return cfg
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist; see configs/ for examples") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise UserError(f"config file {path} is not valid YAML{line}; fix its syntax") from None
+    except OSError as e:
+        raise UserError(f"cannot read config file {path}: {e.strerror}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"config file {path} must hold a mapping of sections (model:, mesh:, ...)")
+    return raw
+
+
+def _set_dotted(raw: dict, key: str, value) -> None:
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"override {key!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls, raw, prefix: str):
+    if not isinstance(raw, dict):
+        raise UserError(f"config section {prefix.rstrip('.') or 'root'} must be a mapping, "
+                        f"got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
+            raise UserError(f"unknown config key {prefix}{key}{hint}")
+    values = {}
+    for name in names:
+        if name not in raw:
+            continue
+        hint = hints[name]
+        key = prefix + name
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, raw[name], key + ".")
+        else:
+            values[name] = _coerce(raw[name], hint, key)
+    return cls(**values)
+
+
+def _coerce(value, hint, key: str):
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise UserError(f"{key}={value!r} is not one of: {', '.join(map(str, choices))}")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{key} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"{key} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise UserError(f"{key} must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise UserError(f"{key} must be a string, got {value!r}")
+    if origin is tuple or (origin is types.UnionType):
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise UserError(f"{key} must be a mesh axis name, a list of them, or null; got {value!r}")
+    raise TypeError(f"unsupported config type {hint} for {key}")

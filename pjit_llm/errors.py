@@ -1,0 +1,17 @@
+"""The one error type a user sees: a single line naming the problem and the fix."""
+
+import sys
+from collections.abc import Callable
+
+
+class UserError(Exception):
+    """A problem the user can fix (config, mesh, data, files). Entry points print it and exit 2."""
+
+
+def run_cli(main: Callable[[], None]) -> None:
+    """Run an entry point; a UserError becomes one line on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,177 @@
+"""A Llama-style decoder-only transformer in Flax NNX.
+
+Embedding, RMSNorm, rotary positions, grouped-query attention, SwiGLU MLP, optional tied
+embeddings. Every parameter names its logical axes (metadata `logical_axes`); the layers are
+one stacked parameter tree with a leading `layers` axis, run by a scan or unrolled.
+Shapes in names: B batch, L length, D embed, H heads, G kv heads, K head dim, F mlp, V vocab.
+"""
+
+from collections.abc import Callable
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pjit_llm.config import ModelConfig
+from pjit_llm.sharding import Layout
+
+Axes = tuple[str | None, ...]
+
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "full": None,  # save nothing, recompute the whole block
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def padded_vocab(tokenizer_vocab: int, multiple: int = 128) -> int:
+    return -(-tokenizer_vocab // multiple) * multiple
+
+
+def _param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...], axes: Axes, dtype) -> nnx.Param:
+    init = jax.nn.initializers.normal(std)
+    return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), dtype), logical_axes=("embed",))
+        self.eps = eps
+
+    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+        x = x_BLD.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return (x * self.scale[...].astype(jnp.float32)).astype(x_BLD.dtype)
+
+
+def rope_angles(positions_BL: jax.Array, head_dim: int, theta: float):
+    """sin and cos of the rotary angles, (B, L, K/2), in float32."""
+    freqs = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = positions_BL[..., None].astype(jnp.float32) * freqs
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rope(x_BLHK: jax.Array, sin_BLk: jax.Array, cos_BLk: jax.Array) -> jax.Array:
+    """Rotate the two halves of each head (the Llama convention)."""
+    x1, x2 = jnp.split(x_BLHK.astype(jnp.float32), 2, axis=-1)
+    sin, cos = sin_BLk[:, :, None, :], cos_BLk[:, :, None, :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BLHK.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layout: Layout | None, rngs: nnx.Rngs):
+        D, H, G, K = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        pd, std = cfg.param_dtype, cfg.init_std
+        out_std = std / (2 * cfg.num_layers) ** 0.5  # residual branches start small
+        self.wq = _param(rngs, std, (D, H, K), ("embed", "heads", "head_dim"), pd)
+        self.wk = _param(rngs, std, (D, G, K), ("embed", "kv_heads", "head_dim"), pd)
+        self.wv = _param(rngs, std, (D, G, K), ("embed", "kv_heads", "head_dim"), pd)
+        self.wo = _param(rngs, out_std, (H, K, D), ("heads", "head_dim", "embed"), pd)
+        self.cfg, self.layout = cfg, layout
+
+    def __call__(self, x_BLD, sin, cos, mask_B1LL):
+        dt = self.cfg.dtype
+        q_BLHK = jnp.einsum("BLD,DHK->BLHK", x_BLD, self.wq[...].astype(dt))
+        k_BLGK = jnp.einsum("BLD,DGK->BLGK", x_BLD, self.wk[...].astype(dt))
+        v_BLGK = jnp.einsum("BLD,DGK->BLGK", x_BLD, self.wv[...].astype(dt))
+        q_BLHK = _constrain(self.layout, apply_rope(q_BLHK, sin, cos),
+                            ("batch", "length", "heads", "head_dim"))
+        k_BLGK = _constrain(self.layout, apply_rope(k_BLGK, sin, cos),
+                            ("batch", "length", "kv_heads", "head_dim"))
+        out_BLHK = jax.nn.dot_product_attention(
+            q_BLHK, k_BLGK, v_BLGK, mask=mask_B1LL, is_causal=True,
+            implementation=self.cfg.attention)
+        return jnp.einsum("BLHK,HKD->BLD", out_BLHK, self.wo[...].astype(dt))
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layout: Layout | None, rngs: nnx.Rngs):
+        D, F, pd, std = cfg.embed_dim, cfg.mlp_dim, cfg.param_dtype, cfg.init_std
+        self.w_gate = _param(rngs, std, (D, F), ("embed", "mlp"), pd)
+        self.w_up = _param(rngs, std, (D, F), ("embed", "mlp"), pd)
+        self.w_down = _param(rngs, std / (2 * cfg.num_layers) ** 0.5, (F, D), ("mlp", "embed"), pd)
+        self.cfg, self.layout = cfg, layout
+
+    def __call__(self, x_BLD):
+        dt = self.cfg.dtype
+        gate_BLF = jnp.einsum("BLD,DF->BLF", x_BLD, self.w_gate[...].astype(dt))
+        up_BLF = jnp.einsum("BLD,DF->BLF", x_BLD, self.w_up[...].astype(dt))
+        h_BLF = _constrain(self.layout, jax.nn.silu(gate_BLF) * up_BLF, ("batch", "length", "mlp"))
+        return jnp.einsum("BLF,FD->BLD", h_BLF, self.w_down[...].astype(dt))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layout: Layout | None, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, cfg.param_dtype)
+        self.attn = Attention(cfg, layout, rngs)
+        self.mlp_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, cfg.param_dtype)
+        self.mlp = MLP(cfg, layout, rngs)
+        self.layout = layout
+
+    def __call__(self, x_BLD, sin, cos, mask_B1LL):
+        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), sin, cos, mask_B1LL)
+        x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD))
+        return _constrain(self.layout, x_BLD, ("batch", "length", "embed"))
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layout: Layout | None, rngs: nnx.Rngs):
+        if cfg.vocab_size <= 0:
+            raise ValueError("resolve model.vocab_size from the tokenizer before building the model")
+        D, V, pd = cfg.embed_dim, cfg.vocab_size, cfg.param_dtype
+        self.embed = _param(rngs, cfg.init_std, (V, D), ("vocab", "embed"), pd)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=0, out_axes=0,
+                  transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"})
+        def make_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, layout, rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = RMSNorm(D, cfg.norm_eps, pd)
+        if not cfg.tie_embeddings:
+            self.unembed = _param(rngs, cfg.init_std, (D, V), ("embed", "vocab"), pd)
+        self.cfg, self.layout = cfg, layout
+
+    def __call__(self, tokens_BL, segment_ids_BL, positions_BL) -> jax.Array:
+        """Logits (B, L, V) in the compute dtype. Tokens attend only within their segment."""
+        cfg, dt = self.cfg, self.cfg.dtype
+        # Gather the table's FSDP shards first (as FSDP does for every weight): a lookup into a
+        # table sharded on `embed` cannot produce activations sharded on `batch` efficiently.
+        table_VD = _constrain(self.layout, self.embed[...], ("vocab", None))
+        x_BLD = jnp.take(table_VD, tokens_BL, axis=0).astype(dt)
+        x_BLD = _constrain(self.layout, x_BLD, ("batch", "length", "embed"))
+        sin, cos = rope_angles(positions_BL, cfg.head_dim, cfg.rope_theta)
+        mask_B1LL = (segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :])
+        x_BLD = self._run_blocks(x_BLD, sin, cos, mask_B1LL)
+        x_BLD = self.final_norm(x_BLD)
+        if cfg.tie_embeddings:
+            logits_BLV = jnp.einsum("BLD,VD->BLV", x_BLD, self.embed[...].astype(dt))
+        else:
+            logits_BLV = jnp.einsum("BLD,DV->BLV", x_BLD, self.unembed[...].astype(dt))
+        return _constrain(self.layout, logits_BLV, ("batch", "length", "vocab"))
+
+    def _run_blocks(self, x_BLD, sin, cos, mask_B1LL):
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def apply(x, layer_state):
+            return nnx.merge(graphdef, layer_state)(x, sin, cos, mask_B1LL)
+
+        if self.cfg.remat != "none":
+            apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.cfg.remat],
+                                   prevent_cse=not self.cfg.scan_layers)
+        if self.cfg.scan_layers:
+            x_BLD, _ = jax.lax.scan(lambda x, s: (apply(x, s), None), x_BLD, stacked)
+            return x_BLD
+        for i in range(self.cfg.num_layers):
+            x_BLD = apply(x_BLD, jax.tree.map(partial(_index, i=i), stacked))
+        return x_BLD
+
+
+def _index(a: jax.Array, i: int) -> jax.Array:
+    return a[i]
+
+
+def _constrain(layout: Layout | None, x: jax.Array, axes: Axes) -> jax.Array:
+    return x if layout is None else layout.constrain(x, axes)

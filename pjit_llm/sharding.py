@@ -1,0 +1,95 @@
+"""The one place that turns logical axis names into shardings.
+
+Parameters carry logical axis names in their `logical_axes` metadata; activations name
+theirs at block boundaries through `Layout.constrain`. The rule table in the config maps each
+logical axis to mesh axes. A mesh axis of size 1 is left out of specs, and a mesh axis is used
+at most once per array (the first dimension that asks for it wins).
+"""
+
+import math
+from dataclasses import dataclass
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from pjit_llm.config import Rules
+from pjit_llm.errors import UserError
+
+
+@dataclass(frozen=True)
+class Layout:
+    mesh: Mesh
+    rules: Rules
+
+    def mesh_axes(self, logical: str | None, taken: set[str] = frozenset()) -> tuple[str, ...]:
+        if logical is None:
+            return ()
+        return tuple(a for a in getattr(self.rules, logical)
+                     if self.mesh.shape[a] > 1 and a not in taken)
+
+    def spec(self, logical_axes: tuple[str | None, ...]) -> PartitionSpec:
+        taken: set[str] = set()
+        entries = []
+        for logical in logical_axes:
+            axes = self.mesh_axes(logical, taken)
+            taken.update(axes)
+            entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+        return PartitionSpec(*entries)
+
+    def sharding(self, logical_axes: tuple[str | None, ...]) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(logical_axes))
+
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    def constrain(self, x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
+        return jax.lax.with_sharding_constraint(x, self.sharding(logical_axes))
+
+    def shards(self, logical: str) -> int:
+        """How many pieces a dimension with this logical axis is cut into (alone in its array)."""
+        return math.prod(self.mesh.shape[a] for a in self.mesh_axes(logical))
+
+
+def _is_var(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def param_shardings(layout: Layout, abstract_params):
+    """NamedShardings for a tree of nnx.Variables whose metadata names their logical axes."""
+    return jax.tree.map(lambda v: v.replace(layout.sharding(v.logical_axes)),
+                        abstract_params, is_leaf=_is_var)
+
+
+def check_divisible(layout: Layout, abstract_params) -> None:
+    """Refuse a parameter dimension that its mesh axes do not divide, naming both."""
+    for path, v in jax.tree_util.tree_leaves_with_path(abstract_params, is_leaf=_is_var):
+        spec = layout.spec(v.logical_axes)
+        for dim, (size, axes, logical) in enumerate(zip(v.shape, spec, v.logical_axes)):
+            if axes is None:
+                continue
+            axes = (axes,) if isinstance(axes, str) else axes
+            n = math.prod(layout.mesh.shape[a] for a in axes)
+            if size % n:
+                name = jax.tree_util.keystr(path, simple=True, separator=".")
+                raise UserError(
+                    f"parameter {name} dimension {dim} ({logical}={size}) is not divisible by "
+                    f"mesh axes {'x'.join(axes)}={n}; change the model size, the mesh, or "
+                    f"mesh.rules.{logical}")
+
+
+def check_batch(layout: Layout, micro_batch: int) -> None:
+    """Each micro-batch must split evenly over the mesh axes that carry `batch`."""
+    n = layout.shards("batch")
+    if micro_batch % n:
+        axes = "x".join(layout.mesh_axes("batch"))
+        raise UserError(f"micro-batch of {micro_batch} sequences (data.batch_size / "
+                        f"train.grad_accum) is not divisible by the {n} batch shards ({axes}); "
+                        f"use a batch size that is a multiple of {n} x train.grad_accum")
+
+
+def bytes_per_device(tree) -> int:
+    """Bytes that the first device of the first array's sharding holds for this tree."""
+    leaves = jax.tree.leaves(tree)
+    device = leaves[0].sharding._device_assignment[0]
+    return sum(s.data.nbytes for a in leaves for s in a.addressable_shards if s.device == device)

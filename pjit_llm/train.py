@@ -1,0 +1,164 @@
+"""`python -m pjit_llm.train [--config FILE] [--emulate-devices N] [key.sub=value ...]`
+
+Builds everything from the config, then runs the loop: dispatch steps without waiting, read
+metrics one step late at log intervals, evaluate on held-out data, write the run directory.
+"""
+
+import argparse
+import collections
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import jax
+import yaml
+
+from pjit_llm.config import Config, load_config
+from pjit_llm.data.loader import Batches, load_splits
+from pjit_llm.data.tokenizer import ByteTokenizer
+from pjit_llm.errors import UserError, run_cli
+from pjit_llm.mesh import describe, make_mesh
+from pjit_llm.metrics import MetricsLog, human_bytes, human_count, info
+from pjit_llm.model import padded_vocab
+from pjit_llm.optim import make_optimizer, make_schedule
+from pjit_llm.sharding import Layout, bytes_per_device, check_batch
+from pjit_llm.train_step import compile_steps, init_state
+
+# XLA:CPU collectives deadlock when too many multi-device steps are in flight.
+CPU_MAX_IN_FLIGHT = 16
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pjit_llm.train", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="YAML file (default: the built-in tiny CPU config)")
+    p.add_argument("--emulate-devices", type=int, default=0, metavar="N",
+                   help="train on N emulated CPU devices (sets mesh.emulate_devices)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    return p.parse_args(argv)
+
+
+def setup_platform(emulate_devices: int) -> None:
+    """Emulated devices are CPU devices; this must run before JAX first touches a backend."""
+    if emulate_devices:
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", emulate_devices)
+
+
+def resolve(cfg: Config, tokenizer: ByteTokenizer) -> Config:
+    """Fill values that follow from other parts: the vocabulary follows the tokenizer."""
+    vocab = cfg.model.vocab_size or padded_vocab(tokenizer.vocab_size)
+    if vocab < tokenizer.vocab_size:
+        raise UserError(f"model.vocab_size={vocab} is smaller than the tokenizer's "
+                        f"{tokenizer.vocab_size} tokens; raise it or set 0 to follow the tokenizer")
+    if cfg.model.attention == "cudnn" and jax.default_backend() != "gpu":
+        raise UserError(f"model.attention=cudnn needs a GPU but the backend is "
+                        f"{jax.default_backend()}; use model.attention=xla")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+
+
+def evaluate(eval_step, params, batches: Batches, num_batches: int) -> dict:
+    """Mean loss over all predicted tokens of `num_batches` fixed validation batches."""
+    totals = [eval_step(params, batches(i)) for i in range(num_batches)]
+    loss_sum = sum(float(t["loss_sum"]) for t in totals)
+    count = sum(float(t["tokens"]) for t in totals)
+    loss = loss_sum / max(count, 1.0)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 80.0))}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    if args.emulate_devices:
+        overrides.append(f"mesh.emulate_devices={args.emulate_devices}")
+    cfg = load_config(args.config, overrides)
+    setup_platform(cfg.mesh.emulate_devices)
+    tokenizer = ByteTokenizer()
+    cfg = resolve(cfg, tokenizer)
+    train(cfg, tokenizer)
+
+
+def train(cfg: Config, tokenizer: ByteTokenizer) -> dict:
+    """Run the configured training; returns the last logged train and eval metrics."""
+    mesh = make_mesh(cfg.mesh)
+    layout = Layout(mesh, cfg.mesh.rules)
+    check_batch(layout, cfg.data.batch_size // cfg.train.grad_accum)
+    schedule = make_schedule(cfg.optimizer, cfg.train.steps)
+    tx = make_optimizer(cfg.optimizer, schedule)
+    graphdef, state, shardings = init_state(cfg.model, layout, tx, cfg.train.seed)
+    train_step, eval_step = compile_steps(graphdef, tx, schedule, cfg.train.grad_accum,
+                                          layout, shardings)
+
+    train_rows, val_rows = load_splits(cfg.data, tokenizer)
+    batch_sharding = layout.sharding(("batch", "length"))
+    train_batches = Batches(train_rows, cfg.data.batch_size, batch_sharding, seed=cfg.data.seed)
+    val_batches = Batches(val_rows, cfg.data.batch_size, batch_sharding, seed=None)
+
+    run_dir = Path(cfg.train.run_dir)
+    if jax.process_index() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    log = MetricsLog(run_dir)
+
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    info(describe(mesh))
+    info(f"model {human_count(n_params)} parameters; per device: params "
+         f"{human_bytes(bytes_per_device(state.params))}, optimizer state "
+         f"{human_bytes(bytes_per_device(state.opt_state))}")
+    info(f"data: {len(train_rows['tokens']):,} train / {len(val_rows['tokens']):,} validation "
+         f"rows of {cfg.data.seq_len} tokens; global batch {cfg.data.batch_size}")
+
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    on_cpu = jax.default_backend() == "cpu"
+    in_flight = collections.deque()
+    interval = []  # device metrics since the last log line
+    due = None  # (step, metrics) to read once the next step is dispatched
+    last = {}
+    start = time.perf_counter()
+    mark = (int(state.step), start)
+
+    def report(step, metrics):
+        nonlocal mark
+        host = jax.device_get(metrics)
+        now = time.perf_counter()
+        rate = (step - mark[0]) * tokens_per_step / max(now - mark[1], 1e-9)
+        mark = (step, now)
+        record = {"step": step, "loss": sum(float(m["loss"]) for m in host) / len(host),
+                  "grad_norm": float(host[-1]["grad_norm"]), "lr": float(host[-1]["lr"]),
+                  "tokens_per_s": rate, "elapsed_s": now - start}
+        if not all(math.isfinite(float(m["loss"])) for m in host):
+            raise UserError(f"training loss became non-finite by step {step}; lower "
+                            "optimizer.lr or raise optimizer.warmup_steps")
+        log.write(record)
+        last.update(record)
+
+    for step in range(int(state.step), cfg.train.steps):
+        state, metrics = train_step(state, train_batches(step))
+        if due:  # the device is busy with this step while the host reads the last interval
+            report(*due)
+            due = None
+        interval.append(metrics)
+        if on_cpu:
+            in_flight.append(metrics)
+            if len(in_flight) > CPU_MAX_IN_FLIGHT:
+                jax.block_until_ready(in_flight.popleft())
+        done = step + 1
+        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+            due, interval = (done, interval), []
+        if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.steps:
+            if due:
+                report(*due)
+                due = None
+            result = evaluate(eval_step, state.params, val_batches, cfg.train.eval_batches)
+            log.write({"step": done, **result})
+            last.update(result)
+            mark = (done, time.perf_counter())  # evaluation time is not training throughput
+    if due:
+        report(*due)
+    log.close()
+    info(f"done: {cfg.train.steps} steps in {time.perf_counter() - start:.1f}s; run directory {run_dir}")
+    return last
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,127 @@
+"""Training state, its shardings, and the pure steps: init_state, train_step, eval_step.
+
+No I/O and no host syncs here. The loss is next-token cross-entropy in float32 over tokens
+whose successor belongs to the same segment (padding and document ends are masked out).
+"""
+
+from collections.abc import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from pjit_llm.config import ModelConfig
+from pjit_llm.model import Transformer
+from pjit_llm.sharding import Layout, check_divisible, param_shardings
+
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: nnx.State
+    opt_state: optax.OptState
+
+
+def abstract_model(cfg: ModelConfig, layout: Layout | None) -> tuple[nnx.GraphDef, nnx.State]:
+    """The model's graph and parameter shapes (with logical axes), without allocating."""
+    model = nnx.eval_shape(lambda: Transformer(cfg, layout, nnx.Rngs(0)))
+    return nnx.split(model)
+
+
+def state_shardings(layout: Layout, tx: optax.GradientTransformation, abstract_params):
+    """Parameters and their optimizer moments share the rule table's shardings."""
+    params = param_shardings(layout, abstract_params)
+    opt_state = optax.tree_map_params(
+        tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), params,
+        transform_non_params=lambda _: layout.replicated(),
+        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return TrainState(step=layout.replicated(), params=params, opt_state=opt_state)
+
+
+def init_state(cfg: ModelConfig, layout: Layout, tx: optax.GradientTransformation, seed: int):
+    """Create parameters and optimizer state directly in their shardings (no full host copy).
+
+    Returns (graphdef, state, shardings).
+    """
+    graphdef, abstract_params = abstract_model(cfg, layout)
+    check_divisible(layout, abstract_params)
+    shardings = state_shardings(layout, tx, abstract_params)
+
+    def init(key):
+        params = nnx.split(Transformer(cfg, layout, nnx.Rngs(params=key)))[1]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+    return graphdef, state, shardings
+
+
+def loss_terms(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch):
+    """(sum of token losses, number of predicted tokens), both float32."""
+    tokens, seg = batch["tokens"], batch["segment_ids"]
+    logits_BLV = nnx.merge(graphdef, params)(tokens, seg, batch["positions"])
+    logits_BLV = logits_BLV[:, :-1].astype(jnp.float32)
+    targets_BL = tokens[:, 1:]
+    weights_BL = ((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)).astype(jnp.float32)
+    target_logit = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
+    losses = jax.nn.logsumexp(logits_BLV, axis=-1) - target_logit
+    return jnp.sum(losses * weights_BL), jnp.sum(weights_BL)
+
+
+def _micro_batches(batch: Batch, k: int, layout: Layout) -> Batch:
+    """(B, L) -> (k, B/k, L), micro-batch j holding rows j, j+k, ... so that every device keeps
+    its own rows and splitting moves no data."""
+    def split(x):
+        x = jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+        return layout.constrain(x, (None, "batch", "length"))
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    grad_accum: int, layout: Layout) -> Callable:
+    grad_fn = jax.value_and_grad(lambda p, b: loss_terms(graphdef, p, b), has_aux=True)
+
+    def train_step(state: TrainState, batch: Batch):
+        if grad_accum == 1:
+            (loss_sum, count), grads = grad_fn(state.params, batch)
+        else:
+            def accumulate(carry, micro):
+                (l, c), g = grad_fn(state.params, micro)
+                acc_l, acc_c, acc_g = carry
+                return (acc_l + l, acc_c + c,
+                        jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc_g, g)), None
+
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            (loss_sum, count, grads), _ = jax.lax.scan(
+                accumulate, (jnp.float32(0), jnp.float32(0), zeros),
+                _micro_batches(batch, grad_accum, layout))
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads),
+                   "lr": schedule(state.step), "tokens": count}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef) -> Callable:
+    def eval_step(params: nnx.State, batch: Batch):
+        loss_sum, count = loss_terms(graphdef, params, batch)
+        return {"loss_sum": loss_sum, "tokens": count}
+    return eval_step
+
+
+def compile_steps(graphdef, tx, schedule, grad_accum: int, layout: Layout, shardings: TrainState):
+    """jit the steps once with explicit shardings; the train step donates its state."""
+    batch_sharding = layout.sharding(("batch", "length"))
+    train = jax.jit(make_train_step(graphdef, tx, schedule, grad_accum, layout),
+                    in_shardings=(shardings, batch_sharding),
+                    out_shardings=(shardings, layout.replicated()), donate_argnums=0)
+    evaluate = jax.jit(make_eval_step(graphdef), in_shardings=(shardings.params, batch_sharding),
+                       out_shardings=layout.replicated())
+    return train, evaluate
