@@ -119,7 +119,7 @@ class MeshConfig:
 @dataclass(frozen=True)
 class DataConfig:
     source: Literal["builtin"] = "builtin"
-    seq_len: int = 256
+    seq_len: int = 128
     batch_size: int = 16  # global, in sequences
     val_fraction: float = 0.05  # share of documents held out for evaluation
     seed: int = 0

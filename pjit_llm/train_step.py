@@ -102,7 +102,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads),
                    "lr": schedule(state.step), "tokens": count}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -1,0 +1,94 @@
+"""Parameters and optimizer moments carry exactly the shardings the rule table implies."""
+
+import jax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from pjit_llm.mesh import make_mesh
+from pjit_llm.optim import make_optimizer, make_schedule
+from pjit_llm.sharding import Layout
+from pjit_llm.train_step import init_state
+
+# Expected specs written out by hand from the default rules:
+# batch->(data, fsdp), embed->fsdp, heads/kv_heads/mlp/vocab->tensor, layers/head_dim->none.
+EXPECTED = {
+    "dp (8,1,1)": ((8, 1, 1), {
+        "embed": P(None, None), "blocks.attn.wq": P(None, None, None, None),
+        "blocks.attn.wk": P(None, None, None, None), "blocks.attn.wo": P(None, None, None, None),
+        "blocks.mlp.w_up": P(None, None, None), "blocks.mlp.w_down": P(None, None, None),
+        "blocks.attn_norm.scale": P(None, None), "final_norm.scale": P(None)}),
+    "fsdp (1,8,1)": ((1, 8, 1), {
+        "embed": P(None, "fsdp"), "blocks.attn.wq": P(None, "fsdp", None, None),
+        "blocks.attn.wk": P(None, "fsdp", None, None), "blocks.attn.wo": P(None, None, None, "fsdp"),
+        "blocks.mlp.w_up": P(None, "fsdp", None), "blocks.mlp.w_down": P(None, None, "fsdp"),
+        "blocks.attn_norm.scale": P(None, "fsdp"), "final_norm.scale": P("fsdp")}),
+    "tensor (1,2,4)": ((1, 2, 4), {
+        "embed": P("tensor", "fsdp"), "blocks.attn.wq": P(None, "fsdp", "tensor", None),
+        "blocks.attn.wk": P(None, "fsdp", "tensor", None),
+        "blocks.attn.wo": P(None, "tensor", None, "fsdp"),
+        "blocks.mlp.w_up": P(None, "fsdp", "tensor"), "blocks.mlp.w_down": P(None, "tensor", "fsdp"),
+        "blocks.attn_norm.scale": P(None, "fsdp"), "final_norm.scale": P("fsdp")}),
+    "hybrid (2,2,2)": ((2, 2, 2), {
+        "embed": P("tensor", "fsdp"), "blocks.attn.wq": P(None, "fsdp", "tensor", None),
+        "blocks.attn.wk": P(None, "fsdp", "tensor", None),
+        "blocks.attn.wo": P(None, "tensor", None, "fsdp"),
+        "blocks.mlp.w_up": P(None, "fsdp", "tensor"), "blocks.mlp.w_down": P(None, "tensor", "fsdp"),
+        "blocks.attn_norm.scale": P(None, "fsdp"), "final_norm.scale": P("fsdp")}),
+}
+
+
+def _by_name(tree) -> dict:
+    """Leaves by dotted path, without the `.value` of the nnx.Variable that holds them."""
+    return {jax.tree_util.keystr(path, simple=True, separator=".").removesuffix(".value"): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _build(cfg):
+    layout = Layout(make_mesh(cfg.mesh), cfg.mesh.rules)
+    tx = make_optimizer(cfg.optimizer, make_schedule(cfg.optimizer, cfg.train.steps))
+    return layout, init_state(cfg.model, layout, tx, seed=0)[1]
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_params_and_moments_follow_the_rules(tiny, name):
+    (d, f, t), expected = EXPECTED[name]
+    cfg = tiny(f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.tensor={t}")
+    layout, state = _build(cfg)
+    params = _by_name(state.params)
+    for param_name, spec in expected.items():
+        array = params[param_name]
+        assert array.sharding.spec == spec, param_name
+        # The shards really are cut: each device holds shape / (mesh size along each dim).
+        local = array.addressable_shards[0].data.shape
+        cut = tuple(1 if s is None else layout.mesh.shape[s] for s in spec)
+        assert local == tuple(n // c for n, c in zip(array.shape, cut)), param_name
+    assert set(params) == {"embed", "final_norm.scale", *(k for k in params if k.startswith("blocks."))}
+    # Adam's two moments (mu, nu) are laid out exactly like the parameter they follow.
+    moments = _by_name(state.opt_state)
+    for param_name, array in params.items():
+        specs = [m.sharding.spec for k, m in moments.items() if k.endswith("." + param_name)]
+        assert specs == [array.sharding.spec] * 2, param_name
+    assert state.step.sharding.spec == P()
+
+
+def test_untied_output_projection_is_vocab_parallel(tiny):
+    layout, state = _build(tiny("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
+                                "model.tie_embeddings=false"))
+    assert _by_name(state.params)["unembed"].sharding.spec == P("fsdp", "tensor")
+
+
+def test_changing_strategy_is_a_config_edit(tiny):
+    # Megatron-style: no FSDP, shard the MLP over (fsdp, tensor) together.
+    layout, state = _build(tiny("mesh.data=1", "mesh.fsdp=2", "mesh.tensor=4",
+                                "mesh.rules.embed=null", "mesh.rules.mlp=[fsdp, tensor]"))
+    params = _by_name(state.params)
+    assert params["blocks.mlp.w_up"].sharding.spec == P(None, None, ("fsdp", "tensor"))
+    assert params["blocks.attn.wq"].sharding.spec == P(None, None, "tensor", None)
+
+
+def test_activation_specs_skip_a_mesh_axis_already_used(tiny):
+    cfg = tiny("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+    layout = Layout(make_mesh(cfg.mesh), cfg.mesh.rules)
+    assert layout.spec(("batch", "length", "embed")) == P(("data", "fsdp"), None, None)
+    assert layout.spec(("batch", "length", "heads", "head_dim")) == P(("data", "fsdp"), None, "tensor", None)
+    assert layout.spec(("embed", "mlp")) == P("fsdp", "tensor")
