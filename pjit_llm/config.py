@@ -55,6 +55,9 @@ class ModelConfig:
         if self.head_dim % 2:
             raise UserError(f"head dimension embed_dim/num_heads={self.head_dim} must be even "
                             "for rotary embeddings; change model.embed_dim or model.num_heads")
+        if self.attention == "cudnn" and self.dtype != "bfloat16":
+            raise UserError("model.attention=cudnn needs model.dtype=bfloat16 (cuDNN attention "
+                            "runs in half precision); set it or use model.attention=xla")
         if self.num_heads % self.num_kv_heads:
             raise UserError(f"model.num_kv_heads={self.num_kv_heads} must divide model.num_heads="
                             f"{self.num_heads} (grouped-query attention)")

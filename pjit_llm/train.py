@@ -108,6 +108,10 @@ def train(cfg: Config, tokenizer: ByteTokenizer) -> dict:
     info(f"data: {len(train_rows['tokens']):,} train / {len(val_rows['tokens']):,} validation "
          f"rows of {cfg.data.seq_len} tokens; global batch {cfg.data.batch_size}")
 
+    compile_start = time.perf_counter()
+    train_step = train_step.lower(state, train_batches(int(state.step))).compile()
+    info(f"compiled the train step in {time.perf_counter() - compile_start:.1f}s")
+
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     on_cpu = jax.default_backend() == "cpu"
     in_flight = collections.deque()
@@ -132,6 +136,10 @@ def train(cfg: Config, tokenizer: ByteTokenizer) -> dict:
         log.write(record)
         last.update(record)
 
+    if int(state.step) == 0:  # the starting point, about ln(vocabulary) for a fresh model
+        result = evaluate(eval_step, state.params, val_batches, cfg.train.eval_batches)
+        log.write({"step": 0, **result})
+        mark = (0, time.perf_counter())
     for step in range(int(state.step), cfg.train.steps):
         state, metrics = train_step(state, train_batches(step))
         if due:  # the device is busy with this step while the host reads the last interval

@@ -1,6 +1,7 @@
 """The real CLI in fresh processes: errors exit 2 with one line, a short run writes its run dir."""
 
 import json
+import math
 
 import pytest
 import yaml
@@ -46,6 +47,7 @@ def test_short_run_on_a_hybrid_mesh_writes_its_run_directory(tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
-    assert [r["step"] for r in train] == [2, 4, 6] and [r["step"] for r in evals] == [3, 6]
+    assert [r["step"] for r in train] == [2, 4, 6] and [r["step"] for r in evals] == [0, 3, 6]
     assert all(r["tokens_per_s"] > 0 and r["loss"] > 0 for r in train)
-    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] + 0.5
+    assert evals[0]["eval_loss"] > 0.8 * math.log(384)  # a fresh model knows next to nothing
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]

@@ -88,3 +88,9 @@ def test_gradient_accumulation_equals_one_big_batch(tiny, reference):
 def test_different_seed_gives_different_parameters(tiny, reference):
     _, params = run_steps(tiny("train.seed=1"), None, steps=1)
     assert not np.allclose(params["embed"], reference[1]["embed"])
+
+
+def test_bfloat16_compute_tracks_float32(tiny, reference):
+    losses, params = run_steps(tiny("model.dtype=bfloat16"), (2, 2, 2))
+    np.testing.assert_allclose(losses, reference[0], rtol=2e-2)
+    assert params["embed"].dtype == np.float32  # float32 master weights
