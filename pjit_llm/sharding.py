@@ -89,7 +89,7 @@ def check_batch(layout: Layout, micro_batch: int) -> None:
 
 
 def bytes_per_device(tree) -> int:
-    """Bytes that the first device of the first array's sharding holds for this tree."""
+    """Bytes of this tree held by one device (the first of the first array's shards)."""
     leaves = jax.tree.leaves(tree)
-    device = leaves[0].sharding._device_assignment[0]
+    device = leaves[0].addressable_shards[0].device
     return sum(s.data.nbytes for a in leaves for s in a.addressable_shards if s.device == device)
