@@ -121,16 +121,37 @@ class MeshConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: Literal["builtin"] = "builtin"
+    source: Literal["builtin", "local", "tfds"] = "builtin"
+    paths: tuple[str, ...] = ()  # local: text/JSONL files, globs or directories
+    text_field: str = "text"  # the JSONL field (local) or the feature (tfds) holding the text
+    name: str = ""  # tfds: catalogue name, e.g. lm1b or wikitext/wikitext-103-raw-v1
+    train_split: str = "train"  # tfds
+    val_split: str = ""  # tfds; "" carves data.val_fraction off the training split
+    data_dir: str = ""  # where datasets are prepared; "" is TFDS's default (~/tensorflow_datasets)
+    download: bool = True  # tfds: download and prepare a missing dataset
+    tokenizer: Literal["byte", "sentencepiece", "hf"] = "byte"
+    tokenizer_path: str = ""  # .model or tokenizer.json; "" (sentencepiece): beside the data
+    packing: Literal["concat", "first_fit"] = "concat"
+    num_workers: int = 1  # tokenizing/packing processes; 0 works in this process
     seq_len: int = 128
     batch_size: int = 16  # global, in sequences
-    val_fraction: float = 0.05  # share of documents held out for evaluation
+    val_fraction: float = 0.05  # share of records held out when the data has no own split
     seed: int = 0
 
     def validate(self) -> None:
         _positive(self, "data", "seq_len", "batch_size")
+        if self.seq_len < 2:
+            raise UserError("data.seq_len must be at least 2 (a token and its successor)")
         if not 0 < self.val_fraction < 1:
             raise UserError(f"data.val_fraction={self.val_fraction} must lie strictly between 0 and 1")
+        if self.num_workers < 0:
+            raise UserError("data.num_workers must be >= 0 (0 tokenizes in this process)")
+        if self.source == "local" and not self.paths:
+            raise UserError("data.source=local needs data.paths: files, globs or directories")
+        if self.source == "tfds" and not self.name:
+            raise UserError("data.source=tfds needs data.name, a TFDS catalogue name such as lm1b")
+        if self.tokenizer == "hf" and not self.tokenizer_path:
+            raise UserError("data.tokenizer=hf needs data.tokenizer_path, a tokenizer.json file")
 
 
 @dataclass(frozen=True)
@@ -318,5 +339,5 @@ def _coerce(value, hint, key: str):
             return (value,)
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return tuple(value)
-        raise UserError(f"{key} must be a mesh axis name, a list of them, or null; got {value!r}")
+        raise UserError(f"{key} must be a string, a list of strings, or null; got {value!r}")
     raise TypeError(f"unsupported config type {hint} for {key}")

@@ -15,8 +15,9 @@ import jax
 import yaml
 
 from pjit_llm.config import Config, load_config
-from pjit_llm.data.loader import Batches, load_splits
-from pjit_llm.data.tokenizer import ByteTokenizer
+from pjit_llm.data.loader import Loader, eval_batches
+from pjit_llm.data.sources import Dataset, prepare
+from pjit_llm.data.tokenizer import Tokenizer, load_tokenizer
 from pjit_llm.errors import UserError, run_cli
 from pjit_llm.mesh import describe, make_mesh
 from pjit_llm.metrics import MetricsLog, human_bytes, human_count, info
@@ -45,7 +46,7 @@ def setup_platform(emulate_devices: int) -> None:
         jax.config.update("jax_num_cpu_devices", emulate_devices)
 
 
-def resolve(cfg: Config, tokenizer: ByteTokenizer) -> Config:
+def resolve(cfg: Config, tokenizer: Tokenizer) -> Config:
     """Fill values that follow from other parts: the vocabulary follows the tokenizer."""
     vocab = cfg.model.vocab_size or padded_vocab(tokenizer.vocab_size)
     if vocab < tokenizer.vocab_size:
@@ -57,9 +58,9 @@ def resolve(cfg: Config, tokenizer: ByteTokenizer) -> Config:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
 
 
-def evaluate(eval_step, params, batches: Batches, num_batches: int) -> dict:
-    """Mean loss over all predicted tokens of `num_batches` fixed validation batches."""
-    totals = [eval_step(params, batches(i)) for i in range(num_batches)]
+def evaluate(eval_step, params, batches: list) -> dict:
+    """Mean loss over all predicted tokens of the fixed validation batches."""
+    totals = [eval_step(params, batch) for batch in batches]
     loss_sum = sum(float(t["loss_sum"]) for t in totals)
     count = sum(float(t["tokens"]) for t in totals)
     loss = loss_sum / max(count, 1.0)
@@ -73,12 +74,13 @@ def main(argv=None) -> None:
         overrides.append(f"mesh.emulate_devices={args.emulate_devices}")
     cfg = load_config(args.config, overrides)
     setup_platform(cfg.mesh.emulate_devices)
-    tokenizer = ByteTokenizer()
+    dataset = prepare(cfg.data)
+    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path, dataset.directory)
     cfg = resolve(cfg, tokenizer)
-    train(cfg, tokenizer)
+    train(cfg, dataset, tokenizer)
 
 
-def train(cfg: Config, tokenizer: ByteTokenizer) -> dict:
+def train(cfg: Config, dataset: Dataset, tokenizer: Tokenizer) -> dict:
     """Run the configured training; returns the last logged train and eval metrics."""
     mesh = make_mesh(cfg.mesh)
     layout = Layout(mesh, cfg.mesh.rules)
@@ -88,28 +90,38 @@ def train(cfg: Config, tokenizer: ByteTokenizer) -> dict:
     graphdef, state, shardings = init_state(cfg.model, layout, tx, cfg.train.seed)
     train_step, eval_step = compile_steps(graphdef, tx, schedule, cfg.train.grad_accum,
                                           layout, shardings)
-
-    train_rows, val_rows = load_splits(cfg.data, tokenizer)
     batch_sharding = layout.sharding(("batch", "length"))
-    train_batches = Batches(train_rows, cfg.data.batch_size, batch_sharding, seed=cfg.data.seed)
-    val_batches = Batches(val_rows, cfg.data.batch_size, batch_sharding, seed=None)
+    val_batches = eval_batches(dataset, tokenizer, cfg.data, batch_sharding, cfg.train.eval_batches)
 
     run_dir = Path(cfg.train.run_dir)
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    log = MetricsLog(run_dir)
 
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     info(describe(mesh))
     info(f"model {human_count(n_params)} parameters; per device: params "
          f"{human_bytes(bytes_per_device(state.params))}, optimizer state "
          f"{human_bytes(bytes_per_device(state.opt_state))}")
-    info(f"data: {len(train_rows['tokens']):,} train / {len(val_rows['tokens']):,} validation "
-         f"rows of {cfg.data.seq_len} tokens; global batch {cfg.data.batch_size}")
+    info(f"data: {len(dataset.train):,} train / {len(dataset.val):,} validation records in "
+         f"{dataset.directory}; {type(tokenizer).__name__} of {tokenizer.vocab_size} tokens; "
+         f"global batch {cfg.data.batch_size} x {cfg.data.seq_len}")
 
+    loader = Loader(dataset, tokenizer, cfg.data, batch_sharding)
+    log = MetricsLog(run_dir)
+    try:
+        return _loop(cfg, state, train_step, lambda params: evaluate(eval_step, params, val_batches),
+                     loader, log)
+    finally:
+        loader.close()
+        log.close()
+
+
+def _loop(cfg: Config, state, train_step, run_eval, loader: Loader, log: MetricsLog) -> dict:
+    """Dispatch steps ahead of reading their metrics; read them at log intervals only."""
+    batch = next(loader)
     compile_start = time.perf_counter()
-    train_step = train_step.lower(state, train_batches(int(state.step))).compile()
+    train_step = train_step.lower(state, batch).compile()
     info(f"compiled the train step in {time.perf_counter() - compile_start:.1f}s")
 
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
@@ -127,21 +139,29 @@ def train(cfg: Config, tokenizer: ByteTokenizer) -> dict:
         now = time.perf_counter()
         rate = (step - mark[0]) * tokens_per_step / max(now - mark[1], 1e-9)
         mark = (step, now)
-        record = {"step": step, "loss": sum(float(m["loss"]) for m in host) / len(host),
-                  "grad_norm": float(host[-1]["grad_norm"]), "lr": float(host[-1]["lr"]),
-                  "tokens_per_s": rate, "elapsed_s": now - start}
         if not all(math.isfinite(float(m["loss"])) for m in host):
             raise UserError(f"training loss became non-finite by step {step}; lower "
                             "optimizer.lr or raise optimizer.warmup_steps")
+        record = {"step": step, "loss": sum(float(m["loss"]) for m in host) / len(host),
+                  "grad_norm": float(host[-1]["grad_norm"]), "lr": float(host[-1]["lr"]),
+                  "tokens_per_s": rate, "elapsed_s": now - start}
         log.write(record)
         last.update(record)
 
-    if int(state.step) == 0:  # the starting point, about ln(vocabulary) for a fresh model
-        result = evaluate(eval_step, state.params, val_batches, cfg.train.eval_batches)
-        log.write({"step": 0, **result})
-        mark = (0, time.perf_counter())
+    def evaluate_at(step):
+        nonlocal mark
+        result = run_eval(state.params)
+        log.write({"step": step, **result})
+        last.update(result)
+        mark = (step, time.perf_counter())  # evaluation time is not training throughput
+
+    if int(state.step) == 0:  # the starting point: a fresh model knows next to nothing
+        evaluate_at(0)
     for step in range(int(state.step), cfg.train.steps):
-        state, metrics = train_step(state, train_batches(step))
+        state, metrics = train_step(state, batch)
+        done = step + 1
+        if done < cfg.train.steps:
+            batch = next(loader)  # the host prepares the next batch while the device computes
         if due:  # the device is busy with this step while the host reads the last interval
             report(*due)
             due = None
@@ -150,21 +170,17 @@ def train(cfg: Config, tokenizer: ByteTokenizer) -> dict:
             in_flight.append(metrics)
             if len(in_flight) > CPU_MAX_IN_FLIGHT:
                 jax.block_until_ready(in_flight.popleft())
-        done = step + 1
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
             due, interval = (done, interval), []
         if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.steps:
             if due:
                 report(*due)
                 due = None
-            result = evaluate(eval_step, state.params, val_batches, cfg.train.eval_batches)
-            log.write({"step": done, **result})
-            last.update(result)
-            mark = (done, time.perf_counter())  # evaluation time is not training throughput
+            evaluate_at(done)
     if due:
         report(*due)
-    log.close()
-    info(f"done: {cfg.train.steps} steps in {time.perf_counter() - start:.1f}s; run directory {run_dir}")
+    info(f"done: {cfg.train.steps} steps in {time.perf_counter() - start:.1f}s; "
+         f"run directory {cfg.train.run_dir}")
     return last
 
 

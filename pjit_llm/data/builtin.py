@@ -5,7 +5,6 @@ pydoc_data/topics.py) and the Python licence. No network, no files from elsewher
 suites and GUI demos are left out. The corpus differs a little between Python versions.
 """
 
-import hashlib
 import os
 import sysconfig
 from pathlib import Path
@@ -14,20 +13,14 @@ _SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "site-package
               "dist-packages", "__pycache__", "ensurepip"}
 
 
-def documents() -> list[tuple[str, bytes]]:
-    """(name, content) for every document, in a fixed order."""
+def files() -> list[tuple[str, Path]]:
+    """(name relative to the standard library, path) for every file, in a fixed order."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    docs = []
+    found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("test"))
         for name in sorted(filenames):
             if name.endswith(".py") or name == "LICENSE.txt":
                 path = Path(dirpath, name)
-                docs.append((path.relative_to(root).as_posix(), path.read_bytes()))
-    return docs
-
-
-def is_validation(name: str, fraction: float) -> bool:
-    """A fixed pseudo-random share of documents, chosen by name so it never moves."""
-    h = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
-    return h / 2**64 < fraction
+                found.append((path.relative_to(root).as_posix(), path))
+    return found

@@ -1,0 +1,76 @@
+"""The Grain pipeline: this process's share of the records -> shuffle -> tokenize -> pack ->
+batch, with tokenizing and packing in worker processes.
+
+Packing `concat` lays documents end to end and cuts rows of seq_len (a long document runs on
+into the next row; nothing is dropped); `first_fit` starts every document in a fresh segment
+and truncates documents longer than a row. Either way each row carries segment ids (0 marks
+padding) and positions that restart with each document piece.
+"""
+
+import grain
+import numpy as np
+
+from pjit_llm.config import DataConfig
+from pjit_llm.data.tokenizer import Tokenizer
+
+
+class Tokenize(grain.transforms.Map):
+    def __init__(self, tokenizer: Tokenizer, field: str, max_len: int | None):
+        self.tokenizer, self.field, self.max_len = tokenizer, field, max_len
+
+    def map(self, record):
+        text = record[self.field]
+        ids = self.tokenizer.encode(text.decode("utf-8", errors="replace")
+                                    if isinstance(text, bytes) else text)
+        if self.tokenizer.eos_id is not None:
+            ids = np.append(ids, np.int32(self.tokenizer.eos_id))
+        return {"tokens": ids[: self.max_len]}
+
+
+class NotEmpty(grain.transforms.Filter):
+    def filter(self, element) -> bool:
+        return len(element["tokens"]) > 0
+
+
+class ToBatch(grain.transforms.Map):
+    """Grain's packed feature names -> the model's batch keys, int32."""
+
+    def map(self, element):
+        return {"tokens": element["tokens"].astype(np.int32),
+                "segment_ids": element["tokens_segment_ids"].astype(np.int32),
+                "positions": element["tokens_positions"].astype(np.int32)}
+
+
+def packed_batches(source, tokenizer: Tokenizer, field: str, cfg: DataConfig, local_batch: int,
+                   process_index: int, process_count: int, *, train: bool,
+                   num_workers: int | None = None) -> grain.IterDataset:
+    """Batches of `local_batch` packed rows from this process's share of `source`.
+
+    Training data is shuffled with the seed (a new order each epoch) and repeats forever;
+    evaluation data is read once, in order, and its last batch may be short.
+    """
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    if train:
+        ds = ds.seed(cfg.seed).shuffle().repeat(None)
+    ds = ds.map(Tokenize(tokenizer, field, cfg.seq_len if cfg.packing == "first_fit" else None))
+    ids = ds.filter(NotEmpty()).to_iter_dataset()
+    length = {"tokens": cfg.seq_len}
+    if cfg.packing == "concat":
+        packed = grain.experimental.ConcatThenSplitIterDataset(ids, length_struct=length)
+    else:
+        packed = grain.experimental.FirstFitPackIterDataset(
+            ids, length_struct=length, num_packing_bins=local_batch, seed=cfg.seed,
+            shuffle_bins=train)
+    batches = packed.batch(local_batch, drop_remainder=train).map(ToBatch())
+    workers = cfg.num_workers if num_workers is None else num_workers
+    if workers > 0:
+        _allow_absl_in_workers()
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return batches
+
+
+def _allow_absl_in_workers() -> None:
+    """Grain's worker processes read absl flags; mark them parsed when no absl app did."""
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()

@@ -1,0 +1,72 @@
+"""Byte, SentencePiece (trained by our command) and Hugging Face tokenizers."""
+
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pjit_llm.data.tokenizer import (SENTENCEPIECE_FILE, ByteTokenizer, HFTokenizer,
+                                     SentencePieceTokenizer, load_tokenizer)
+from pjit_llm.errors import UserError
+
+TEXT = "def f(x):\n    return x ** 2  # naïve — ok 🙂\n"
+
+
+def test_byte_tokenizer_round_trip():
+    tok = ByteTokenizer()
+    ids = tok.encode(TEXT)
+    assert ids.dtype == np.int32 and ids.max() < 256 and len(ids) == len(TEXT.encode())
+    assert tok.decode(list(ids) + [tok.eos_id]) == TEXT
+
+
+@pytest.mark.slow
+def test_sentencepiece_trained_by_the_command_round_trips(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"The {w} sat on the mat number {i}.\n"
+                              for i, w in enumerate(["cat", "dog", "bird", "fish"] * 300)))
+    result = subprocess.run(
+        [sys.executable, "-m", "pjit_llm.data.tokenizer", "train", "--vocab-size", "400",
+         "data.source=local", f"data.paths=[{corpus}]", f"data.data_dir={tmp_path / 'data'}"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    model = next((tmp_path / "data").rglob(SENTENCEPIECE_FILE))
+    assert f"wrote {model}" in result.stdout
+    tok = load_tokenizer("sentencepiece", "", model.parent)  # found beside the data
+    assert 259 < tok.vocab_size <= 400 and tok.eos_id is not None
+    for text in (TEXT, "The cat sat on the mat number 7.", "  spaces\tand\ttabs  \n"):
+        assert tok.decode(tok.encode(text)) == text
+    assert len(tok.encode("The cat sat on the mat.")) < len("The cat sat on the mat.") / 2
+    clone = pickle.loads(pickle.dumps(tok))  # as Grain ships it to a worker
+    np.testing.assert_array_equal(clone.encode(TEXT), tok.encode(TEXT))
+
+
+def test_hugging_face_tokenizer_json(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator([TEXT * 20, "hello world " * 50],
+                           trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    path = tmp_path / "tokenizer.json"
+    hf.save(str(path))
+    tok = load_tokenizer("hf", str(path), None)
+    assert isinstance(tok, HFTokenizer) and tok.eos_id == 0 and tok.vocab_size <= 300
+    assert tok.decode(tok.encode(TEXT)) == TEXT
+    clone = pickle.loads(pickle.dumps(tok))
+    np.testing.assert_array_equal(clone.encode(TEXT), tok.encode(TEXT))
+
+
+def test_tokenizer_files_that_do_not_load(tmp_path):
+    junk = tmp_path / "junk.model"
+    junk.write_bytes(b"\x00not a model")
+    with pytest.raises(UserError, match="is not a SentencePiece model"):
+        SentencePieceTokenizer(str(junk))
+    with pytest.raises(UserError, match="is not a Hugging Face tokenizer.json"):
+        HFTokenizer(str(junk))
+    with pytest.raises(UserError, match="does not exist; train one with"):
+        load_tokenizer("sentencepiece", "", tmp_path)
+    with pytest.raises(UserError, match="tokenizer file .* does not exist"):
+        HFTokenizer(str(tmp_path / "missing.json"))
