@@ -30,16 +30,54 @@ def assert_refused(result, message):
     (["optimizer.warmup_steps=500"], "optimizer.warmup_steps=500 must be smaller than train.steps=300"),
 ])
 def test_config_errors_exit_2_with_one_line(tmp_path, args, message):
-    result = run_cli(*args, f"train.run_dir={tmp_path / 'run'}", cwd=tmp_path)
+    result = run_cli(*args, f"train.run_dir={tmp_path / 'run'}", f"data.data_dir={tmp_path / 'data'}",
+                     cwd=tmp_path)
     assert_refused(result, message)
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+@pytest.mark.parametrize("files, args, message", [
+    ({}, ["data.source=local", "data.paths=[missing/*.txt]"], "data.paths: nothing found at 'missing/*.txt'"),
+    ({"c.jsonl": "not json\n"}, ["data.source=local", "data.paths=[c.jsonl]"],
+     "the corpus gives no train records (1 files; skipped 1 not JSON)"),
+    ({"c.txt": "some text\n" * 4000, "bad.model": "junk"},
+     ["data.source=local", "data.paths=[c.txt]", "data.tokenizer=sentencepiece",
+      "data.tokenizer_path=bad.model"], "bad.model is not a SentencePiece model"),
+    ({"c.txt": "some text\n" * 4000}, ["data.source=local", "data.paths=[c.txt]", "data.tokenizer=hf"],
+     "data.tokenizer=hf needs data.tokenizer_path"),
+    ({}, ["data.source=tfds"], "data.source=tfds needs data.name"),
+    ({}, ["data.seq_len=4096"], "data.seq_len=4096 exceeds model.max_len=2048"),
+])
+def test_data_errors_exit_2_with_one_line(tmp_path, files, args, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    result = run_cli(*args, "train.run_dir=run", "data.data_dir=data", cwd=tmp_path)
+    assert_refused(result, message)
+    assert not (tmp_path / "run").exists()
+    # Nothing half-written: no dataset left in TFDS's temporary preparation directories.
+    assert not [p for p in tmp_path.rglob("*") if "incomplete" in p.name]
+
+
+def test_local_jsonl_run_skips_bad_records_with_a_count(tmp_path):
+    lines = [json.dumps({"text": f"record {i}: " + "the quick brown fox " * 8}) for i in range(60)]
+    lines[5] = "{broken"
+    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
+    result = run_cli(*TINY, "train.steps=4", "train.log_every=2", "data.source=local",
+                     "data.paths=[c.jsonl]", "data.num_workers=2", "train.run_dir=run",
+                     "data.data_dir=data", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "warning: skipped 1 bad records (1 not JSON)" in result.stderr
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2, 4]
 
 
 def test_short_run_on_a_hybrid_mesh_writes_its_run_directory(tmp_path):
     run = tmp_path / "run"
     result = run_cli("--emulate-devices", "8", *TINY, "mesh.data=2", "mesh.fsdp=2",
                      "mesh.tensor=2", "train.steps=6", "train.log_every=2", "train.eval_every=3",
-                     "train.eval_batches=2", f"train.run_dir={run}", cwd=tmp_path)
+                     "train.eval_batches=2", f"train.run_dir={run}", f"data.data_dir={tmp_path}",
+                     cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "mesh data=2 x fsdp=2 x tensor=2 over 8 cpu device(s)" in result.stdout
     config = yaml.safe_load((run / "config.yaml").read_text())

@@ -114,15 +114,15 @@ def _corpus_builder_class():
                 if is_validation(index, self._val_fraction) == validation:
                     kept += 1
                     yield key, {"text": text}
-            if not validation and skipped:
-                print(f"warning: skipped {sum(skipped.values())} bad records "
-                      f"({describe_skipped(skipped)})", file=sys.stderr)
             if not kept:
                 split = "validation" if validation else "train"
                 raise UserError(
                     f"the corpus gives no {split} records ({len(self._files)} files"
                     + (f"; skipped {describe_skipped(skipped)}" if skipped else "")
                     + "); add text" + (" or raise data.val_fraction" if validation else ""))
+            if not validation and skipped:
+                print(f"warning: skipped {sum(skipped.values())} bad records "
+                      f"({describe_skipped(skipped)})", file=sys.stderr)
 
     TextCorpus.__module__, TextCorpus.__qualname__ = __name__, "TextCorpus"
     TextCorpus.name = "text_corpus"
