@@ -132,6 +132,7 @@ class DataConfig:
     tokenizer: Literal["byte", "sentencepiece", "hf"] = "byte"
     tokenizer_path: str = ""  # .model or tokenizer.json; "" (sentencepiece): beside the data
     packing: Literal["concat", "first_fit"] = "concat"
+    shuffle_window: int = 1024  # packed rows shuffled together (rows of one document spread out)
     num_workers: int = 1  # tokenizing/packing processes; 0 works in this process
     seq_len: int = 128
     batch_size: int = 16  # global, in sequences
@@ -146,6 +147,8 @@ class DataConfig:
             raise UserError(f"data.val_fraction={self.val_fraction} must lie strictly between 0 and 1")
         if self.num_workers < 0:
             raise UserError("data.num_workers must be >= 0 (0 tokenizes in this process)")
+        if self.shuffle_window < 0:
+            raise UserError("data.shuffle_window must be >= 0 (0 or 1: no shuffling of rows)")
         if self.source == "local" and not self.paths:
             raise UserError("data.source=local needs data.paths: files, globs or directories")
         if self.source == "tfds" and not self.name:
@@ -185,13 +188,31 @@ class TrainConfig:
     eval_every: int = 100  # 0: only at the end
     eval_batches: int = 4
     run_dir: str = "runs/default"
+    resume: bool = True  # continue from the run directory's latest checkpoint
+    max_bad_steps: int = 0  # steps with a non-finite loss to skip before stopping
 
     def validate(self) -> None:
         _positive(self, "train", "steps", "grad_accum", "log_every", "eval_batches")
-        if self.eval_every < 0:
-            raise UserError("train.eval_every must be >= 0 (0 evaluates only at the end)")
+        for name in ("eval_every", "max_bad_steps"):
+            if getattr(self, name) < 0:
+                raise UserError(f"train.{name} must be >= 0")
         if not self.run_dir:
             raise UserError("train.run_dir must not be empty")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    directory: str = ""  # "" is <train.run_dir>/checkpoints
+    every: int = 100  # save every N steps (and always at the end); 0: only at the end
+    keep: int = 3  # the newest K checkpoints are kept
+    keep_every: int = 0  # and every M-th step besides (0: none)
+    async_save: bool = True  # write in the background while training goes on
+
+    def validate(self) -> None:
+        _positive(self, "checkpoint", "keep")
+        for name in ("every", "keep_every"):
+            if getattr(self, name) < 0:
+                raise UserError(f"checkpoint.{name} must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -201,9 +222,11 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def validate(self) -> None:
-        for section in (self.model, self.mesh, self.data, self.optimizer, self.train):
+        for section in (self.model, self.mesh, self.data, self.optimizer, self.train,
+                        self.checkpoint):
             section.validate()
         if self.data.seq_len > self.model.max_len:
             raise UserError(f"data.seq_len={self.data.seq_len} exceeds model.max_len="

@@ -9,9 +9,11 @@ import jax
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, append: bool = False):
+        """`append` continues the file of a resumed run instead of starting it afresh."""
         self.enabled = jax.process_index() == 0
-        self._file = open(run_dir / "metrics.jsonl", "w") if self.enabled else None
+        mode = "a" if append else "w"
+        self._file = open(run_dir / "metrics.jsonl", mode) if self.enabled else None
 
     def write(self, record: dict) -> None:
         if not self.enabled:

@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 import yaml
 
+from pjit_llm.checkpoint import Checkpoints, checkpoint_dir
 from pjit_llm.config import Config, load_config
 from pjit_llm.data.loader import Loader, eval_batches
 from pjit_llm.data.sources import Dataset, prepare
@@ -24,7 +25,8 @@ from pjit_llm.metrics import MetricsLog, human_bytes, human_count, info
 from pjit_llm.model import padded_vocab
 from pjit_llm.optim import make_optimizer, make_schedule
 from pjit_llm.sharding import Layout, bytes_per_device, check_batch
-from pjit_llm.train_step import compile_steps, init_state
+from pjit_llm.preemption import StopRequest
+from pjit_llm.train_step import compile_steps, init_state, plan_state
 
 # XLA:CPU collectives deadlock when too many multi-device steps are in flight.
 CPU_MAX_IN_FLIGHT = 16
@@ -36,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--emulate-devices", type=int, default=0, metavar="N",
                    help="train on N emulated CPU devices (sets mesh.emulate_devices)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def setup_platform(emulate_devices: int) -> None:
@@ -81,44 +83,72 @@ def main(argv=None) -> None:
 
 
 def train(cfg: Config, dataset: Dataset, tokenizer: Tokenizer) -> dict:
-    """Run the configured training; returns the last logged train and eval metrics."""
+    """Run (or resume) the configured training; returns the last logged metrics."""
     mesh = make_mesh(cfg.mesh)
     layout = Layout(mesh, cfg.mesh.rules)
     check_batch(layout, cfg.data.batch_size // cfg.train.grad_accum)
     schedule = make_schedule(cfg.optimizer, cfg.train.steps)
     tx = make_optimizer(cfg.optimizer, schedule)
-    graphdef, state, shardings = init_state(cfg.model, layout, tx, cfg.train.seed)
-    train_step, eval_step = compile_steps(graphdef, tx, schedule, cfg.train.grad_accum,
-                                          layout, shardings)
+    graphdef, abstract_state, shardings = plan_state(cfg.model, layout, tx)
+    train_step, eval_step = compile_steps(graphdef, tx, schedule, cfg.train.grad_accum, layout,
+                                          shardings, skip_nonfinite=cfg.train.max_bad_steps > 0)
     batch_sharding = layout.sharding(("batch", "length"))
     val_batches = eval_batches(dataset, tokenizer, cfg.data, batch_sharding, cfg.train.eval_batches)
 
-    run_dir = Path(cfg.train.run_dir)
-    if jax.process_index() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-    n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    info(describe(mesh))
-    info(f"model {human_count(n_params)} parameters; per device: params "
-         f"{human_bytes(bytes_per_device(state.params))}, optimizer state "
-         f"{human_bytes(bytes_per_device(state.opt_state))}")
-    info(f"data: {len(dataset.train):,} train / {len(dataset.val):,} validation records in "
-         f"{dataset.directory}; {type(tokenizer).__name__} of {tokenizer.vocab_size} tokens; "
-         f"global batch {cfg.data.batch_size} x {cfg.data.seq_len}")
-
+    ckpts = Checkpoints(checkpoint_dir(cfg), cfg.checkpoint)
     loader = Loader(dataset, tokenizer, cfg.data, batch_sharding)
-    log = MetricsLog(run_dir)
     try:
-        return _loop(cfg, state, train_step, lambda params: evaluate(eval_step, params, val_batches),
-                     loader, log)
+        state = _resume_or_init(cfg, ckpts, loader, abstract_state, layout, tx)
+        run_dir = Path(cfg.train.run_dir)
+        if jax.process_index() == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        n_params = sum(x.size for x in jax.tree.leaves(state.params))
+        info(describe(mesh))
+        info(f"model {human_count(n_params)} parameters; per device: params "
+             f"{human_bytes(bytes_per_device(state.params))}, optimizer state "
+             f"{human_bytes(bytes_per_device(state.opt_state))}")
+        info(f"data: {len(dataset.train):,} train / {len(dataset.val):,} validation records in "
+             f"{dataset.directory}; {type(tokenizer).__name__} of {tokenizer.vocab_size} tokens; "
+             f"global batch {cfg.data.batch_size} x {cfg.data.seq_len}")
+        log = MetricsLog(run_dir, append=int(state.step) > 0)
+        try:
+            with StopRequest() as stop:
+                return _loop(cfg, state, train_step,
+                             lambda params: evaluate(eval_step, params, val_batches),
+                             loader, log, ckpts, stop)
+        finally:
+            log.close()
     finally:
+        ckpts.close()  # waits for a save in flight: nothing is left half-written
         loader.close()
-        log.close()
 
 
-def _loop(cfg: Config, state, train_step, run_eval, loader: Loader, log: MetricsLog) -> dict:
-    """Dispatch steps ahead of reading their metrics; read them at log intervals only."""
+def _resume_or_init(cfg: Config, ckpts: Checkpoints, loader: Loader, abstract_state, layout, tx):
+    """The latest readable checkpoint (state and data position), or a fresh state."""
+    latest = ckpts.latest_step()
+    if latest is None:
+        return init_state(cfg.model, layout, tx, cfg.train.seed)[1]
+    if not cfg.train.resume:
+        raise UserError(f"{ckpts.directory} already holds checkpoints (latest step {latest}); "
+                        "set train.resume=true to continue that run or choose another train.run_dir")
+    restored = ckpts.restore(abstract_state, loader, cfg)
+    if restored is None:
+        raise UserError(f"no readable checkpoint is left in {ckpts.directory} (unreadable ones "
+                        "were moved aside); choose another train.run_dir to start afresh")
+    state, step = restored
+    info(f"resumed from step {step} of {ckpts.directory}")
+    return state
+
+
+def _loop(cfg: Config, state, train_step, run_eval, loader: Loader, log: MetricsLog,
+          ckpts: Checkpoints, stop: StopRequest) -> dict:
+    """Dispatch steps ahead of reading their metrics; read them at log intervals, before
+    saving (so a non-finite state is never saved) and when stopping."""
+    first = int(state.step)
+    if first >= cfg.train.steps:
+        info(f"nothing to do: the run is at step {first} of train.steps={cfg.train.steps}")
+        return {}
     batch = next(loader)
     compile_start = time.perf_counter()
     train_step = train_step.lower(state, batch).compile()
@@ -127,24 +157,40 @@ def _loop(cfg: Config, state, train_step, run_eval, loader: Loader, log: Metrics
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     on_cpu = jax.default_backend() == "cpu"
     in_flight = collections.deque()
-    interval = []  # device metrics since the last log line
-    due = None  # (step, metrics) to read once the next step is dispatched
+    unread = []  # (step, device metrics) not yet read on the host
+    bad_steps = 0
     last = {}
     start = time.perf_counter()
-    mark = (int(state.step), start)
+    mark = (first, start)
 
-    def report(step, metrics):
-        nonlocal mark
-        host = jax.device_get(metrics)
+    def read_metrics(log_it: bool):
+        """Pull the unread metrics to the host, stop on non-finite losses, log a line."""
+        nonlocal mark, bad_steps, unread
+        if not unread:
+            return
+        steps, host = [s for s, _ in unread], jax.device_get([m for _, m in unread])
+        unread = []
+        finite = [math.isfinite(float(m["loss"])) for m in host]
+        bad_steps += finite.count(False)
+        if bad_steps > cfg.train.max_bad_steps:
+            bad = steps[finite.index(False)]
+            kept = ckpts.latest_step()
+            raise UserError(f"the training loss was not finite at step {bad}; "
+                            + (f"the last good checkpoint is step {kept} in {ckpts.directory}; "
+                               if kept is not None else "")
+                            + "lower optimizer.lr, raise optimizer.warmup_steps, or allow "
+                            "skipping with train.max_bad_steps")
+        if not log_it:
+            return
         now = time.perf_counter()
-        rate = (step - mark[0]) * tokens_per_step / max(now - mark[1], 1e-9)
-        mark = (step, now)
-        if not all(math.isfinite(float(m["loss"])) for m in host):
-            raise UserError(f"training loss became non-finite by step {step}; lower "
-                            "optimizer.lr or raise optimizer.warmup_steps")
-        record = {"step": step, "loss": sum(float(m["loss"]) for m in host) / len(host),
+        good = [m for m, ok in zip(host, finite) if ok] or host
+        record = {"step": steps[-1], "loss": sum(float(m["loss"]) for m in good) / len(good),
                   "grad_norm": float(host[-1]["grad_norm"]), "lr": float(host[-1]["lr"]),
-                  "tokens_per_s": rate, "elapsed_s": now - start}
+                  "tokens_per_s": (steps[-1] - mark[0]) * tokens_per_step / max(now - mark[1], 1e-9),
+                  "elapsed_s": now - start}
+        if bad_steps:
+            record["skipped_steps"] = bad_steps
+        mark = (steps[-1], now)
         log.write(record)
         last.update(record)
 
@@ -155,31 +201,39 @@ def _loop(cfg: Config, state, train_step, run_eval, loader: Loader, log: Metrics
         last.update(result)
         mark = (step, time.perf_counter())  # evaluation time is not training throughput
 
-    if int(state.step) == 0:  # the starting point: a fresh model knows next to nothing
+    if first == 0:  # the starting point: a fresh model knows next to nothing
         evaluate_at(0)
-    for step in range(int(state.step), cfg.train.steps):
+    log_due = False
+    for step in range(first, cfg.train.steps):
         state, metrics = train_step(state, batch)
         done = step + 1
-        if done < cfg.train.steps:
-            batch = next(loader)  # the host prepares the next batch while the device computes
-        if due:  # the device is busy with this step while the host reads the last interval
-            report(*due)
-            due = None
-        interval.append(metrics)
+        if log_due:  # the device is busy with this step while the host reads the last ones
+            read_metrics(log_it=True)
+            log_due = False
+        unread.append((done, metrics))
         if on_cpu:
             in_flight.append(metrics)
             if len(in_flight) > CPU_MAX_IN_FLIGHT:
                 jax.block_until_ready(in_flight.popleft())
-        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-            due, interval = (done, interval), []
+        final = done == cfg.train.steps or stop.requested
+        log_due = done % cfg.train.log_every == 0 or final
         if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.steps:
-            if due:
-                report(*due)
-                due = None
+            read_metrics(log_it=log_due)
+            log_due = False
             evaluate_at(done)
-    if due:
-        report(*due)
-    info(f"done: {cfg.train.steps} steps in {time.perf_counter() - start:.1f}s; "
+        if final or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
+            read_metrics(log_it=log_due)
+            log_due = False
+            ckpts.save(done, state, loader.get_state(), cfg)
+        if stop.requested:
+            ckpts.wait()
+            info(f"stopped by {stop.signal_name} after step {done}; checkpoint saved in "
+                 f"{ckpts.directory}; run the same command again to resume")
+            return last
+        if done < cfg.train.steps:
+            batch = next(loader)  # the host prepares the next batch while the device computes
+    read_metrics(log_it=log_due)
+    info(f"done: step {cfg.train.steps} after {time.perf_counter() - start:.1f}s; "
          f"run directory {cfg.train.run_dir}")
     return last
 

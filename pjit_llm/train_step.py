@@ -42,14 +42,27 @@ def state_shardings(layout: Layout, tx: optax.GradientTransformation, abstract_p
     return TrainState(step=layout.replicated(), params=params, opt_state=opt_state)
 
 
+def plan_state(cfg: ModelConfig, layout: Layout, tx: optax.GradientTransformation):
+    """(graphdef, abstract state, shardings): shapes, dtypes and layout, nothing allocated.
+
+    The abstract state's leaves carry their shardings, so it is also the target for
+    restoring a checkpoint straight into this mesh."""
+    graphdef, abstract_params = abstract_model(cfg, layout)
+    check_divisible(layout, abstract_params)
+    shardings = state_shardings(layout, tx, abstract_params)
+    shapes = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                                                 opt_state=tx.init(p)), abstract_params)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            shapes, shardings)
+    return graphdef, abstract, shardings
+
+
 def init_state(cfg: ModelConfig, layout: Layout, tx: optax.GradientTransformation, seed: int):
     """Create parameters and optimizer state directly in their shardings (no full host copy).
 
     Returns (graphdef, state, shardings).
     """
-    graphdef, abstract_params = abstract_model(cfg, layout)
-    check_divisible(layout, abstract_params)
-    shardings = state_shardings(layout, tx, abstract_params)
+    graphdef, _, shardings = plan_state(cfg, layout, tx)
 
     def init(key):
         params = nnx.split(Transformer(cfg, layout, nnx.Rngs(params=key)))[1]
@@ -81,7 +94,9 @@ def _micro_batches(batch: Batch, k: int, layout: Layout) -> Batch:
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    grad_accum: int, layout: Layout) -> Callable:
+                    grad_accum: int, layout: Layout, skip_nonfinite: bool = False) -> Callable:
+    """The training step. With `skip_nonfinite`, a step whose loss or gradient norm is not
+    finite leaves parameters and optimizer state as they were (the step still counts)."""
     grad_fn = jax.value_and_grad(lambda p, b: loss_terms(graphdef, p, b), has_aux=True)
 
     def train_step(state: TrainState, batch: Batch):
@@ -102,8 +117,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads),
+        grad_norm = optax.tree.norm(grads)
+        metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm,
                    "lr": schedule(state.step), "tokens": count}
+        if skip_nonfinite:
+            ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+            params, opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
+                                             (params, opt_state), (state.params, state.opt_state))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
@@ -116,10 +136,11 @@ def make_eval_step(graphdef) -> Callable:
     return eval_step
 
 
-def compile_steps(graphdef, tx, schedule, grad_accum: int, layout: Layout, shardings: TrainState):
+def compile_steps(graphdef, tx, schedule, grad_accum: int, layout: Layout, shardings: TrainState,
+                  skip_nonfinite: bool = False):
     """jit the steps once with explicit shardings; the train step donates its state."""
     batch_sharding = layout.sharding(("batch", "length"))
-    train = jax.jit(make_train_step(graphdef, tx, schedule, grad_accum, layout),
+    train = jax.jit(make_train_step(graphdef, tx, schedule, grad_accum, layout, skip_nonfinite),
                     in_shardings=(shardings, batch_sharding),
                     out_shardings=(shardings, layout.replicated()), donate_argnums=0)
     evaluate = jax.jit(make_eval_step(graphdef), in_shardings=(shardings.params, batch_sharding),

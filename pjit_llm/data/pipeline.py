@@ -1,5 +1,5 @@
 """The Grain pipeline: this process's share of the records -> shuffle -> tokenize -> pack ->
-batch, with tokenizing and packing in worker processes.
+shuffle rows in a window -> batch, with all of it in worker processes.
 
 Packing `concat` lays documents end to end and cuts rows of seq_len (a long document runs on
 into the next row; nothing is dropped); `first_fit` starts every document in a fresh segment
@@ -61,6 +61,10 @@ def packed_batches(source, tokenizer: Tokenizer, field: str, cfg: DataConfig, lo
         packed = grain.experimental.FirstFitPackIterDataset(
             ids, length_struct=length, num_packing_bins=local_batch, seed=cfg.seed,
             shuffle_bins=train)
+    if train and cfg.shuffle_window > 1:
+        # Consecutive rows of a long document would otherwise fill whole batches.
+        packed = grain.experimental.WindowShuffleIterDataset(
+            packed, window_size=cfg.shuffle_window, seed=cfg.seed)
     batches = packed.batch(local_batch, drop_remainder=train).map(ToBatch())
     workers = cfg.num_workers if num_workers is None else num_workers
     if workers > 0:

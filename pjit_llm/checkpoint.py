@@ -1,0 +1,157 @@
+"""Orbax checkpoints: training state, data-iterator position and config, saved together.
+
+Saves are asynchronous (the loop goes on while the write finishes) and atomic (Orbax writes
+a temporary directory and renames it), so a process killed mid-save leaves the previous
+checkpoint intact. Restoring goes straight into the target shardings of whatever mesh the
+run has now. A checkpoint that cannot be read is moved aside and the next older one is used.
+Every process takes part in every save and restore.
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from pjit_llm.config import CheckpointConfig, Config
+from pjit_llm.errors import UserError
+
+# Fields whose change makes a checkpoint unusable: they change parameter shapes or the data
+# stream the iterator position refers to. Everything else (schedule, steps, logging, mesh,
+# remat, compute dtype) may change between runs.
+FIXED_FIELDS = {
+    "model": ("vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads", "mlp_dim",
+              "tie_embeddings"),
+    "data": ("source", "paths", "text_field", "name", "train_split", "tokenizer",
+             "tokenizer_path", "packing", "shuffle_window", "num_workers", "seq_len", "batch_size",
+             "val_fraction", "seed"),
+}
+
+
+def checkpoint_dir(cfg: Config) -> Path:
+    return Path(cfg.checkpoint.directory or Path(cfg.train.run_dir) / "checkpoints").absolute()
+
+
+class Checkpoints:
+    def __init__(self, directory: Path, cfg: CheckpointConfig):
+        self.directory = directory
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.keep, keep_period=cfg.keep_every or None,
+            enable_async_checkpointing=cfg.async_save, cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_position: dict, config: Config) -> None:
+        """Start saving; returns once the arrays are copied off the device (async).
+
+        `data_position` is the iterator state taken when `state` was: the write may happen
+        later, after the iterator has moved on."""
+        import grain
+        self.manager.save(step, force=True, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(_Position(data_position)),
+            config=ocp.args.JsonSave(config.to_dict())))
+
+    def saved_config(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore())).config
+
+    def restore(self, abstract_state, loader, config: Config):
+        """(state, step) from the newest readable checkpoint, or None when there is none.
+
+        A checkpoint that fails to restore is reported in one line, renamed to
+        `<step>.unreadable` (kept for inspection) and the next older one is tried.
+        """
+        import grain
+        while (step := self.latest_step()) is not None:
+            try:
+                check_compatible(self.saved_config(step), config, self.directory, step)
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=grain.checkpoint.CheckpointRestore(_PositionTarget(loader))))
+                return restored.state, step
+            except UserError:
+                raise
+            except Exception as e:  # Orbax/TensorStore raise many types for damaged files
+                reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                print(f"warning: checkpoint step {step} in {self.directory} is unreadable "
+                      f"({reason}); moved aside, trying the previous one", file=sys.stderr)
+                self._set_aside(step)
+        return None
+
+    def _set_aside(self, step: int) -> None:
+        from jax.experimental import multihost_utils
+        if jax.process_index() == 0:
+            path = self.directory / str(step)
+            path.rename(path.with_name(f"{step}.unreadable-{int(time.time())}"))
+        multihost_utils.sync_global_devices(f"pjit_llm set aside checkpoint {step}")
+        self.manager.reload()
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+class _Position:
+    """A frozen iterator state in the form Grain's checkpoint handler writes (JSON bytes)."""
+
+    def __init__(self, state: dict):
+        self._json = json.dumps(_to_json(state)).encode()
+
+    def get_state(self) -> bytes:
+        return self._json
+
+
+class _PositionTarget:
+    """Receives the saved bytes from Grain's checkpoint handler and restores the loader."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def set_state(self, data: bytes) -> None:
+        self.loader.set_state(_from_json(json.loads(data)))
+
+    def start_prefetch(self) -> None:
+        pass
+
+
+# Grain iterator states mix tuples and lists (and may key dicts by integers); plain JSON
+# would turn every tuple into a list and the restored iterator would not match. These tags
+# keep the types exact.
+def _to_json(x):
+    if isinstance(x, tuple):
+        return {"__tuple__": [_to_json(v) for v in x]}
+    if isinstance(x, list):
+        return [_to_json(v) for v in x]
+    if isinstance(x, dict):
+        return {"__items__": [[_to_json(k), _to_json(v)] for k, v in x.items()]}
+    return x.item() if hasattr(x, "item") else x
+
+
+def _from_json(x):
+    if isinstance(x, list):
+        return [_from_json(v) for v in x]
+    if isinstance(x, dict):
+        if "__tuple__" in x:
+            return tuple(_from_json(v) for v in x["__tuple__"])
+        return {_from_json(k): _from_json(v) for k, v in x["__items__"]}
+    return x
+
+
+def check_compatible(saved: dict, config: Config, directory: Path, step: int) -> None:
+    """Refuse to resume when a field that fixes shapes or the data stream has changed."""
+    current = config.to_dict()
+    for section, names in FIXED_FIELDS.items():
+        for name in names:
+            old, new = saved.get(section, {}).get(name), current[section][name]
+            if old != new:
+                raise UserError(
+                    f"cannot resume from {directory} step {step}: {section}.{name} was {old!r} "
+                    f"and is now {new!r}; set it back or use a new train.run_dir")
+

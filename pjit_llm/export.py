@@ -1,0 +1,108 @@
+"""`python -m pjit_llm.export --run DIR [--step S] [--dtype bfloat16|float32] [--out DIR]`
+
+Writes a checkpoint's parameters alone (no optimizer state, no data position), cast to the
+chosen dtype, with the model config beside them: what inference needs. `load_params`
+restores such an export straight into the shardings of any mesh.
+"""
+
+import argparse
+import dataclasses
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+import yaml
+
+from pjit_llm.checkpoint import Checkpoints, checkpoint_dir
+from pjit_llm.config import Config, MeshConfig, ModelConfig, load_config
+from pjit_llm.errors import UserError, run_cli
+from pjit_llm.mesh import make_mesh
+from pjit_llm.optim import make_optimizer, make_schedule
+from pjit_llm.sharding import Layout, param_shardings
+from pjit_llm.train_step import abstract_model, plan_state
+
+
+def run_config(run_dir: Path) -> Config:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.yaml); pass --run the "
+                        "train.run_dir of a training run")
+    return load_config(str(path))
+
+
+def restore_params(cfg: Config, layout: Layout, step: int | None):
+    """(params, step) of a training checkpoint; the latest when `step` is None."""
+    ckpts = Checkpoints(checkpoint_dir(cfg), dataclasses.replace(cfg.checkpoint, async_save=False))
+    try:
+        steps = ckpts.manager.all_steps()
+        if not steps:
+            raise UserError(f"no checkpoints in {ckpts.directory}; train first")
+        step = max(steps) if step is None else step
+        if step not in steps:
+            raise UserError(f"no checkpoint for step {step} in {ckpts.directory}; it has "
+                            f"{', '.join(map(str, sorted(steps)))}")
+        tx = make_optimizer(cfg.optimizer, make_schedule(cfg.optimizer, cfg.train.steps))
+        _, abstract, _ = plan_state(cfg.model, layout, tx)
+        try:
+            restored = ckpts.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract)))
+        except Exception as e:
+            raise UserError(f"checkpoint step {step} in {ckpts.directory} is unreadable "
+                            f"({str(e).strip().splitlines()[0][:200]})") from None
+        return restored.state.params, step
+    finally:
+        ckpts.close()
+
+
+def export(run_dir: Path, out: Path | None, step: int | None, dtype: str) -> Path:
+    cfg = run_config(run_dir)
+    layout = Layout(make_mesh(MeshConfig(data=-1)), cfg.mesh.rules)
+    params, step = restore_params(cfg, layout, step)
+    out = out or run_dir / "export" / f"step_{step}-{dtype}"
+    if out.exists():
+        raise UserError(f"{out} already exists; remove it or pass another --out")
+    params = jax.tree.map(lambda p: p.astype(dtype), params)
+    model = dataclasses.replace(cfg.model, param_dtype=dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:  # assemble beside the target, then rename: never a half-written export
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(tmp / "params", params)
+        checkpointer.wait_until_finished()
+        (tmp / "model.yaml").write_text(yaml.safe_dump(dataclasses.asdict(model), sort_keys=False))
+        (tmp / "step").write_text(f"{step}\n")
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_params(export_dir: Path, layout: Layout):
+    """(ModelConfig, params) of an export, restored into `layout`'s shardings."""
+    try:
+        model = ModelConfig(**yaml.safe_load((export_dir / "model.yaml").read_text()))
+    except (OSError, TypeError, yaml.YAMLError):
+        raise UserError(f"{export_dir} is not an export (no readable model.yaml)") from None
+    _, abstract = abstract_model(model, layout)
+    shardings = param_shardings(layout, abstract)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+    return model, ocp.StandardCheckpointer().restore(export_dir / "params", target)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m pjit_llm.export", description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, type=Path, help="the training run directory")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--out", type=Path, help="output directory (default: RUN/export/step_S-DTYPE)")
+    args = p.parse_args(argv)
+    out = export(args.run.absolute(), args.out and args.out.absolute(), args.step, args.dtype)
+    print(f"wrote parameters of step {(out / 'step').read_text().strip()} in {args.dtype} to {out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
