@@ -1,11 +1,14 @@
-"""`python -m pjit_llm.bench data [--workers 0,1,2] [--config F] [key=value ...]`
+"""`python -m pjit_llm.bench {data,save} [--config F] [key=value ...]`
 
-Measures what the input pipeline delivers: packed, batched tokens per second from the
-configured source and tokenizer, for each worker count, after a warm-up that covers
-starting the workers. Repeats each measurement and reports the median.
+data: packed, batched tokens per second the input pipeline delivers from the configured
+  source and tokenizer, for each worker count, after a warm-up that covers starting workers.
+save: how long a checkpoint save blocks the training loop, asynchronous against synchronous,
+  for the configured model (parameters and AdamW state).
+Each measurement is repeated; the tables give the median.
 """
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -53,13 +56,62 @@ def bench_data(args) -> list[dict]:
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
-    header = ["source", "tokenizer", "workers", "batch", "tokens/s (median)", "min", "max"]
-    lines = [[r["source"], r["tokenizer"], str(r["workers"]), r["batch"],
-              f"{r['tokens_per_s']:,.0f}", f"{r['min']:,.0f}", f"{r['max']:,.0f}"] for r in rows]
+def bench_save(args) -> list[dict]:
+    import tempfile
+    from pathlib import Path
+
+    import jax
+
+    from pjit_llm.checkpoint import Checkpoints
+    from pjit_llm.config import CheckpointConfig, load_config
+    from pjit_llm.mesh import make_mesh
+    from pjit_llm.model import padded_vocab
+    from pjit_llm.optim import make_optimizer, make_schedule
+    from pjit_llm.sharding import Layout
+    from pjit_llm.train_step import init_state
+
+    cfg = load_config(args.config, args.overrides)
+    model = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or padded_vocab(257))
+    cfg = dataclasses.replace(cfg, model=model)
+    layout = Layout(make_mesh(cfg.mesh), cfg.mesh.rules)
+    tx = make_optimizer(cfg.optimizer, make_schedule(cfg.optimizer, cfg.train.steps))
+    state = init_state(cfg.model, layout, tx, seed=0)[1]
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        for mode in ("async", "sync"):
+            ckpts = Checkpoints(Path(tmp, mode), CheckpointConfig(async_save=mode == "async", keep=2))
+            blocked, total = [], []
+            for i in range(args.repeats):
+                start = time.perf_counter()
+                ckpts.save(i + 1, state, {}, cfg)
+                blocked.append(time.perf_counter() - start)
+                ckpts.wait()
+                total.append(time.perf_counter() - start)
+            ckpts.close()
+            rows.append({"params": n_params, "state_bytes": state_bytes, "mode": mode,
+                         "blocked_s": statistics.median(blocked), "write_s": statistics.median(total),
+                         "repeats": args.repeats})
+    return rows
+
+
+def print_table(header: list[str], lines: list[list[str]]) -> None:
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     for line in [header] + lines:
         print("  ".join(cell.rjust(w) for cell, w in zip(line, widths)))
+
+
+def print_rows(command: str, rows: list[dict]) -> None:
+    if command == "data":
+        print_table(["source", "tokenizer", "workers", "batch", "tokens/s (median)", "min", "max"],
+                    [[r["source"], r["tokenizer"], str(r["workers"]), r["batch"],
+                      f"{r['tokens_per_s']:,.0f}", f"{r['min']:,.0f}", f"{r['max']:,.0f}"]
+                     for r in rows])
+    else:
+        print_table(["params", "state MiB", "save", "loop blocked s (median)", "until written s"],
+                    [[f"{r['params']:,}", f"{r['state_bytes'] / 2**20:,.0f}", r["mode"],
+                      f"{r['blocked_s']:.3f}", f"{r['write_s']:.3f}"] for r in rows])
 
 
 def main(argv=None) -> None:
@@ -73,19 +125,30 @@ def main(argv=None) -> None:
     d.add_argument("--repeats", type=int, default=3)
     d.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     d.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    c = sub.add_parser("save", help="how long a checkpoint save blocks the loop")
+    c.add_argument("--config")
+    c.add_argument("--repeats", type=int, default=5)
+    c.add_argument("--dir", help="where to write the checkpoints (a temporary directory in it)")
+    c.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    c.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = p.parse_args(argv)
-    try:
-        args.workers = [int(w) for w in args.workers.split(",")]
-    except ValueError:
-        raise UserError(f"--workers {args.workers!r} must be comma-separated integers") from None
-    if min(args.workers) < 0 or args.batches < 1 or args.repeats < 1 or args.warmup < 0:
-        raise UserError("--workers, --warmup must be >= 0 and --batches, --repeats >= 1")
-    rows = bench_data(args)
+    if args.repeats < 1:
+        raise UserError("--repeats must be >= 1")
+    if args.command == "data":
+        try:
+            args.workers = [int(w) for w in args.workers.split(",")]
+        except ValueError:
+            raise UserError(f"--workers {args.workers!r} must be comma-separated integers") from None
+        if min(args.workers) < 0 or args.batches < 1 or args.warmup < 0:
+            raise UserError("--workers, --warmup must be >= 0 and --batches >= 1")
+        rows = bench_data(args)
+    else:
+        rows = bench_save(args)
     if args.json:
         for r in rows:
             print(json.dumps(r))
     else:
-        print_table(rows)
+        print_rows(args.command, rows)
 
 
 if __name__ == "__main__":
