@@ -100,6 +100,11 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    # How many pieces of each axis lie in different processes (hosts); the product is the
+    # number of processes. All 1: each process's devices form one contiguous block.
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
     emulate_devices: int = 0  # >0: run on that many emulated CPU devices
     rules: Rules = field(default_factory=Rules)
 
@@ -107,13 +112,20 @@ class MeshConfig:
     def shape(self) -> tuple[int, int, int]:
         return (self.data, self.fsdp, self.tensor)
 
+    @property
+    def dcn_shape(self) -> tuple[int, int, int]:
+        return (self.dcn_data, self.dcn_fsdp, self.dcn_tensor)
+
     def validate(self) -> None:
-        sizes = dict(zip(MESH_AXES, self.shape))
-        for name, size in sizes.items():
-            if size == 0 or size < -1:
-                raise UserError(f"mesh.{name}={size} is not a size; use a positive integer or -1")
-        if list(sizes.values()).count(-1) > 1:
-            raise UserError("only one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+        for prefix, shape in (("", self.shape), ("dcn_", self.dcn_shape)):
+            sizes = dict(zip(MESH_AXES, shape))
+            for name, size in sizes.items():
+                if size == 0 or size < -1:
+                    raise UserError(f"mesh.{prefix}{name}={size} is not a size; use a positive "
+                                    "integer or -1")
+            if list(sizes.values()).count(-1) > 1:
+                raise UserError(f"only one of mesh.{prefix}data, mesh.{prefix}fsdp, "
+                                f"mesh.{prefix}tensor may be -1")
         if self.emulate_devices < 0:
             raise UserError("mesh.emulate_devices must be >= 0")
         self.rules.validate()
@@ -134,6 +146,7 @@ class DataConfig:
     packing: Literal["concat", "first_fit"] = "concat"
     shuffle_window: int = 1024  # packed rows shuffled together (rows of one document spread out)
     num_workers: int = 1  # tokenizing/packing processes; 0 works in this process
+    shards: int = 0  # independent streams the records are split into; 0: one per process
     seq_len: int = 128
     batch_size: int = 16  # global, in sequences
     val_fraction: float = 0.05  # share of records held out when the data has no own split
@@ -147,6 +160,8 @@ class DataConfig:
             raise UserError(f"data.val_fraction={self.val_fraction} must lie strictly between 0 and 1")
         if self.num_workers < 0:
             raise UserError("data.num_workers must be >= 0 (0 tokenizes in this process)")
+        if self.shards < 0:
+            raise UserError("data.shards must be >= 0 (0: one shard per process)")
         if self.shuffle_window < 0:
             raise UserError("data.shuffle_window must be >= 0 (0 or 1: no shuffling of rows)")
         if self.source == "local" and not self.paths:
@@ -216,6 +231,24 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """Explicit multi-process settings; unset, they come from SLURM, Kubernetes or
+    JAX_COORDINATOR_ADDRESS / NUM_PROCESSES / PROCESS_ID, else the run is one process."""
+
+    coordinator_address: str = ""  # host:port of process 0
+    num_processes: int = 0
+    process_id: int = -1
+    local_device_ids: tuple[int, ...] = ()  # this process's devices (one process per GPU)
+    init_timeout_s: int = 300  # give up joining after this long
+    heartbeat_timeout_s: int = 60  # a process silent this long is lost: the others exit
+
+    def validate(self) -> None:
+        _positive(self, "distributed", "init_timeout_s", "heartbeat_timeout_s")
+        if self.num_processes < 0:
+            raise UserError("distributed.num_processes must be >= 0")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
@@ -223,10 +256,11 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def validate(self) -> None:
         for section in (self.model, self.mesh, self.data, self.optimizer, self.train,
-                        self.checkpoint):
+                        self.checkpoint, self.distributed):
             section.validate()
         if self.data.seq_len > self.model.max_len:
             raise UserError(f"data.seq_len={self.data.seq_len} exceeds model.max_len="
@@ -355,6 +389,13 @@ def _coerce(value, hint, key: str):
         if isinstance(value, str):
             return value
         raise UserError(f"{key} must be a string, got {value!r}")
+    if hint == tuple[int, ...]:
+        if value is None:
+            return ()
+        items = value if isinstance(value, list) else [value]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+            return tuple(items)
+        raise UserError(f"{key} must be an integer or a list of integers; got {value!r}")
     if origin is tuple or (origin is types.UnionType):
         if value is None:
             return ()

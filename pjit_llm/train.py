@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 import yaml
 
+from pjit_llm import distributed
 from pjit_llm.checkpoint import Checkpoints, checkpoint_dir
 from pjit_llm.config import Config, load_config
 from pjit_llm.data.loader import Loader, eval_batches
@@ -76,10 +77,22 @@ def main(argv=None) -> None:
         overrides.append(f"mesh.emulate_devices={args.emulate_devices}")
     cfg = load_config(args.config, overrides)
     setup_platform(cfg.mesh.emulate_devices)
-    dataset = prepare(cfg.data)
+    topology = distributed.initialize(cfg.distributed)
+    info(distributed.describe(topology))
+    dataset = prepare_once(cfg.data)
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path, dataset.directory)
     cfg = resolve(cfg, tokenizer)
     train(cfg, dataset, tokenizer)
+
+
+def prepare_once(cfg) -> Dataset:
+    """Process 0 prepares the dataset (once, on shared storage); the others then open it."""
+    if jax.process_count() == 1:
+        return prepare(cfg)
+    from jax.experimental import multihost_utils
+    dataset = prepare(cfg) if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("pjit_llm dataset prepared")
+    return dataset or prepare(cfg)
 
 
 def train(cfg: Config, dataset: Dataset, tokenizer: Tokenizer) -> dict:

@@ -1,8 +1,10 @@
 """Global batches: each process feeds the rows of the batch its devices hold.
 
-`Loader` wraps the Grain iterator of this process and assembles global `jax.Array`s sharded
-over the batch mesh axes with `jax.make_array_from_process_local_data`. Its `get_state` /
-`set_state` resume exactly where an uninterrupted run would be.
+The records are split into `data.shards` interleaved shards (default: one per process), each
+read by its own Grain pipeline; a process reads only its shards and concatenates their rows.
+Fixing `data.shards` makes the global batches independent of how many processes read them.
+`Loader` assembles global `jax.Array`s sharded over the batch mesh axes with
+`jax.make_array_from_process_local_data`; `get_state` / `set_state` resume exactly.
 """
 
 import gc
@@ -17,6 +19,8 @@ from pjit_llm.data.sources import Dataset
 from pjit_llm.data.tokenizer import Tokenizer
 from pjit_llm.errors import UserError
 
+KEYS = ("tokens", "segment_ids", "positions")
+
 
 def local_rows(sharding: NamedSharding, global_batch: int, seq_len: int) -> int:
     """How many rows of the global batch this process's devices hold (a contiguous range)."""
@@ -29,35 +33,59 @@ def local_rows(sharding: NamedSharding, global_batch: int, seq_len: int) -> int:
     return stop - start
 
 
+def process_shards(cfg: DataConfig, rows: int) -> tuple[list[int], int]:
+    """(this process's shard indices, total shards); each shard fills rows / len(shards)."""
+    count, index = jax.process_count(), jax.process_index()
+    total = cfg.shards or count
+    if total % count:
+        raise UserError(f"data.shards={total} must be a multiple of the {count} processes")
+    mine = list(range(index * total // count, (index + 1) * total // count))
+    if rows % len(mine):
+        raise UserError(f"each process's {rows} batch rows must split evenly over its "
+                        f"{len(mine)} data shards; change data.shards or data.batch_size")
+    return mine, total
+
+
+def _shard_iterators(source, tokenizer, field, cfg, rows, train, num_workers=None):
+    shards, total = process_shards(cfg, rows)
+    return [iter(packed_batches(source, tokenizer, field, cfg, rows // len(shards), s, total,
+                                train=train, num_workers=num_workers)) for s in shards]
+
+
 class Loader:
     def __init__(self, dataset: Dataset, tokenizer: Tokenizer, cfg: DataConfig,
                  sharding: NamedSharding):
         self.sharding = sharding
         self.shape = (cfg.batch_size, cfg.seq_len)
         rows = local_rows(sharding, cfg.batch_size, cfg.seq_len)
-        self._dataset = packed_batches(dataset.train, tokenizer, dataset.text_field, cfg, rows,
-                                       jax.process_index(), jax.process_count(), train=True)
-        self._iter = iter(self._dataset)
+        self._iters = _shard_iterators(dataset.train, tokenizer, dataset.text_field, cfg, rows,
+                                       train=True)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, jax.Array]:
-        return to_global(next(self._iter), self.sharding, self.shape)
+        parts = [next(it) for it in self._iters]
+        local = {k: np.concatenate([p[k] for p in parts]) for k in KEYS}
+        return to_global(local, self.sharding, self.shape)
 
     def get_state(self) -> dict:
-        return self._iter.get_state()
+        return {"shards": [it.get_state() for it in self._iters]}
 
     def set_state(self, state: dict) -> None:
-        self._iter.set_state(state)
+        if len(state["shards"]) != len(self._iters):
+            raise UserError(f"the saved data position has {len(state['shards'])} shards for this "
+                            f"process, the loader {len(self._iters)}; keep data.shards and the "
+                            "process count of the saved run")
+        for it, shard_state in zip(self._iters, state["shards"]):
+            it.set_state(shard_state)
 
     def close(self) -> None:
         """Stop the worker processes. Dropping the iterators now, not at interpreter exit,
         keeps Grain's finalizers from running after its modules are torn down."""
-        if self._iter is None:
-            return
-        self._iter.close()
-        self._iter = self._dataset = None
+        for it in self._iters:
+            it.close()
+        self._iters = []
         gc.collect()
 
 
@@ -73,17 +101,19 @@ def eval_batches(dataset: Dataset, tokenizer: Tokenizer, cfg: DataConfig, shardi
     count for nothing), so their evaluation collectives always line up.
     """
     rows = local_rows(sharding, cfg.batch_size, cfg.seq_len)
-    it = iter(packed_batches(dataset.val, tokenizer, dataset.text_field, cfg, rows,
-                             jax.process_index(), jax.process_count(), train=False, num_workers=0))
+    iters = _shard_iterators(dataset.val, tokenizer, dataset.text_field, cfg, rows, train=False,
+                             num_workers=0)
+    per_shard = rows // len(iters)
+    empty = {k: np.zeros((0, cfg.seq_len), np.int32) for k in KEYS}
     batches, tokens = [], 0
     for _ in range(num_batches):
-        local = next(it, None)
-        if local is None:
-            local = {k: np.zeros((0, cfg.seq_len), np.int32)
-                     for k in ("tokens", "segment_ids", "positions")}
+        parts = []
+        for it in iters:
+            part = next(it, None) or empty
+            pad = per_shard - len(part["tokens"])
+            parts.append({k: np.pad(part[k], ((0, pad), (0, 0))) for k in KEYS})
+        local = {k: np.concatenate([p[k] for p in parts]) for k in KEYS}
         tokens += int(np.count_nonzero(local["segment_ids"]))
-        pad = rows - len(local["tokens"])
-        local = {k: np.pad(v, ((0, pad), (0, 0))) for k, v in local.items()}
         batches.append(to_global(local, sharding, (cfg.batch_size, cfg.seq_len)))
     if not tokens:
         raise UserError("the validation split has no tokens; add data or raise data.val_fraction")

@@ -42,14 +42,14 @@ class ToBatch(grain.transforms.Map):
 
 
 def packed_batches(source, tokenizer: Tokenizer, field: str, cfg: DataConfig, local_batch: int,
-                   process_index: int, process_count: int, *, train: bool,
+                   shard_index: int, shard_count: int, *, train: bool,
                    num_workers: int | None = None) -> grain.IterDataset:
-    """Batches of `local_batch` packed rows from this process's share of `source`.
+    """Batches of `local_batch` packed rows from one shard (every shard_count-th record).
 
     Training data is shuffled with the seed (a new order each epoch) and repeats forever;
     evaluation data is read once, in order, and its last batch may be short.
     """
-    ds = grain.MapDataset.source(source)[process_index::process_count]
+    ds = grain.MapDataset.source(source)[shard_index::shard_count]
     if train:
         ds = ds.seed(cfg.seed).shuffle().repeat(None)
     ds = ds.map(Tokenize(tokenizer, field, cfg.seq_len if cfg.packing == "first_fit" else None))
