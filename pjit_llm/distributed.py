@@ -134,8 +134,7 @@ class Watchdog(threading.Thread):
         self.interval = max(0.5, timeout_s / 10)
 
     def run(self):
-        from jax._src import distributed
-        client = distributed.global_state.client
+        client = kv_client()
         me, n = self.topology.process_id, self.topology.num_processes
         last_seen = {p: (None, time.monotonic()) for p in range(n) if p != me}
         beat = 0
@@ -145,7 +144,7 @@ class Watchdog(threading.Thread):
             try:
                 client.key_value_set(f"pjit_llm/heartbeat/{me}", str(beat), allow_overwrite=True)
                 for p in last_seen:
-                    value = _try_get(client, f"pjit_llm/heartbeat/{p}")
+                    value = kv_try_get(client, f"pjit_llm/heartbeat/{p}")
                     if value != last_seen[p][0]:
                         last_seen[p] = (value, time.monotonic())
                 unreachable_since = None
@@ -166,7 +165,13 @@ class Watchdog(threading.Thread):
         os._exit(LOST_PROCESS_EXIT)
 
 
-def _try_get(client, key: str):
+def kv_client():
+    """The distributed runtime's key-value store client (process 0 hosts the store)."""
+    from jax._src import distributed
+    return distributed.global_state.client
+
+
+def kv_try_get(client, key: str) -> str | None:
     try:
         return client.key_value_try_get(key)
     except Exception as e:  # not written yet

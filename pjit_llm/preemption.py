@@ -1,8 +1,20 @@
 """SIGTERM/SIGINT ask the loop to stop after the current step (it then saves and exits 0);
-a second signal stops the process at once."""
+a second signal stops the process at once.
+
+With several processes, all must stop after the same step (a save is a collective). The
+first process to be asked writes a target step a safe margin ahead into the coordinator's
+key-value store; every process reads it each step and stops there.
+"""
 
 import signal
 import sys
+
+import jax
+
+# Steps ahead of the asking process's step at which all processes stop. It must exceed how
+# far apart the processes' host loops can be: the loop keeps at most 16 steps in flight.
+STOP_MARGIN = 32
+_STOP_KEY = "pjit_llm/stop_after_step"
 
 
 class StopRequest:
@@ -15,6 +27,23 @@ class StopRequest:
     @property
     def requested(self) -> bool:
         return self.signal_name is not None
+
+    def stop_after(self, step: int) -> bool:
+        """Whether to stop after `step`, agreed across processes."""
+        if jax.process_count() == 1:
+            return self.requested
+        from pjit_llm.distributed import kv_client, kv_try_get
+        client = kv_client()
+        target = kv_try_get(client, _STOP_KEY)
+        if target is None and self.requested:
+            try:  # without overwrite: the first process to ask sets the step
+                client.key_value_set(_STOP_KEY, str(step + STOP_MARGIN))
+            except Exception:  # another process was first
+                pass
+            target = kv_try_get(client, _STOP_KEY)
+        if target is not None and self.signal_name is None:
+            self.signal_name = "another process's stop request"
+        return target is not None and step >= int(target)
 
     def __enter__(self):
         for sig in self.SIGNALS:

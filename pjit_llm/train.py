@@ -29,8 +29,8 @@ from pjit_llm.sharding import Layout, bytes_per_device, check_batch
 from pjit_llm.preemption import StopRequest
 from pjit_llm.train_step import compile_steps, init_state, plan_state
 
-# XLA:CPU collectives deadlock when too many multi-device steps are in flight.
-CPU_MAX_IN_FLIGHT = 16
+# Steps dispatched and not yet finished, at most (on CPU and across processes).
+MAX_IN_FLIGHT = 16
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -168,7 +168,9 @@ def _loop(cfg: Config, state, train_step, run_eval, loader: Loader, log: Metrics
     info(f"compiled the train step in {time.perf_counter() - compile_start:.1f}s")
 
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    on_cpu = jax.default_backend() == "cpu"
+    # XLA:CPU collectives deadlock with too many steps in flight; across processes the bound
+    # also keeps the host loops within a few steps of each other (see preemption.py).
+    bounded = jax.default_backend() == "cpu" or jax.process_count() > 1
     in_flight = collections.deque()
     unread = []  # (step, device metrics) not yet read on the host
     bad_steps = 0
@@ -224,11 +226,12 @@ def _loop(cfg: Config, state, train_step, run_eval, loader: Loader, log: Metrics
             read_metrics(log_it=True)
             log_due = False
         unread.append((done, metrics))
-        if on_cpu:
+        if bounded:
             in_flight.append(metrics)
-            if len(in_flight) > CPU_MAX_IN_FLIGHT:
+            if len(in_flight) > MAX_IN_FLIGHT:
                 jax.block_until_ready(in_flight.popleft())
-        final = done == cfg.train.steps or stop.requested
+        stopping = stop.stop_after(done)
+        final = done == cfg.train.steps or stopping
         log_due = done % cfg.train.log_every == 0 or final
         if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.steps:
             read_metrics(log_it=log_due)
@@ -238,7 +241,7 @@ def _loop(cfg: Config, state, train_step, run_eval, loader: Loader, log: Metrics
             read_metrics(log_it=log_due)
             log_due = False
             ckpts.save(done, state, loader.get_state(), cfg)
-        if stop.requested:
+        if stopping:
             ckpts.wait()
             info(f"stopped by {stop.signal_name} after step {done}; checkpoint saved in "
                  f"{ckpts.directory}; run the same command again to resume")

@@ -154,3 +154,29 @@ def test_an_unreachable_coordinator_fails_within_the_timeout(tmp_path):
     assert "could not reach the coordinator 127.0.0.1:" in result.stderr
     assert "(process 0) from process 1 within 5s" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_sigterm_stops_every_process_after_the_same_step(tmp_path):
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "pjit_llm.launch", "--processes", "2", "--emulate-devices", "4",
+         "--", *RUN, "train.steps=100000", "checkpoint.every=0", "train.run_dir=run",
+         f"data.data_dir={tmp_path / 'data'}"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")})
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("loss") >= 3):
+            time.sleep(0.2)
+        launcher.send_signal(signal.SIGTERM)  # passed on to both processes
+        out, err = launcher.communicate(timeout=180)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.communicate()
+    assert launcher.returncode == 0, err[-3000:]
+    saved = [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1, saved
+    assert f"after step {saved[0].name}; checkpoint saved" in out
+    assert sorted(p.name for p in (saved[0] / "data").glob("*.json")) == \
+        ["process_0-of-2.json", "process_1-of-2.json"]
