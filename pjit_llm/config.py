@@ -203,16 +203,22 @@ class TrainConfig:
     eval_every: int = 100  # 0: only at the end
     eval_batches: int = 4
     run_dir: str = "runs/default"
+    peak_tflops: float = 0.0  # per device, for MFU; 0: from the known accelerators
+    profile_steps: tuple[int, ...] = ()  # [first, last]: a jax.profiler trace of those steps
     resume: bool = True  # continue from the run directory's latest checkpoint
     max_bad_steps: int = 0  # steps with a non-finite loss to skip before stopping
 
     def validate(self) -> None:
         _positive(self, "train", "steps", "grad_accum", "log_every", "eval_batches")
-        for name in ("eval_every", "max_bad_steps"):
+        for name in ("eval_every", "max_bad_steps", "peak_tflops"):
             if getattr(self, name) < 0:
                 raise UserError(f"train.{name} must be >= 0")
         if not self.run_dir:
             raise UserError("train.run_dir must not be empty")
+        if self.profile_steps and (len(self.profile_steps) != 2 or
+                                   not 1 <= self.profile_steps[0] <= self.profile_steps[1]):
+            raise UserError(f"train.profile_steps={list(self.profile_steps)} must be [first, last] "
+                            "with 1 <= first <= last")
 
 
 @dataclass(frozen=True)

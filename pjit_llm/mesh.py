@@ -32,6 +32,14 @@ def _fill(sizes, total: int, what: str, prefix: str = "") -> tuple[int, ...]:
     return tuple(sizes)
 
 
+def use_emulated_devices(count: int) -> None:
+    """Run on `count` emulated CPU devices (0: leave the platform alone). Must come before
+    JAX first touches a backend."""
+    if count:
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", count)
+
+
 def resolve_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
     return _fill(cfg.shape, num_devices, "devices")
 

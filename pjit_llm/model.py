@@ -70,7 +70,11 @@ class Attention(nnx.Module):
         self.wo = _param(rngs, out_std, (H, K, D), ("heads", "head_dim", "embed"), pd)
         self.cfg, self.layout = cfg, layout
 
-    def __call__(self, x_BLD, sin, cos, mask_B1LL):
+    def __call__(self, x_BLD, sin, cos, mask_B1LS, kv=None):
+        """Without `kv`: causal attention within the segments of `mask`. With
+        kv=(k_cache_BSGK, v_cache_BSGK, start_B): the new keys and values are written into the
+        cache at each row's start and the queries attend over the cache under `mask`.
+        Returns (output, (k_cache, v_cache) or None)."""
         dt = self.cfg.dtype
         q_BLHK = jnp.einsum("BLD,DHK->BLHK", x_BLD, self.wq[...].astype(dt))
         k_BLGK = jnp.einsum("BLD,DGK->BLGK", x_BLD, self.wk[...].astype(dt))
@@ -79,10 +83,16 @@ class Attention(nnx.Module):
                             ("batch", "length", "heads", "head_dim"))
         k_BLGK = _constrain(self.layout, apply_rope(k_BLGK, sin, cos),
                             ("batch", "length", "kv_heads", "head_dim"))
+        if kv is not None:
+            k_cache, v_cache, start_B = kv
+            write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice(c, new, (i, 0, 0)))
+            k_BLGK = write(k_cache, k_BLGK.astype(k_cache.dtype), start_B)
+            v_BLGK = write(v_cache, v_BLGK.astype(v_cache.dtype), start_B)
+            kv = (k_BLGK, v_BLGK)
         out_BLHK = jax.nn.dot_product_attention(
-            q_BLHK, k_BLGK, v_BLGK, mask=mask_B1LL, is_causal=True,
+            q_BLHK, k_BLGK, v_BLGK, mask=mask_B1LS, is_causal=kv is None,
             implementation=self.cfg.attention)
-        return jnp.einsum("BLHK,HKD->BLD", out_BLHK, self.wo[...].astype(dt))
+        return jnp.einsum("BLHK,HKD->BLD", out_BLHK, self.wo[...].astype(dt)), kv
 
 
 class MLP(nnx.Module):
@@ -109,10 +119,11 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, layout, rngs)
         self.layout = layout
 
-    def __call__(self, x_BLD, sin, cos, mask_B1LL):
-        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), sin, cos, mask_B1LL)
+    def __call__(self, x_BLD, sin, cos, mask_B1LS, kv=None):
+        attn_BLD, kv = self.attn(self.attn_norm(x_BLD), sin, cos, mask_B1LS, kv)
+        x_BLD = x_BLD + attn_BLD
         x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD))
-        return _constrain(self.layout, x_BLD, ("batch", "length", "embed"))
+        return _constrain(self.layout, x_BLD, ("batch", "length", "embed")), kv
 
 
 class Transformer(nnx.Module):
@@ -136,6 +147,22 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens_BL, segment_ids_BL, positions_BL) -> jax.Array:
         """Logits (B, L, V) in the compute dtype. Tokens attend only within their segment."""
+        mask_B1LL = (segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :])
+        return self._forward(tokens_BL, positions_BL, mask_B1LL, None)[0]
+
+    def decode(self, tokens_BL, positions_BL, cache: dict):
+        """Logits for new tokens at `positions` (consecutive per row) given the key/value
+        cache {"k", "v": (layers, B, S, G, K)} of the earlier ones; returns (logits, cache)."""
+        slots_S = jnp.arange(cache["k"].shape[2])
+        mask_B1LS = slots_S[None, None, None, :] <= positions_BL[:, None, :, None]
+        return self._forward(tokens_BL, positions_BL, mask_B1LS, cache)
+
+    def init_cache(self, batch: int, length: int) -> dict:
+        cfg = self.cfg
+        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+
+    def _forward(self, tokens_BL, positions_BL, mask_B1LS, cache):
         cfg, dt = self.cfg, self.cfg.dtype
         # Gather the table's FSDP shards first (as FSDP does for every weight): a lookup into a
         # table sharded on `embed` cannot produce activations sharded on `batch` efficiently.
@@ -143,30 +170,40 @@ class Transformer(nnx.Module):
         x_BLD = jnp.take(table_VD, tokens_BL, axis=0).astype(dt)
         x_BLD = _constrain(self.layout, x_BLD, ("batch", "length", "embed"))
         sin, cos = rope_angles(positions_BL, cfg.head_dim, cfg.rope_theta)
-        mask_B1LL = (segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :])
-        x_BLD = self._run_blocks(x_BLD, sin, cos, mask_B1LL)
+        x_BLD, cache = self._run_blocks(x_BLD, sin, cos, mask_B1LS, cache, positions_BL[:, 0])
         x_BLD = self.final_norm(x_BLD)
         if cfg.tie_embeddings:
             logits_BLV = jnp.einsum("BLD,VD->BLV", x_BLD, self.embed[...].astype(dt))
         else:
             logits_BLV = jnp.einsum("BLD,DV->BLV", x_BLD, self.unembed[...].astype(dt))
-        return _constrain(self.layout, logits_BLV, ("batch", "length", "vocab"))
+        return _constrain(self.layout, logits_BLV, ("batch", "length", "vocab")), cache
 
-    def _run_blocks(self, x_BLD, sin, cos, mask_B1LL):
+    def _run_blocks(self, x_BLD, sin, cos, mask_B1LS, cache, start_B):
+        """The stacked layers, scanned or unrolled; each reads and writes its cache slice."""
         graphdef, stacked = nnx.split(self.blocks)
+        cache_axes = ("batch", "length", "kv_heads", "head_dim")
 
-        def apply(x, layer_state):
-            return nnx.merge(graphdef, layer_state)(x, sin, cos, mask_B1LL)
+        def apply(x, layer):
+            layer_state, k, v = layer
+            kv = None if k is None else (_constrain(self.layout, k, cache_axes),
+                                         _constrain(self.layout, v, cache_axes), start_B)
+            x, kv = nnx.merge(graphdef, layer_state)(x, sin, cos, mask_B1LS, kv)
+            return x, (None, None) if kv is None else kv
 
         if self.cfg.remat != "none":
             apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.cfg.remat],
                                    prevent_cse=not self.cfg.scan_layers)
+        layers = (stacked, *((None, None) if cache is None else (cache["k"], cache["v"])))
         if self.cfg.scan_layers:
-            x_BLD, _ = jax.lax.scan(lambda x, s: (apply(x, s), None), x_BLD, stacked)
-            return x_BLD
-        for i in range(self.cfg.num_layers):
-            x_BLD = apply(x_BLD, jax.tree.map(partial(_index, i=i), stacked))
-        return x_BLD
+            x_BLD, (k, v) = jax.lax.scan(apply, x_BLD, layers)
+        else:
+            outs = []
+            for i in range(self.cfg.num_layers):
+                x_BLD, kv = apply(x_BLD, jax.tree.map(partial(_index, i=i), layers))
+                outs.append(kv)
+            k, v = (None, None) if cache is None else (jnp.stack([o[0] for o in outs]),
+                                                       jnp.stack([o[1] for o in outs]))
+        return x_BLD, None if cache is None else {"k": k, "v": v}
 
 
 def _index(a: jax.Array, i: int) -> jax.Array:

@@ -14,19 +14,20 @@ from pathlib import Path
 import jax
 import yaml
 
-from pjit_llm import distributed
+from pjit_llm import distributed, perf
 from pjit_llm.checkpoint import Checkpoints, checkpoint_dir
 from pjit_llm.config import Config, load_config
 from pjit_llm.data.loader import Loader, eval_batches
-from pjit_llm.data.sources import Dataset, prepare
-from pjit_llm.data.tokenizer import Tokenizer, load_tokenizer
+from pjit_llm.data.sources import Dataset, prepare_shared
+from pjit_llm.data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from pjit_llm.errors import UserError, run_cli
-from pjit_llm.mesh import describe, make_mesh
+from pjit_llm.evaluate import evaluate
+from pjit_llm.mesh import describe, make_mesh, use_emulated_devices
 from pjit_llm.metrics import MetricsLog, human_bytes, human_count, info
 from pjit_llm.model import padded_vocab
 from pjit_llm.optim import make_optimizer, make_schedule
-from pjit_llm.sharding import Layout, bytes_per_device, check_batch
 from pjit_llm.preemption import StopRequest
+from pjit_llm.sharding import Layout, bytes_per_device, check_batch
 from pjit_llm.train_step import compile_steps, init_state, plan_state
 
 # Steps dispatched and not yet finished, at most (on CPU and across processes).
@@ -42,13 +43,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
-def setup_platform(emulate_devices: int) -> None:
-    """Emulated devices are CPU devices; this must run before JAX first touches a backend."""
-    if emulate_devices:
-        jax.config.update("jax_platforms", "cpu")
-        jax.config.update("jax_num_cpu_devices", emulate_devices)
-
-
 def resolve(cfg: Config, tokenizer: Tokenizer) -> Config:
     """Fill values that follow from other parts: the vocabulary follows the tokenizer."""
     vocab = cfg.model.vocab_size or padded_vocab(tokenizer.vocab_size)
@@ -61,38 +55,19 @@ def resolve(cfg: Config, tokenizer: Tokenizer) -> Config:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
 
 
-def evaluate(eval_step, params, batches: list) -> dict:
-    """Mean loss over all predicted tokens of the fixed validation batches."""
-    totals = [eval_step(params, batch) for batch in batches]
-    loss_sum = sum(float(t["loss_sum"]) for t in totals)
-    count = sum(float(t["tokens"]) for t in totals)
-    loss = loss_sum / max(count, 1.0)
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 80.0))}
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     overrides = list(args.overrides)
     if args.emulate_devices:
         overrides.append(f"mesh.emulate_devices={args.emulate_devices}")
     cfg = load_config(args.config, overrides)
-    setup_platform(cfg.mesh.emulate_devices)
+    use_emulated_devices(cfg.mesh.emulate_devices)
     topology = distributed.initialize(cfg.distributed)
     info(distributed.describe(topology))
-    dataset = prepare_once(cfg.data)
+    dataset = prepare_shared(cfg.data)
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path, dataset.directory)
     cfg = resolve(cfg, tokenizer)
     train(cfg, dataset, tokenizer)
-
-
-def prepare_once(cfg) -> Dataset:
-    """Process 0 prepares the dataset (once, on shared storage); the others then open it."""
-    if jax.process_count() == 1:
-        return prepare(cfg)
-    from jax.experimental import multihost_utils
-    dataset = prepare(cfg) if jax.process_index() == 0 else None
-    multihost_utils.sync_global_devices("pjit_llm dataset prepared")
-    return dataset or prepare(cfg)
 
 
 def train(cfg: Config, dataset: Dataset, tokenizer: Tokenizer) -> dict:
@@ -124,17 +99,39 @@ def train(cfg: Config, dataset: Dataset, tokenizer: Tokenizer) -> dict:
         info(f"data: {len(dataset.train):,} train / {len(dataset.val):,} validation records in "
              f"{dataset.directory}; {type(tokenizer).__name__} of {tokenizer.vocab_size} tokens; "
              f"global batch {cfg.data.batch_size} x {cfg.data.seq_len}")
-        log = MetricsLog(run_dir, append=int(state.step) > 0)
+        log = MetricsLog(run_dir, append=int(state.step) > 0, total_steps=cfg.train.steps,
+                         first_step=int(state.step))
         try:
             with StopRequest() as stop:
                 return _loop(cfg, state, train_step,
-                             lambda params: evaluate(eval_step, params, val_batches),
+                             lambda params: evaluate(eval_step, params, val_batches,
+                                                     isinstance(tokenizer, ByteTokenizer)),
                              loader, log, ckpts, stop)
         finally:
             log.close()
     finally:
         ckpts.close()  # waits for a save in flight: nothing is left half-written
         loader.close()
+
+
+def report_compiled(compiled, seconds: float, model_flops: float) -> None:
+    """Print the compiled step's per-device memory and FLOPs; refuse a step that cannot fit."""
+    memory, flops = perf.compiled_memory(compiled), perf.compiled_flops(compiled)
+    parts = [f"compiled the train step in {seconds:.1f}s",
+             f"model {model_flops / 1e9:,.1f} GFLOP per step"]
+    if memory:
+        parts.append(f"per device {human_bytes(memory['peak'])} (arguments "
+                     f"{human_bytes(memory['arguments'])}, temporaries "
+                     f"{human_bytes(memory['temporaries'])})")
+    if flops:
+        # XLA counts a scanned loop's body once, so with scan_layers this is per layer.
+        parts.append(f"XLA's cost analysis {flops / 1e9:,.1f} GFLOP per device")
+    info("; ".join(parts))
+    limit = perf.device_memory_limit(jax.devices()[0])
+    if memory and limit and memory["peak"] > limit:
+        raise UserError(f"the train step needs {human_bytes(memory['peak'])} per device but "
+                        f"the device has {human_bytes(limit)}; shard more (mesh.fsdp, "
+                        "mesh.tensor), set model.remat, or lower data.batch_size")
 
 
 def _resume_or_init(cfg: Config, ckpts: Checkpoints, loader: Loader, abstract_state, layout, tx):
@@ -165,9 +162,12 @@ def _loop(cfg: Config, state, train_step, run_eval, loader: Loader, log: Metrics
     batch = next(loader)
     compile_start = time.perf_counter()
     train_step = train_step.lower(state, batch).compile()
-    info(f"compiled the train step in {time.perf_counter() - compile_start:.1f}s")
-
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    flops_per_step = perf.train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
+    report_compiled(train_step, time.perf_counter() - compile_start, flops_per_step)
+
+    devices = jax.device_count()
+    peak = perf.peak_flops(jax.devices()[0].device_kind, cfg.train.peak_tflops)
     # XLA:CPU collectives deadlock with too many steps in flight; across processes the bound
     # also keeps the host loops within a few steps of each other (see preemption.py).
     bounded = jax.default_backend() == "cpu" or jax.process_count() > 1
@@ -199,10 +199,16 @@ def _loop(cfg: Config, state, train_step, run_eval, loader: Loader, log: Metrics
             return
         now = time.perf_counter()
         good = [m for m, ok in zip(host, finite) if ok] or host
+        seconds = max(now - mark[1], 1e-9)
+        steps_done = steps[-1] - mark[0]
+        tflops = steps_done * flops_per_step / seconds / devices / 1e12
         record = {"step": steps[-1], "loss": sum(float(m["loss"]) for m in good) / len(good),
                   "grad_norm": float(host[-1]["grad_norm"]), "lr": float(host[-1]["lr"]),
-                  "tokens_per_s": (steps[-1] - mark[0]) * tokens_per_step / max(now - mark[1], 1e-9),
-                  "elapsed_s": now - start}
+                  "tokens_per_s": steps_done * tokens_per_step / seconds,
+                  "step_s": seconds / max(steps_done, 1),
+                  "tflops_per_device": tflops, "elapsed_s": now - start}
+        if peak:
+            record["mfu"] = tflops * 1e12 / peak
         if bad_steps:
             record["skipped_steps"] = bad_steps
         mark = (steps[-1], now)
@@ -219,9 +225,19 @@ def _loop(cfg: Config, state, train_step, run_eval, loader: Loader, log: Metrics
     if first == 0:  # the starting point: a fresh model knows next to nothing
         evaluate_at(0)
     log_due = False
+    profile, tracing = cfg.train.profile_steps, False
     for step in range(first, cfg.train.steps):
-        state, metrics = train_step(state, batch)
         done = step + 1
+        if profile and done == profile[0]:
+            jax.profiler.start_trace(str(Path(cfg.train.run_dir) / "profile"))
+            tracing = True
+        state, metrics = train_step(state, batch)
+        if tracing and done == profile[1]:
+            tracing = False
+            jax.block_until_ready(metrics)
+            jax.profiler.stop_trace()
+            info(f"wrote a profile of steps {profile[0]}-{profile[1]} to "
+                 f"{Path(cfg.train.run_dir) / 'profile'} (TensorBoard's profile tab or Perfetto)")
         if log_due:  # the device is busy with this step while the host reads the last ones
             read_metrics(log_it=True)
             log_due = False

@@ -44,6 +44,18 @@ def prepare(cfg: DataConfig) -> Dataset:
     return _corpus(files, field, cfg)
 
 
+def prepare_shared(cfg: DataConfig) -> Dataset:
+    """With several processes, process 0 prepares the dataset (once, on shared storage)
+    while the others wait, then they open it."""
+    import jax
+    if jax.process_count() == 1:
+        return prepare(cfg)
+    from jax.experimental import multihost_utils
+    dataset = prepare(cfg) if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("pjit_llm dataset prepared")
+    return dataset or prepare(cfg)
+
+
 def read_texts(source, field: str):
     """Every record's text, in order (for training a tokenizer)."""
     for i in range(len(source)):

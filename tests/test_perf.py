@@ -1,0 +1,28 @@
+import jax
+import pytest
+
+from pjit_llm import perf
+from pjit_llm.config import ModelConfig
+
+
+def test_model_flops_count_every_matrix_multiply():
+    cfg = ModelConfig(num_layers=2, embed_dim=64, num_heads=8, num_kv_heads=4, mlp_dim=128,
+                      vocab_size=384)
+    # q, o: 64x64 each; k, v: 64x32 each; MLP: 3 x 64x128; output projection 64x384.
+    per_layer = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128
+    assert perf.matmul_params(cfg) == 2 * per_layer + 64 * 384
+    assert perf.train_flops_per_token(cfg, 32) == 6 * (2 * per_layer + 64 * 384) + 12 * 2 * 64 * 32
+
+
+def test_peak_flops_table_and_override():
+    assert perf.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert perf.peak_flops("cpu") is None
+    assert perf.peak_flops("cpu", 1.5) == 1.5e12
+
+
+def test_compiled_step_reports_memory_and_flops():
+    compiled = jax.jit(lambda a, b: a @ b).lower(jax.numpy.ones((64, 32)), jax.numpy.ones((32, 16))).compile()
+    memory = perf.compiled_memory(compiled)
+    assert memory["arguments"] == (64 * 32 + 32 * 16) * 4 and memory["outputs"] == 64 * 16 * 4
+    assert memory["peak"] >= memory["arguments"] + memory["outputs"] - memory["aliased"]
+    assert perf.compiled_flops(compiled) == pytest.approx(2 * 64 * 32 * 16, rel=0.01)
