@@ -205,12 +205,14 @@ class TrainConfig:
     run_dir: str = "runs/default"
     peak_tflops: float = 0.0  # per device, for MFU; 0: from the known accelerators
     profile_steps: tuple[int, ...] = ()  # [first, last]: a jax.profiler trace of those steps
+    sample_prompts: tuple[str, ...] = ("def ", "The ")  # continued greedily at each evaluation
+    sample_tokens: int = 48  # new tokens per sample; 0: no samples
     resume: bool = True  # continue from the run directory's latest checkpoint
     max_bad_steps: int = 0  # steps with a non-finite loss to skip before stopping
 
     def validate(self) -> None:
         _positive(self, "train", "steps", "grad_accum", "log_every", "eval_batches")
-        for name in ("eval_every", "max_bad_steps", "peak_tflops"):
+        for name in ("eval_every", "max_bad_steps", "peak_tflops", "sample_tokens"):
             if getattr(self, name) < 0:
                 raise UserError(f"train.{name} must be >= 0")
         if not self.run_dir:

@@ -40,13 +40,20 @@ def peak_flops(device_kind: str, override_tflops: float = 0.0) -> float | None:
     return None
 
 
+def _memory_stats(device) -> dict:
+    try:
+        return device.memory_stats() or {}
+    except Exception:  # some backends do not implement it
+        return {}
+
+
 def device_memory_limit(device) -> int | None:
     """Bytes the backend lets XLA use on `device`, where it says (GPUs and TPUs do)."""
-    try:
-        stats = device.memory_stats() or {}
-    except Exception:  # some backends do not implement it
-        return None
-    return stats.get("bytes_limit")
+    return _memory_stats(device).get("bytes_limit")
+
+
+def device_memory_in_use(device) -> int | None:
+    return _memory_stats(device).get("bytes_in_use")
 
 
 def compiled_memory(compiled) -> dict[str, int] | None:

@@ -22,6 +22,7 @@ from pjit_llm.data.sources import Dataset, prepare_shared
 from pjit_llm.data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from pjit_llm.errors import UserError, run_cli
 from pjit_llm.evaluate import evaluate
+from pjit_llm.generate import Generator, Sampling
 from pjit_llm.mesh import describe, make_mesh, use_emulated_devices
 from pjit_llm.metrics import MetricsLog, human_bytes, human_count, info
 from pjit_llm.model import padded_vocab
@@ -101,17 +102,36 @@ def train(cfg: Config, dataset: Dataset, tokenizer: Tokenizer) -> dict:
              f"global batch {cfg.data.batch_size} x {cfg.data.seq_len}")
         log = MetricsLog(run_dir, append=int(state.step) > 0, total_steps=cfg.train.steps,
                          first_step=int(state.step))
+        def run_eval(params, step):
+            result = evaluate(eval_step, params, val_batches, isinstance(tokenizer, ByteTokenizer))
+            log.write({"step": step, **result})
+            if cfg.train.sample_tokens and cfg.train.sample_prompts:
+                write_samples(cfg, graphdef, params, layout, tokenizer, log, step)
+            return result
+
         try:
             with StopRequest() as stop:
-                return _loop(cfg, state, train_step,
-                             lambda params: evaluate(eval_step, params, val_batches,
-                                                     isinstance(tokenizer, ByteTokenizer)),
-                             loader, log, ckpts, stop)
+                return _loop(cfg, state, train_step, run_eval, loader, log, ckpts, stop)
         finally:
             log.close()
     finally:
         ckpts.close()  # waits for a save in flight: nothing is left half-written
         loader.close()
+
+
+def write_samples(cfg: Config, graphdef, params, layout, tokenizer, log: MetricsLog,
+                  step: int) -> None:
+    """Greedy continuations of the fixed prompts: to the console and TensorBoard's text tab."""
+    prompts = list(cfg.train.sample_prompts)
+    new = min(cfg.train.sample_tokens, cfg.model.max_len - max(len(tokenizer.encode(p)) for p in prompts))
+    if new < 1:
+        return
+    out = Generator(graphdef, params, layout, Sampling()).generate(
+        [tokenizer.encode(p) for p in prompts], new, tokenizer.eos_id)
+    for i, (prompt, ids) in enumerate(zip(prompts, out)):
+        text = prompt + tokenizer.decode(ids)
+        info(f"sample {i} at step {step}: {text!r}")
+        log.text(f"samples/{i}", text, step)
 
 
 def report_compiled(compiled, seconds: float, model_flops: float) -> None:
@@ -209,6 +229,9 @@ def _loop(cfg: Config, state, train_step, run_eval, loader: Loader, log: Metrics
                   "tflops_per_device": tflops, "elapsed_s": now - start}
         if peak:
             record["mfu"] = tflops * 1e12 / peak
+        in_use = perf.device_memory_in_use(jax.local_devices()[0])
+        if in_use is not None:
+            record["memory_gib"] = in_use / 2**30
         if bad_steps:
             record["skipped_steps"] = bad_steps
         mark = (steps[-1], now)
@@ -217,9 +240,7 @@ def _loop(cfg: Config, state, train_step, run_eval, loader: Loader, log: Metrics
 
     def evaluate_at(step):
         nonlocal mark
-        result = run_eval(state.params)
-        log.write({"step": step, **result})
-        last.update(result)
+        last.update(run_eval(state.params, step))
         mark = (step, time.perf_counter())  # evaluation time is not training throughput
 
     if first == 0:  # the starting point: a fresh model knows next to nothing

@@ -60,6 +60,9 @@ def test_tensorboard_events_hold_the_training_scalars(tmp_path):
     mfu, tflops = events.Scalars("train/mfu")[-1].value, events.Scalars("train/tflops_per_device")[-1].value
     assert mfu == pytest.approx(tflops / 0.5, rel=1e-4)
     assert "GFLOP per step" in result.stdout and "per device" in result.stdout
+    # Greedy samples from the fixed prompts at each evaluation, as text.
+    assert "sample 0 at step 4: 'def " in result.stdout
+    assert {"samples/0/text_summary", "samples/1/text_summary"} <= set(events.Tags()["tensors"])
 
 
 def test_profile_steps_write_a_trace(tmp_path):
