@@ -26,3 +26,36 @@ def test_compiled_step_reports_memory_and_flops():
     assert memory["arguments"] == (64 * 32 + 32 * 16) * 4 and memory["outputs"] == 64 * 16 * 4
     assert memory["peak"] >= memory["arguments"] + memory["outputs"] - memory["aliased"]
     assert perf.compiled_flops(compiled) == pytest.approx(2 * 64 * 32 * 16, rel=0.01)
+
+
+def test_a_step_that_cannot_fit_is_refused(monkeypatch):
+    from pjit_llm.errors import UserError
+    from pjit_llm.train import report_compiled
+    compiled = jax.jit(lambda a: a * 2).lower(jax.numpy.ones((256, 256))).compile()
+    report_compiled(compiled, 0.1, 1e9)  # no limit on CPU: reported, not refused
+    monkeypatch.setattr(perf, "device_memory_limit", lambda device: 1024)
+    with pytest.raises(UserError, match="needs .* per device but the device has 1 KiB"):
+        report_compiled(compiled, 0.1, 1e9)
+
+
+def test_progress_bar_on_a_terminal_plain_lines_otherwise(tmp_path, monkeypatch, capsys):
+    import io
+    import json
+
+    from pjit_llm.metrics import MetricsLog
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    record = {"step": 5, "loss": 2.5, "tokens_per_s": 1000.0}
+    plain = MetricsLog(tmp_path, total_steps=10)
+    plain.write(record)
+    plain.close()
+    assert "step 5 | loss 2.5" in capsys.readouterr().out
+    monkeypatch.setattr("sys.stdout", Terminal())
+    bar = MetricsLog(tmp_path, append=True, total_steps=10)
+    bar.write(record)
+    assert bar._bar.n == 5 and "loss=2.5" in str(bar._bar)
+    bar.close()
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [5, 5]
