@@ -50,11 +50,10 @@ def sample(logits_BV, key, sampling: Sampling):
 class Generator:
     """Compiled prefill and decode step for one model, parameters and mesh."""
 
-    def __init__(self, graphdef, params, layout, sampling: Sampling):
+    def __init__(self, graphdef, model_cfg, layout, sampling: Sampling):
         import jax
         from flax import nnx
-        self.params, self.layout, self.sampling = params, layout, sampling
-        self.model_cfg = nnx.merge(graphdef, params).cfg
+        self.model_cfg, self.layout, self.sampling = model_cfg, layout, sampling
         cache_sharding = layout.sharding(("layers", "batch", "length", "kv_heads", "head_dim"))
         self.cache_sharding = {"k": cache_sharding, "v": cache_sharding}
 
@@ -69,7 +68,8 @@ class Generator:
             lambda params, batch, length: nnx.merge(graphdef, params).init_cache(batch, length),
             static_argnums=(1, 2), out_shardings=self.cache_sharding)
 
-    def generate(self, prompts: list[np.ndarray], max_new_tokens: int, eos_id: int | None,
+    def generate(self, params, prompts: list[np.ndarray], max_new_tokens: int,
+                 eos_id: int | None,
                  on_tokens: Callable[[np.ndarray], None] | None = None) -> list[list[int]]:
         """New tokens for each prompt (without the prompt, stopping before an end token).
         `on_tokens` sees each step's tokens (-1 for prompts already finished)."""
@@ -87,13 +87,13 @@ class Generator:
         for i, p in enumerate(prompts):
             tokens[i, : len(p)], lengths[i] = p, len(p)
         batch = self.layout.sharding(("batch", "length"))
-        cache = self._init_cache(self.params, B, T + max_new_tokens)
+        cache = self._init_cache(params, B, T + max_new_tokens)
         key = jax.random.key(self.sampling.seed)
         # Prefill: the whole (right-padded) prompts; each row's next token comes from its
         # last real position. Padding is overwritten by the tokens that follow.
         positions = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
         key, sub = jax.random.split(key)
-        next_B, cache = self._step(self.params, jax.device_put(tokens, batch),
+        next_B, cache = self._step(params, jax.device_put(tokens, batch),
                                    jax.device_put(positions, batch), jnp.asarray(lengths - 1),
                                    cache, sub)
         out, done, pos = [[] for _ in range(n)], np.zeros(n, bool), lengths.copy()
@@ -109,7 +109,7 @@ class Generator:
             if done.all() or step == max_new_tokens - 1:
                 break
             key, sub = jax.random.split(key)
-            next_B, cache = self._step(self.params, jax.device_put(new[:, None], batch),
+            next_B, cache = self._step(params, jax.device_put(new[:, None], batch),
                                        jax.device_put(pos[:, None], batch),
                                        jnp.zeros(B, jnp.int32), cache, sub)
             pos = pos + 1
@@ -177,7 +177,7 @@ def generate_texts(run: Path, prompts: list[str], max_new_tokens: int, sampling:
     layout = Layout(make_mesh(cfg.mesh), cfg.mesh.rules)
     params, _ = restore_params(cfg, layout, step)
     graphdef, _ = abstract_model(cfg.model, layout)
-    generator = Generator(graphdef, params, layout, sampling)
+    generator = Generator(graphdef, cfg.model, layout, sampling)
     ids = [tokenizer.encode(p) for p in prompts]
     streamed: list[int] = []
 
@@ -190,7 +190,7 @@ def generate_texts(run: Path, prompts: list[str], max_new_tokens: int, sampling:
 
     if stream:
         sys.stdout.write(prompts[0])
-    out = generator.generate(ids, max_new_tokens, tokenizer.eos_id, show if stream else None)
+    out = generator.generate(params, ids, max_new_tokens, tokenizer.eos_id, show if stream else None)
     if stream:
         sys.stdout.write("\n")
     return [tokenizer.decode(o) for o in out]

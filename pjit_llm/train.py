@@ -102,11 +102,13 @@ def train(cfg: Config, dataset: Dataset, tokenizer: Tokenizer) -> dict:
              f"global batch {cfg.data.batch_size} x {cfg.data.seq_len}")
         log = MetricsLog(run_dir, append=int(state.step) > 0, total_steps=cfg.train.steps,
                          first_step=int(state.step))
+        generator = Generator(graphdef, cfg.model, layout, Sampling())  # compiled once, reused
+
         def run_eval(params, step):
             result = evaluate(eval_step, params, val_batches, isinstance(tokenizer, ByteTokenizer))
             log.write({"step": step, **result})
             if cfg.train.sample_tokens and cfg.train.sample_prompts:
-                write_samples(cfg, graphdef, params, layout, tokenizer, log, step)
+                write_samples(cfg, generator, params, tokenizer, log, step)
             return result
 
         try:
@@ -119,15 +121,14 @@ def train(cfg: Config, dataset: Dataset, tokenizer: Tokenizer) -> dict:
         loader.close()
 
 
-def write_samples(cfg: Config, graphdef, params, layout, tokenizer, log: MetricsLog,
+def write_samples(cfg: Config, generator: Generator, params, tokenizer, log: MetricsLog,
                   step: int) -> None:
     """Greedy continuations of the fixed prompts: to the console and TensorBoard's text tab."""
     prompts = list(cfg.train.sample_prompts)
     new = min(cfg.train.sample_tokens, cfg.model.max_len - max(len(tokenizer.encode(p)) for p in prompts))
     if new < 1:
         return
-    out = Generator(graphdef, params, layout, Sampling()).generate(
-        [tokenizer.encode(p) for p in prompts], new, tokenizer.eos_id)
+    out = generator.generate(params, [tokenizer.encode(p) for p in prompts], new, tokenizer.eos_id)
     for i, (prompt, ids) in enumerate(zip(prompts, out)):
         text = prompt + tokenizer.decode(ids)
         info(f"sample {i} at step {step}: {text!r}")

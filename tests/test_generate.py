@@ -69,19 +69,19 @@ def test_cached_greedy_equals_full_recompute_sharded_and_on_one_device(trained):
     assert expected[0][:4] == [13, 14, 15, 16]  # it learned to count: the test means something
     for shape, devices in (((1, 1, 1), jax.devices()[:1]), ((1, 2, 4), None), ((2, 1, 4), None)):
         layout, graphdef, placed = _on(cfg, params, shape, devices)
-        out = Generator(graphdef, placed, layout, Sampling()).generate(PROMPTS, 12, eos_id=None)
+        out = Generator(graphdef, cfg.model, layout, Sampling()).generate(placed, PROMPTS, 12, eos_id=None)
         assert out == expected, shape
 
 
 def test_sampling_is_reproducible_from_the_seed(trained):
     cfg, _, params = trained
     layout, graphdef, placed = _on(cfg, params, (1, 2, 4))
-    run = lambda seed, **kw: Generator(graphdef, placed, layout, Sampling(  # noqa: E731
-        temperature=1.5, seed=seed, **kw)).generate(PROMPTS, 16, eos_id=None)
+    run = lambda seed, **kw: Generator(graphdef, cfg.model, layout, Sampling(  # noqa: E731
+        temperature=1.5, seed=seed, **kw)).generate(placed, PROMPTS, 16, eos_id=None)
     assert run(3) == run(3)
     assert run(3) != run(4)
     top1 = run(5, top_k=1)  # top-k of 1 is greedy whatever the temperature
-    assert top1 == Generator(graphdef, placed, layout, Sampling()).generate(PROMPTS, 16, None)
+    assert top1 == Generator(graphdef, cfg.model, layout, Sampling()).generate(placed, PROMPTS, 16, None)
     nucleus = run(5, top_p=1e-6)  # a vanishing nucleus keeps only the top token
     assert nucleus == top1
 
@@ -89,9 +89,9 @@ def test_sampling_is_reproducible_from_the_seed(trained):
 def test_generation_stops_at_the_end_token(trained):
     cfg, _, params = trained
     layout, graphdef, placed = _on(cfg, params, (1, 1, 1), jax.devices()[:1])
-    free = Generator(graphdef, placed, layout, Sampling()).generate(PROMPTS[:1], 8, None)
+    free = Generator(graphdef, cfg.model, layout, Sampling()).generate(placed, PROMPTS[:1], 8, None)
     stop_at = free[0][3]
-    out = Generator(graphdef, placed, layout, Sampling()).generate(PROMPTS[:1], 8, stop_at)
+    out = Generator(graphdef, cfg.model, layout, Sampling()).generate(placed, PROMPTS[:1], 8, stop_at)
     assert out == [free[0][:3]]
 
 
