@@ -7,7 +7,6 @@ apply to the run's recorded config (for instance another data.val_split).
 """
 
 import argparse
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -39,24 +38,16 @@ def main(argv=None) -> None:
     import jax
 
     from pjit_llm import distributed
-    from pjit_llm.config import load_config
     from pjit_llm.data.loader import eval_batches
     from pjit_llm.data.tokenizer import ByteTokenizer, load_tokenizer
-    from pjit_llm.export import restore_params
+    from pjit_llm.export import restore_params, run_config
     from pjit_llm.data.sources import prepare_shared
     from pjit_llm.mesh import describe, make_mesh, use_emulated_devices
     from pjit_llm.metrics import info
     from pjit_llm.sharding import Layout
     from pjit_llm.train_step import abstract_model, make_eval_step
 
-    config_file = args.run / "config.yaml"
-    if not config_file.is_file():
-        raise UserError(f"{args.run} is not a run directory (no config.yaml); pass --run the "
-                        "train.run_dir of a training run")
-    overrides = list(args.overrides) + (
-        [f"mesh.emulate_devices={args.emulate_devices}"] if args.emulate_devices else [])
-    cfg = load_config(str(config_file), overrides)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=str(args.run)))
+    cfg = run_config(args.run, args.overrides, args.emulate_devices)
     use_emulated_devices(cfg.mesh.emulate_devices)
     distributed.initialize(cfg.distributed)
     if args.batches is not None and args.batches < 1:

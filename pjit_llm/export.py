@@ -24,12 +24,16 @@ from pjit_llm.sharding import Layout, param_shardings
 from pjit_llm.train_step import abstract_model, plan_state
 
 
-def run_config(run_dir: Path) -> Config:
+def run_config(run_dir: Path, overrides=(), emulate_devices: int = 0) -> Config:
+    """A training run's recorded config with `overrides`, its run directory pointing at
+    `run_dir` (so checkpoints are found wherever the directory now is)."""
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.yaml); pass --run the "
                         "train.run_dir of a training run")
-    return load_config(str(path))
+    extra = [f"mesh.emulate_devices={emulate_devices}"] if emulate_devices else []
+    cfg = load_config(str(path), list(overrides) + extra)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=str(run_dir)))
 
 
 def restore_params(cfg: Config, layout: Layout, step: int | None):

@@ -158,20 +158,13 @@ def main(argv=None) -> None:
 def generate_texts(run: Path, prompts: list[str], max_new_tokens: int, sampling: Sampling,
                    step: int | None = None, overrides=(), emulate_devices: int = 0,
                    stream: bool = False) -> list[str]:
-    from pjit_llm.config import load_config
     from pjit_llm.data.tokenizer import load_tokenizer
-    from pjit_llm.export import restore_params
+    from pjit_llm.export import restore_params, run_config
     from pjit_llm.mesh import make_mesh, use_emulated_devices
     from pjit_llm.sharding import Layout
     from pjit_llm.train_step import abstract_model
 
-    config_file = run / "config.yaml"
-    if not config_file.is_file():
-        raise UserError(f"{run} is not a run directory (no config.yaml); pass --run the "
-                        "train.run_dir of a training run")
-    cfg = load_config(str(config_file), list(overrides) + (
-        [f"mesh.emulate_devices={emulate_devices}"] if emulate_devices else []))
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=str(run)))
+    cfg = run_config(run, overrides, emulate_devices)
     use_emulated_devices(cfg.mesh.emulate_devices)
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path, _dataset_dir(cfg))
     layout = Layout(make_mesh(cfg.mesh), cfg.mesh.rules)
