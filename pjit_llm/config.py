@@ -31,6 +31,11 @@ class ModelConfig:
     mlp_dim: int = 768
     max_len: int = 2048
     rope_theta: float = 10000.0
+    rope_scaling: Literal["none", "linear", "llama3"] = "none"  # stretch positions (long context)
+    rope_factor: float = 1.0  # linear, llama3: how many times the context is stretched
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_original_max_len: int = 8192  # llama3: the context length before stretching
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -46,7 +51,11 @@ class ModelConfig:
 
     def validate(self) -> None:
         _positive(self, "model", "num_layers", "embed_dim", "num_heads", "num_kv_heads",
-                  "mlp_dim", "max_len", "rope_theta", "norm_eps", "init_std")
+                  "mlp_dim", "max_len", "rope_theta", "norm_eps", "init_std", "rope_factor",
+                  "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len")
+        if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise UserError("model.rope_high_freq_factor must exceed model.rope_low_freq_factor "
+                            "for rope_scaling=llama3")
         if self.vocab_size < 0:
             raise UserError("model.vocab_size must be >= 0 (0 follows the tokenizer)")
         if self.embed_dim % self.num_heads:

@@ -23,6 +23,8 @@ from pjit_llm.optim import make_optimizer, make_schedule
 from pjit_llm.sharding import Layout, param_shardings
 from pjit_llm.train_step import abstract_model, plan_state
 
+PARAMS_DIR = "params"  # parameters alone, in an export or an imported run directory
+
 
 def run_config(run_dir: Path, overrides=(), emulate_devices: int = 0) -> Config:
     """A training run's recorded config with `overrides`, its run directory pointing at
@@ -37,10 +39,18 @@ def run_config(run_dir: Path, overrides=(), emulate_devices: int = 0) -> Config:
 
 
 def restore_params(cfg: Config, layout: Layout, step: int | None):
-    """(params, step) of a training checkpoint; the latest when `step` is None."""
+    """(params, step) of a run: a training checkpoint (the latest when `step` is None) or,
+    in a run that holds parameters alone (imported by pjit_llm.convert, not trained since),
+    those, as step 0."""
     ckpts = Checkpoints(checkpoint_dir(cfg), dataclasses.replace(cfg.checkpoint, async_save=False))
     try:
         steps = ckpts.manager.all_steps()
+        params_only = Path(cfg.train.run_dir).absolute() / PARAMS_DIR
+        if not steps and params_only.is_dir():
+            if step not in (None, 0):
+                raise UserError(f"{cfg.train.run_dir} holds imported parameters alone (step 0) "
+                                f"and no checkpoint for step {step}; drop --step")
+            return _restore_params(params_only, cfg.model, layout), 0
         if not steps:
             raise UserError(f"no checkpoints in {ckpts.directory}; train first")
         step = max(steps) if step is None else step
@@ -73,7 +83,7 @@ def export(run_dir: Path, out: Path | None, step: int | None, dtype: str) -> Pat
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:  # assemble beside the target, then rename: never a half-written export
         checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(tmp / "params", params)
+        checkpointer.save(tmp / PARAMS_DIR, params)
         checkpointer.wait_until_finished()
         (tmp / "model.yaml").write_text(yaml.safe_dump(dataclasses.asdict(model), sort_keys=False))
         (tmp / "step").write_text(f"{step}\n")
@@ -90,11 +100,20 @@ def load_params(export_dir: Path, layout: Layout):
         model = ModelConfig(**yaml.safe_load((export_dir / "model.yaml").read_text()))
     except (OSError, TypeError, yaml.YAMLError):
         raise UserError(f"{export_dir} is not an export (no readable model.yaml)") from None
+    return model, _restore_params(export_dir / PARAMS_DIR, model, layout)
+
+
+def _restore_params(path: Path, model: ModelConfig, layout: Layout):
+    """A parameters-only Orbax checkpoint, restored straight into `layout`'s shardings."""
     _, abstract = abstract_model(model, layout)
     shardings = param_shardings(layout, abstract)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
-    return model, ocp.StandardCheckpointer().restore(export_dir / "params", target)
+    try:
+        return ocp.StandardCheckpointer().restore(path, target)
+    except Exception as e:  # Orbax/TensorStore raise many types for damaged or mismatched files
+        raise UserError(f"parameters in {path} are unreadable or do not match the model config "
+                        f"({str(e).strip().splitlines()[0][:200]})") from None
 
 
 def main(argv=None) -> None:

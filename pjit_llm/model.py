@@ -44,11 +44,29 @@ class RMSNorm(nnx.Module):
         return (x * self.scale[...].astype(jnp.float32)).astype(x_BLD.dtype)
 
 
-def rope_angles(positions_BL: jax.Array, head_dim: int, theta: float):
-    """sin and cos of the rotary angles, (B, L, K/2), in float32."""
+def rope_angles(positions_BL: jax.Array, head_dim: int, theta: float,
+                cfg: ModelConfig | None = None):
+    """sin and cos of the rotary angles, (B, L, K/2), in float32; `cfg` may stretch the
+    frequencies for long contexts (model.rope_scaling)."""
     freqs = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    if cfg is not None:
+        freqs = scale_rope_frequencies(freqs, cfg)
     angles = positions_BL[..., None].astype(jnp.float32) * freqs
     return jnp.sin(angles), jnp.cos(angles)
+
+
+def scale_rope_frequencies(freqs_k: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """`linear` slows every frequency by rope_factor. `llama3` (Llama 3.1+) slows only the
+    low frequencies, whose wavelength exceeds the original context / low_freq_factor, leaves
+    those shorter than context / high_freq_factor alone, and blends smoothly in between."""
+    if cfg.rope_scaling == "linear":
+        return freqs_k / cfg.rope_factor
+    if cfg.rope_scaling != "llama3":
+        return freqs_k
+    context, low, high = cfg.rope_original_max_len, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    wavelen_k = 2 * jnp.pi / freqs_k
+    blend_k = jnp.clip((context / wavelen_k - low) / (high - low), 0.0, 1.0)
+    return (1 - blend_k) * freqs_k / cfg.rope_factor + blend_k * freqs_k
 
 
 def apply_rope(x_BLHK: jax.Array, sin_BLk: jax.Array, cos_BLk: jax.Array) -> jax.Array:
@@ -169,7 +187,7 @@ class Transformer(nnx.Module):
         table_VD = _constrain(self.layout, self.embed[...], ("vocab", None))
         x_BLD = jnp.take(table_VD, tokens_BL, axis=0).astype(dt)
         x_BLD = _constrain(self.layout, x_BLD, ("batch", "length", "embed"))
-        sin, cos = rope_angles(positions_BL, cfg.head_dim, cfg.rope_theta)
+        sin, cos = rope_angles(positions_BL, cfg.head_dim, cfg.rope_theta, cfg)
         x_BLD, cache = self._run_blocks(x_BLD, sin, cos, mask_B1LS, cache, positions_BL[:, 0])
         x_BLD = self.final_norm(x_BLD)
         if cfg.tie_embeddings:

@@ -1,0 +1,268 @@
+"""`python -m pjit_llm.convert import|export`: Llama-family checkpoints to and from Hugging Face.
+
+import --hf DIR --out RUN_DIR [--dtype D]
+    reads config.json and the safetensors shards of DIR and writes a run directory
+    (config.yaml, params/, the tokenizer files) that generate, evaluate and
+    `train.init_from=RUN_DIR` read like a trained run.
+export --run RUN_DIR [--step S] --out DIR [--dtype D] [--shard-size 2GB]
+    writes config.json and safetensors shards that LlamaForCausalLM.from_pretrained loads.
+
+Both directions go tensor by tensor so that host memory never holds the model: import
+memory-maps the shards and builds each parameter with `jax.make_array_from_callback`, whose
+callback reads only the rows and layers of the shard a device holds; export pulls one layer
+of one parameter to the host, writes it and lets it go. Output is assembled in a temporary
+sibling directory and renamed when complete.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+import yaml
+
+from pjit_llm import hf_config, safetensors_io
+from pjit_llm.config import Config, DataConfig, MeshConfig, TrainConfig
+from pjit_llm.errors import UserError, run_cli
+
+# (our path, HF name, leading dims of ours that form HF's input axis). HF Linear weights are
+# (out, in): ours (D, H, K) is q_proj (H*K, D) transposed, so 1; wo (H, K, D) is o_proj
+# (D, H*K) transposed, so 2. 0: the same layout. "{i}" is the layer.
+LAYER_WEIGHTS = [
+    (("blocks", "attn_norm", "scale"), "model.layers.{i}.input_layernorm.weight", 0),
+    (("blocks", "attn", "wq"), "model.layers.{i}.self_attn.q_proj.weight", 1),
+    (("blocks", "attn", "wk"), "model.layers.{i}.self_attn.k_proj.weight", 1),
+    (("blocks", "attn", "wv"), "model.layers.{i}.self_attn.v_proj.weight", 1),
+    (("blocks", "attn", "wo"), "model.layers.{i}.self_attn.o_proj.weight", 2),
+    (("blocks", "mlp_norm", "scale"), "model.layers.{i}.post_attention_layernorm.weight", 0),
+    (("blocks", "mlp", "w_gate"), "model.layers.{i}.mlp.gate_proj.weight", 1),
+    (("blocks", "mlp", "w_up"), "model.layers.{i}.mlp.up_proj.weight", 1),
+    (("blocks", "mlp", "w_down"), "model.layers.{i}.mlp.down_proj.weight", 1),
+]
+TOP_WEIGHTS = [
+    (("embed",), "model.embed_tokens.weight", 0),
+    (("final_norm", "scale"), "model.norm.weight", 0),
+    (("unembed",), "lm_head.weight", 1),
+]
+# Files of a Hugging Face tokenizer copied along with the weights.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+
+
+def to_ours(w: np.ndarray, shape: tuple[int, ...], in_dims: int) -> np.ndarray:
+    return w.T.reshape(shape) if in_dims else w
+
+
+def to_hf(a: np.ndarray, in_dims: int) -> np.ndarray:
+    return a.reshape(math.prod(a.shape[:in_dims]), -1).T if in_dims else a
+
+
+def _path(keys) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", k)) for k in keys)
+
+
+def _is_var(x) -> bool:
+    from flax import nnx
+    return isinstance(x, nnx.Variable)
+
+
+def hf_tensors(model) -> list[tuple[str, tuple, int, int | None, tuple[int, ...]]]:
+    """Every HF tensor of a model config, in HF's order: (name, our path, in_dims, layer or
+    None, HF shape)."""
+    from pjit_llm.train_step import abstract_model
+    shapes = {_path(p): v.shape for p, v in
+              jax.tree_util.tree_leaves_with_path(abstract_model(model, None)[1], is_leaf=_is_var)}
+
+    def hf_shape(shape, in_dims):
+        return tuple(reversed((math.prod(shape[:in_dims]), math.prod(shape[in_dims:])))) if in_dims else shape
+
+    embed, *rest = [(name, path, in_dims, None, hf_shape(shapes[path], in_dims))
+                    for path, name, in_dims in TOP_WEIGHTS if path in shapes]
+    layers = [(name.format(i=i), path, in_dims, i, hf_shape(shapes[path][1:], in_dims))
+              for i in range(model.num_layers) for path, name, in_dims in LAYER_WEIGHTS]
+    return [embed, *layers, *rest]
+
+
+# ---------------------------------------------------------------- import
+
+
+def import_hf(hf_dir: Path, out: Path, dtype: str | None = None) -> Path:
+    """Convert a Hugging Face Llama directory into a run directory at `out`."""
+    from pjit_llm.mesh import make_mesh
+    from pjit_llm.sharding import Layout
+    from pjit_llm.train_step import abstract_model
+    from pjit_llm.sharding import check_divisible, param_shardings
+
+    if not hf_dir.is_dir():
+        raise UserError(f"--hf {hf_dir} is not a directory; pass a model directory holding "
+                        "config.json and *.safetensors")
+    if out.exists():
+        raise UserError(f"{out} already exists; remove it or pass another --out")
+    config_path = hf_dir / "config.json"
+    try:
+        raw = json.loads(config_path.read_text())
+    except OSError:
+        raise UserError(f"{hf_dir} has no readable config.json; pass a Hugging Face model "
+                        "directory") from None
+    except ValueError:
+        raise UserError(f"{config_path} is not valid JSON") from None
+    model, _ = hf_config.model_config(raw, str(config_path), dtype)
+    tensors = safetensors_io.SafetensorsDir(hf_dir)
+    wanted = hf_tensors(model)
+    _check_tensors(tensors, wanted, model.tie_embeddings, hf_dir)
+
+    # Parameters are sharded over all devices (FSDP over `embed`, the usual rules otherwise),
+    # so no device needs room for the whole model.
+    layout = Layout(make_mesh(MeshConfig(data=1, fsdp=-1)), Config().mesh.rules)
+    _, abstract = abstract_model(model, layout)
+    check_divisible(layout, abstract)
+    by_path: dict[tuple, list] = {}
+    for name, path, in_dims, layer, _ in wanted:
+        by_path.setdefault(path, []).append((name, in_dims, layer))
+    np_dtype = jax.numpy.dtype(model.param_dtype)
+
+    def build(keys, var, sharding):
+        sources, shape = by_path[_path(keys)], var.shape
+
+        def read(index):  # only the layers and rows of this device's shard
+            if sources[0][2] is None:
+                name, in_dims, _ = sources[0]
+                return np.asarray(to_ours(tensors[name], shape, in_dims)[index], np_dtype)
+            layers = range(shape[0])[index[0]]
+            return np.stack([np.asarray(to_ours(tensors[sources[i][0]], shape[1:], sources[i][1])
+                                        [index[1:]], np_dtype) for i in layers])
+
+        return var.replace(jax.make_array_from_callback(shape, sharding.value, read))
+
+    params = jax.tree_util.tree_map_with_path(
+        build, abstract, param_shardings(layout, abstract), is_leaf=_is_var)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        import orbax.checkpoint as ocp
+        from pjit_llm.export import PARAMS_DIR
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(tmp / PARAMS_DIR, params)
+        checkpointer.wait_until_finished()
+        del params
+        copied = [f for f in TOKENIZER_FILES if (hf_dir / f).is_file()]
+        for f in copied:
+            shutil.copyfile(hf_dir / f, tmp / f)
+        data = DataConfig(tokenizer="hf", tokenizer_path=str(out / "tokenizer.json")) \
+            if "tokenizer.json" in copied else DataConfig()
+        data = dataclasses.replace(data, seq_len=min(data.seq_len, model.max_len))
+        cfg = Config(model=model, data=data, train=TrainConfig(run_dir=str(out)))
+        cfg.validate()
+        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _check_tensors(tensors, wanted, tied: bool, hf_dir: Path) -> None:
+    present = tensors.names()
+    needed = {name: shape for name, *_, shape in wanted}
+    missing = [n for n in needed if n not in present]
+    if missing:
+        raise UserError(f"{hf_dir}: tensor {missing[0]} is missing from the safetensors files "
+                        f"({len(missing)} missing in all); the weights do not match config.json")
+    ignored = {"lm_head.weight"} if tied else set()  # a tied copy some checkpoints carry
+    extra = sorted(n for n in present - set(needed) - ignored if not n.endswith("rotary_emb.inv_freq"))
+    if extra:
+        raise UserError(f"{hf_dir}: unexpected tensor {extra[0]} ({len(extra)} in all): the "
+                        "model has parts a Llama decoder does not (biases, other layers); "
+                        "it cannot be imported")
+    for name, shape in needed.items():
+        got = tensors.shape(name)
+        if got != tuple(shape):
+            raise UserError(f"{hf_dir}: tensor {name} has shape {list(got)} but config.json "
+                            f"implies {list(shape)}; the weights do not match the config")
+
+
+# ---------------------------------------------------------------- export
+
+
+def export_hf(run_dir: Path, out: Path, step: int | None, dtype: str | None,
+              shard_bytes: int) -> Path:
+    """Write a run's parameters as a transformers Llama directory at `out`."""
+    from pjit_llm.data.tokenizer import HFTokenizer
+    from pjit_llm.export import restore_params, run_config
+    from pjit_llm.mesh import make_mesh
+    from pjit_llm.sharding import Layout
+
+    cfg = run_config(run_dir)
+    if out.exists():
+        raise UserError(f"{out} already exists; remove it or pass another --out")
+    dtype = dtype or cfg.model.param_dtype
+    layout = Layout(make_mesh(MeshConfig(data=1, fsdp=-1)), cfg.mesh.rules)
+    params, step = restore_params(cfg, layout, step)
+    leaves = {_path(p): v for p, v in jax.tree_util.tree_leaves_with_path(params, is_leaf=_is_var)}
+    np_dtype = np.dtype(jax.numpy.dtype(dtype))
+    specs, sources = [], {}
+    for name, path, in_dims, layer, shape in hf_tensors(cfg.model):
+        specs.append((name, np_dtype, shape))
+        sources[name] = (path, in_dims, layer)
+
+    def tensor(name):  # one layer of one parameter on the host at a time
+        path, in_dims, layer = sources[name]
+        a = leaves[path][...] if layer is None else leaves[path][...][layer]
+        return np.ascontiguousarray(to_hf(np.asarray(a), in_dims).astype(np_dtype))
+
+    eos = None
+    if cfg.data.tokenizer == "hf":
+        eos = HFTokenizer(cfg.data.tokenizer_path).eos_id
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        safetensors_io.write_dir(tmp, specs, tensor, shard_bytes, {"format": "pt"})
+        config = hf_config.hf_config(cfg.model, dtype, eos)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if cfg.data.tokenizer == "hf":  # the tokenizer and its companions, where they exist
+            source = Path(cfg.data.tokenizer_path)
+            shutil.copyfile(source, tmp / "tokenizer.json")
+            for f in TOKENIZER_FILES[1:]:
+                if (source.parent / f).is_file():
+                    shutil.copyfile(source.parent / f, tmp / f)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m pjit_llm.convert", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    i = sub.add_parser("import", help="Hugging Face Llama directory -> run directory")
+    i.add_argument("--hf", required=True, type=Path, help="directory with config.json and *.safetensors")
+    i.add_argument("--out", required=True, type=Path, help="the run directory to create")
+    i.add_argument("--dtype", choices=("bfloat16", "float32"),
+                   help="parameter dtype (default: the checkpoint's; float32 for fine-tuning)")
+    e = sub.add_parser("export", help="run directory -> Hugging Face Llama directory")
+    e.add_argument("--run", required=True, type=Path, help="a training or imported run directory")
+    e.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    e.add_argument("--out", required=True, type=Path, help="the directory to create")
+    e.add_argument("--dtype", choices=("bfloat16", "float32"),
+                   help="weight dtype (default: the run's model.param_dtype)")
+    e.add_argument("--shard-size", default="2GB", help="largest safetensors file (default 2GB)")
+    args = p.parse_args(argv)
+    if args.command == "import":
+        out = import_hf(args.hf.absolute(), args.out.absolute(), args.dtype)
+        print(f"imported {args.hf} to {out}; generate with `python -m pjit_llm.generate --run "
+              f"{out} --prompt ...`, fine-tune with `train.init_from={out}`")
+    else:
+        shard_bytes = safetensors_io.parse_size(args.shard_size)
+        out = export_hf(args.run.absolute(), args.out.absolute(), args.step, args.dtype, shard_bytes)
+        print(f"exported {args.run} to {out} (LlamaForCausalLM.from_pretrained reads it)")
+
+
+if __name__ == "__main__":
+    run_cli(main)

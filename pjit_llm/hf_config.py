@@ -1,0 +1,104 @@
+"""Hugging Face Llama `config.json` <-> ModelConfig, refusing what the model cannot express.
+
+Only what our transformer computes exactly is accepted: a Llama decoder (RMSNorm, rotary
+positions with no, linear or Llama 3 scaling, grouped-query attention, SwiGLU without
+biases, head dimension = width / heads). Everything else is refused by name rather than
+converted into a model that silently computes something different. Both spellings of the
+rotary settings are read: `rope_theta` + `rope_scaling` (transformers 4) and
+`rope_parameters` (transformers 5); export writes both.
+"""
+
+import dataclasses
+
+from pjit_llm.config import ModelConfig
+from pjit_llm.errors import UserError
+
+ARCHITECTURE = "LlamaForCausalLM"
+# Mistral computes the same function as Llama when it has no sliding window.
+_ACCEPTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float32"}
+
+
+def model_config(hf: dict, source: str, param_dtype: str | None = None) -> tuple[ModelConfig, str]:
+    """(ModelConfig, the checkpoint's dtype) for an HF config dict read from `source`."""
+    def refuse(what: str) -> UserError:
+        return UserError(f"{source}: {what} is not supported (only Llama-family decoders that "
+                         "this model computes exactly can be imported)")
+
+    archs = hf.get("architectures") or [ARCHITECTURE]
+    if len(archs) != 1 or archs[0] not in _ACCEPTED:
+        raise refuse(f"architecture {', '.join(map(str, archs))}")
+    if hf.get("sliding_window") is not None and archs[0] == "MistralForCausalLM":
+        raise refuse(f"sliding-window attention (sliding_window={hf['sliding_window']})")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise refuse(f"activation hidden_act={hf['hidden_act']}")
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag):
+            raise refuse(f"{flag}=true (biases)")
+    if hf.get("pretraining_tp", 1) != 1:
+        raise refuse(f"pretraining_tp={hf['pretraining_tp']}")
+    try:
+        D, H = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+        cfg = ModelConfig(
+            vocab_size=int(hf["vocab_size"]), num_layers=int(hf["num_hidden_layers"]),
+            embed_dim=D, num_heads=H, num_kv_heads=int(hf.get("num_key_value_heads") or H),
+            mlp_dim=int(hf["intermediate_size"]),
+            max_len=int(hf.get("max_position_embeddings", 2048)),
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            **_rope(hf, refuse))
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{source} lacks or garbles the field {e}; is it a Llama config.json?") from None
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and int(head_dim) != D // H:
+        raise refuse(f"head_dim={head_dim} different from hidden_size/num_attention_heads={D // H}")
+    dtype = _DTYPES.get(str(hf.get("dtype") or hf.get("torch_dtype") or "float32"), "float32")
+    cfg = dataclasses.replace(cfg, param_dtype=param_dtype or dtype)
+    cfg.validate()
+    return cfg, dtype
+
+
+def _rope(hf: dict, refuse) -> dict:
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return {"rope_theta": theta}
+    if kind == "linear":
+        return {"rope_theta": theta, "rope_scaling": "linear", "rope_factor": float(params["factor"])}
+    if kind == "llama3":
+        return {"rope_theta": theta, "rope_scaling": "llama3",
+                "rope_factor": float(params["factor"]),
+                "rope_low_freq_factor": float(params["low_freq_factor"]),
+                "rope_high_freq_factor": float(params["high_freq_factor"]),
+                "rope_original_max_len": int(params["original_max_position_embeddings"])}
+    raise refuse(f"rope scaling {kind!r}")
+
+
+def hf_config(cfg: ModelConfig, dtype: str, eos_id: int | None = None) -> dict:
+    """The config.json of LlamaForCausalLM computing the same function as `cfg`."""
+    rope = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
+    if cfg.rope_scaling == "linear":
+        rope.update(rope_type="linear", factor=cfg.rope_factor)
+    elif cfg.rope_scaling == "llama3":
+        rope.update(rope_type="llama3", factor=cfg.rope_factor,
+                    low_freq_factor=cfg.rope_low_freq_factor,
+                    high_freq_factor=cfg.rope_high_freq_factor,
+                    original_max_position_embeddings=cfg.rope_original_max_len)
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    out = {
+        "architectures": [ARCHITECTURE], "model_type": "llama",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.embed_dim,
+        "intermediate_size": cfg.mlp_dim, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_len, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_scaling": None if cfg.rope_scaling == "none" else scaling,
+        "rope_parameters": rope, "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+        "initializer_range": cfg.init_std, "use_cache": True,
+        "dtype": dtype, "torch_dtype": dtype,
+    }
+    if eos_id is not None:
+        out["eos_token_id"] = eos_id
+    return out
