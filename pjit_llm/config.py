@@ -217,6 +217,7 @@ class TrainConfig:
     sample_prompts: tuple[str, ...] = ("def ", "The ")  # continued greedily at each evaluation
     sample_tokens: int = 48  # new tokens per sample; 0: no samples
     resume: bool = True  # continue from the run directory's latest checkpoint
+    init_from: str = ""  # a run directory (imported or trained): start from its parameters
     max_bad_steps: int = 0  # steps with a non-finite loss to skip before stopping
 
     def validate(self) -> None:

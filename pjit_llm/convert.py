@@ -16,6 +16,7 @@ sibling directory and renamed when complete.
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import shutil
@@ -23,8 +24,10 @@ import tempfile
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import yaml
+from jax.sharding import NamedSharding, PartitionSpec
 
 from pjit_llm import hf_config, safetensors_io
 from pjit_llm.config import Config, DataConfig, MeshConfig, TrainConfig
@@ -127,17 +130,20 @@ def import_hf(hf_dir: Path, out: Path, dtype: str | None = None) -> Path:
     np_dtype = jax.numpy.dtype(model.param_dtype)
 
     def build(keys, var, sharding):
-        sources, shape = by_path[_path(keys)], var.shape
-
-        def read(index):  # only the layers and rows of this device's shard
-            if sources[0][2] is None:
-                name, in_dims, _ = sources[0]
-                return np.asarray(to_ours(tensors[name], shape, in_dims)[index], np_dtype)
-            layers = range(shape[0])[index[0]]
-            return np.stack([np.asarray(to_ours(tensors[sources[i][0]], shape[1:], sources[i][1])
-                                        [index[1:]], np_dtype) for i in layers])
-
-        return var.replace(jax.make_array_from_callback(shape, sharding.value, read))
+        sources, shape, sharding = by_path[_path(keys)], var.shape, sharding.value
+        if sources[0][2] is None:  # one HF tensor: each device reads the rows of its shard
+            name, in_dims, _ = sources[0]
+            return var.replace(jax.make_array_from_callback(
+                shape, sharding, lambda index: np.asarray(
+                    to_ours(tensors[name], shape, in_dims)[index], np_dtype)))
+        # Stacked layers: written into the sharded array one layer at a time, so the host never
+        # holds more than one layer (a callback would build all layers of a shard at once).
+        layer_sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
+        stacked = _zeros(shape, np_dtype, sharding)
+        for i, (name, in_dims, _) in enumerate(sources):
+            layer = np.asarray(to_ours(tensors[name], shape[1:], in_dims), np_dtype)
+            stacked = _set_layer(stacked, jax.device_put(layer, layer_sharding), i)
+        return var.replace(stacked)
 
     params = jax.tree_util.tree_map_with_path(
         build, abstract, param_shardings(layout, abstract), is_leaf=_is_var)
@@ -147,9 +153,10 @@ def import_hf(hf_dir: Path, out: Path, dtype: str | None = None) -> Path:
     try:
         import orbax.checkpoint as ocp
         from pjit_llm.export import PARAMS_DIR
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(tmp / PARAMS_DIR, params)
-        checkpointer.wait_until_finished()
+        # Orbax copies arrays to the host to write them; let it hold one parameter at a time.
+        largest = max(a.nbytes for a in jax.tree.leaves(params))
+        handler = ocp.StandardCheckpointHandler(save_concurrent_gb=largest / 1e9 + 1e-3)
+        ocp.Checkpointer(handler).save(tmp / PARAMS_DIR, args=ocp.args.StandardSave(params))
         del params
         copied = [f for f in TOKENIZER_FILES if (hf_dir / f).is_file()]
         for f in copied:
@@ -165,6 +172,17 @@ def import_hf(hf_dir: Path, out: Path, dtype: str | None = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _zeros(shape, dtype, sharding):
+    return jax.lax.with_sharding_constraint(jnp.zeros(shape, dtype), sharding)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stacked, layer, i):
+    """stacked[i] = layer, in place (the stacked buffer is donated)."""
+    return jax.lax.dynamic_update_index_in_dim(stacked, layer[None], i, 0)
 
 
 def _check_tensors(tensors, wanted, tied: bool, hf_dir: Path) -> None:
@@ -192,37 +210,46 @@ def _check_tensors(tensors, wanted, tied: bool, hf_dir: Path) -> None:
 
 def export_hf(run_dir: Path, out: Path, step: int | None, dtype: str | None,
               shard_bytes: int) -> Path:
-    """Write a run's parameters as a transformers Llama directory at `out`."""
+    """Write a run's parameters as a transformers Llama directory at `out`; returns (out, step)."""
     from pjit_llm.data.tokenizer import HFTokenizer
-    from pjit_llm.export import restore_params, run_config
-    from pjit_llm.mesh import make_mesh
-    from pjit_llm.sharding import Layout
+    from pjit_llm.export import params_location, restore_partial, run_config
+    from pjit_llm.train_step import abstract_model
 
     cfg = run_config(run_dir)
     if out.exists():
         raise UserError(f"{out} already exists; remove it or pass another --out")
     dtype = dtype or cfg.model.param_dtype
-    layout = Layout(make_mesh(MeshConfig(data=1, fsdp=-1)), cfg.mesh.rules)
-    params, step = restore_params(cfg, layout, step)
-    leaves = {_path(p): v for p, v in jax.tree_util.tree_leaves_with_path(params, is_leaf=_is_var)}
     np_dtype = np.dtype(jax.numpy.dtype(dtype))
-    specs, sources = [], {}
-    for name, path, in_dims, layer, shape in hf_tensors(cfg.model):
-        specs.append((name, np_dtype, shape))
-        sources[name] = (path, in_dims, layer)
+    where, prefix, step = params_location(cfg, step)
+    targets = {_path(p): v for p, v in
+               jax.tree_util.tree_leaves_with_path(abstract_model(cfg.model, None)[1], is_leaf=_is_var)}
+    # Parameter by parameter (all layers of one before the next): each is read alone into
+    # host memory (no device involved), written a layer at a time, and dropped before the next.
+    tensors = sorted(hf_tensors(cfg.model), key=lambda t: list(targets).index(t[1]))
+    specs = [(name, np_dtype, shape) for name, _, _, _, shape in tensors]
+    sources = {name: (path, in_dims, layer) for name, path, in_dims, layer, _ in tensors}
+    current: dict[tuple, jax.Array] = {}
 
-    def tensor(name):  # one layer of one parameter on the host at a time
+    def tensor(name):
         path, in_dims, layer = sources[name]
-        a = leaves[path][...] if layer is None else leaves[path][...][layer]
-        return np.ascontiguousarray(to_hf(np.asarray(a), in_dims).astype(np_dtype))
+        if path not in current:
+            current.clear()
+            target = targets[path]
+            for key in reversed(path):
+                target = {key: target}
+            restored = restore_partial(where, prefix, target)
+            for key in path:
+                restored = restored[key]
+            current[path] = restored[...]
+        a = current[path] if layer is None else current[path][layer]
+        return np.ascontiguousarray(to_hf(a, in_dims), dtype=np_dtype)
 
-    eos = None
-    if cfg.data.tokenizer == "hf":
-        eos = HFTokenizer(cfg.data.tokenizer_path).eos_id
+    eos = HFTokenizer(cfg.data.tokenizer_path).eos_id if cfg.data.tokenizer == "hf" else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         safetensors_io.write_dir(tmp, specs, tensor, shard_bytes, {"format": "pt"})
+        current.clear()
         config = hf_config.hf_config(cfg.model, dtype, eos)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if cfg.data.tokenizer == "hf":  # the tokenizer and its companions, where they exist
@@ -235,7 +262,19 @@ def export_hf(run_dir: Path, out: Path, step: int | None, dtype: str | None,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+    return out, step
+
+
+def _return_freed_memory() -> None:
+    """Have glibc give large freed buffers straight back to the system. By default it raises
+    its mmap threshold after the first large free and then keeps freed tensors in the heap,
+    so the process's memory grows with every tensor converted instead of staying near the
+    largest one."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MiB, fixed
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
 
 
 def main(argv=None) -> None:
@@ -254,14 +293,17 @@ def main(argv=None) -> None:
                    help="weight dtype (default: the run's model.param_dtype)")
     e.add_argument("--shard-size", default="2GB", help="largest safetensors file (default 2GB)")
     args = p.parse_args(argv)
+    _return_freed_memory()
     if args.command == "import":
         out = import_hf(args.hf.absolute(), args.out.absolute(), args.dtype)
         print(f"imported {args.hf} to {out}; generate with `python -m pjit_llm.generate --run "
               f"{out} --prompt ...`, fine-tune with `train.init_from={out}`")
     else:
         shard_bytes = safetensors_io.parse_size(args.shard_size)
-        out = export_hf(args.run.absolute(), args.out.absolute(), args.step, args.dtype, shard_bytes)
-        print(f"exported {args.run} to {out} (LlamaForCausalLM.from_pretrained reads it)")
+        out, step = export_hf(args.run.absolute(), args.out.absolute(), args.step, args.dtype,
+                              shard_bytes)
+        print(f"exported step {step} of {args.run} to {out} (LlamaForCausalLM.from_pretrained "
+              "reads it)")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 import yaml
 
@@ -19,9 +20,8 @@ from pjit_llm.checkpoint import Checkpoints, checkpoint_dir
 from pjit_llm.config import Config, MeshConfig, ModelConfig, load_config
 from pjit_llm.errors import UserError, run_cli
 from pjit_llm.mesh import make_mesh
-from pjit_llm.optim import make_optimizer, make_schedule
-from pjit_llm.sharding import Layout, param_shardings
-from pjit_llm.train_step import abstract_model, plan_state
+from pjit_llm.sharding import Layout, check_divisible, param_shardings
+from pjit_llm.train_step import abstract_model
 
 PARAMS_DIR = "params"  # parameters alone, in an export or an imported run directory
 
@@ -38,36 +38,72 @@ def run_config(run_dir: Path, overrides=(), emulate_devices: int = 0) -> Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=str(run_dir)))
 
 
-def restore_params(cfg: Config, layout: Layout, step: int | None):
-    """(params, step) of a run: a training checkpoint (the latest when `step` is None) or,
-    in a run that holds parameters alone (imported by pjit_llm.convert, not trained since),
-    those, as step 0."""
+def restore_params(cfg: Config, layout: Layout, step: int | None,
+                   concurrent_gb: float | None = None):
+    """(params, step) of a run, restored straight into `layout`'s shardings and without the
+    optimizer state: from a training checkpoint (the latest when `step` is None) or, in a run
+    holding parameters alone (imported by pjit_llm.convert, not trained since), as step 0."""
+    where, prefix, step = params_location(cfg, step)
+    return restore_partial(where, prefix, params_target(cfg.model, layout), concurrent_gb), step
+
+
+def params_location(cfg: Config, step: int | None) -> tuple[Path, tuple[str, ...], int]:
+    """(Orbax item directory, key path of the parameters inside it, step) of a run."""
     ckpts = Checkpoints(checkpoint_dir(cfg), dataclasses.replace(cfg.checkpoint, async_save=False))
     try:
         steps = ckpts.manager.all_steps()
-        params_only = Path(cfg.train.run_dir).absolute() / PARAMS_DIR
-        if not steps and params_only.is_dir():
-            if step not in (None, 0):
-                raise UserError(f"{cfg.train.run_dir} holds imported parameters alone (step 0) "
-                                f"and no checkpoint for step {step}; drop --step")
-            return _restore_params(params_only, cfg.model, layout), 0
-        if not steps:
-            raise UserError(f"no checkpoints in {ckpts.directory}; train first")
-        step = max(steps) if step is None else step
-        if step not in steps:
-            raise UserError(f"no checkpoint for step {step} in {ckpts.directory}; it has "
-                            f"{', '.join(map(str, sorted(steps)))}")
-        tx = make_optimizer(cfg.optimizer, make_schedule(cfg.optimizer, cfg.train.steps))
-        _, abstract, _ = plan_state(cfg.model, layout, tx)
-        try:
-            restored = ckpts.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract)))
-        except Exception as e:
-            raise UserError(f"checkpoint step {step} in {ckpts.directory} is unreadable "
-                            f"({str(e).strip().splitlines()[0][:200]})") from None
-        return restored.state.params, step
     finally:
         ckpts.close()
+    params_only = Path(cfg.train.run_dir).absolute() / PARAMS_DIR
+    if not steps and params_only.is_dir():
+        if step not in (None, 0):
+            raise UserError(f"{cfg.train.run_dir} holds imported parameters alone (step 0) "
+                            f"and no checkpoint for step {step}; drop --step")
+        return params_only, (), 0
+    if not steps:
+        raise UserError(f"no checkpoints in {ckpts.directory}; train first")
+    step = max(steps) if step is None else step
+    if step not in steps:
+        raise UserError(f"no checkpoint for step {step} in {ckpts.directory}; it has "
+                        f"{', '.join(map(str, sorted(steps)))}")
+    return ckpts.directory / str(step) / "state", ("params",), step
+
+
+def params_target(model: ModelConfig, layout: Layout):
+    """The parameters' shapes and dtypes with their shardings in `layout`: a restore target."""
+    _, abstract = abstract_model(model, layout)
+    check_divisible(layout, abstract)
+    shardings = param_shardings(layout, abstract)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+
+
+def restore_partial(where: Path, prefix: tuple[str, ...], target, concurrent_gb: float | None = None):
+    """The arrays of the Orbax checkpoint item `where` that `target` names under `prefix`,
+    nothing else: parameters without optimizer state, or a single parameter. Abstract arrays
+    with a sharding are restored into it; without, as numpy arrays on the host (read once, no
+    device copy). `concurrent_gb` bounds the bytes read at once (host memory)."""
+    item = target
+    for key in reversed(prefix):
+        item = {key: item}
+
+    def restore_arg(a):
+        if getattr(a, "sharding", None) is None:
+            return ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype)
+        return ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype)
+
+    restore_args = jax.tree.map(restore_arg, item)
+    handler = ocp.PyTreeCheckpointHandler(restore_concurrent_gb=concurrent_gb)
+    try:
+        out = ocp.Checkpointer(handler).restore(where, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True))
+    except Exception as e:  # Orbax/TensorStore raise many types for damaged or mismatched files
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"the parameters in {where} are unreadable or do not match the model "
+                        f"config ({reason})") from None
+    for key in prefix:
+        out = out[key]
+    return out
 
 
 def export(run_dir: Path, out: Path | None, step: int | None, dtype: str) -> Path:
@@ -100,20 +136,7 @@ def load_params(export_dir: Path, layout: Layout):
         model = ModelConfig(**yaml.safe_load((export_dir / "model.yaml").read_text()))
     except (OSError, TypeError, yaml.YAMLError):
         raise UserError(f"{export_dir} is not an export (no readable model.yaml)") from None
-    return model, _restore_params(export_dir / PARAMS_DIR, model, layout)
-
-
-def _restore_params(path: Path, model: ModelConfig, layout: Layout):
-    """A parameters-only Orbax checkpoint, restored straight into `layout`'s shardings."""
-    _, abstract = abstract_model(model, layout)
-    shardings = param_shardings(layout, abstract)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
-    try:
-        return ocp.StandardCheckpointer().restore(path, target)
-    except Exception as e:  # Orbax/TensorStore raise many types for damaged or mismatched files
-        raise UserError(f"parameters in {path} are unreadable or do not match the model config "
-                        f"({str(e).strip().splitlines()[0][:200]})") from None
+    return model, restore_partial(export_dir / PARAMS_DIR, (), params_target(model, layout))
 
 
 def main(argv=None) -> None:

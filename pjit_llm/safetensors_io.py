@@ -65,10 +65,10 @@ class SafetensorsFile:
 
     def __getitem__(self, name: str) -> np.ndarray:
         dtype, shape, begin, _ = self.entries[name]
-        if not shape or 0 in shape:
+        if 0 in shape:  # no bytes to map
             return np.zeros(shape, dtype)
         return np.memmap(self.path, dtype=dtype, mode="r", offset=self._data_start + begin,
-                         shape=shape)
+                         shape=shape or (1,)).reshape(shape)
 
 
 class SafetensorsDir:
@@ -142,7 +142,7 @@ def write_file(path: Path, specs, tensors: Iterable[np.ndarray], metadata: dict 
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         for (name, dtype, shape), tensor in zip(specs, tensors, strict=True):
-            tensor = np.ascontiguousarray(tensor)
+            tensor = np.asarray(tensor, order="C")  # (ascontiguousarray makes 0-d arrays 1-d)
             if tensor.dtype != np.dtype(dtype) or tensor.shape != tuple(shape):
                 raise ValueError(f"{name}: got {tensor.dtype}{tensor.shape}, planned "
                                  f"{np.dtype(dtype)}{tuple(shape)}")

@@ -12,10 +12,11 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import yaml
 
 from pjit_llm import distributed, perf
-from pjit_llm.checkpoint import Checkpoints, checkpoint_dir
+from pjit_llm.checkpoint import FIXED_FIELDS, Checkpoints, checkpoint_dir
 from pjit_llm.config import Config, load_config
 from pjit_llm.data.loader import Loader, eval_batches
 from pjit_llm.data.sources import Dataset, prepare_shared
@@ -29,7 +30,7 @@ from pjit_llm.model import padded_vocab
 from pjit_llm.optim import make_optimizer, make_schedule
 from pjit_llm.preemption import StopRequest
 from pjit_llm.sharding import Layout, bytes_per_device, check_batch
-from pjit_llm.train_step import compile_steps, init_state, plan_state
+from pjit_llm.train_step import TrainState, compile_steps, init_state, plan_state
 
 # Steps dispatched and not yet finished, at most (on CPU and across processes).
 MAX_IN_FLIGHT = 16
@@ -158,6 +159,8 @@ def report_compiled(compiled, seconds: float, model_flops: float) -> None:
 def _resume_or_init(cfg: Config, ckpts: Checkpoints, loader: Loader, abstract_state, layout, tx):
     """The latest readable checkpoint (state and data position), or a fresh state."""
     latest = ckpts.latest_step()
+    if latest is None and cfg.train.init_from:
+        return _init_from(cfg, abstract_state, layout, tx)
     if latest is None:
         return init_state(cfg.model, layout, tx, cfg.train.seed)[1]
     if not cfg.train.resume:
@@ -169,6 +172,42 @@ def _resume_or_init(cfg: Config, ckpts: Checkpoints, loader: Loader, abstract_st
                         "were moved aside); choose another train.run_dir to start afresh")
     state, step = restored
     info(f"resumed from step {step} of {ckpts.directory}")
+    return state
+
+
+# Model fields that must agree with train.init_from's: they fix parameter shapes or the
+# function the parameters compute. Dtypes, remat, scanning and max_len may differ.
+INIT_FIELDS = FIXED_FIELDS["model"] + ("norm_eps", "rope_theta", "rope_scaling", "rope_factor",
+                                       "rope_low_freq_factor", "rope_high_freq_factor",
+                                       "rope_original_max_len")
+
+
+def _init_from(cfg: Config, abstract_state, layout: Layout, tx) -> TrainState:
+    """Step 0 of a new run with the parameters of another run directory (its latest
+    checkpoint, or an imported model), restored straight into this mesh's shardings, and
+    a fresh optimizer state."""
+    from pjit_llm.export import restore_params, run_config
+    source = Path(cfg.train.init_from).absolute()
+    if not source.is_dir():
+        raise UserError(f"train.init_from={cfg.train.init_from} is not a directory; give a run "
+                        "directory (one written by training or by pjit_llm.convert import)")
+    src = run_config(source)
+    for name in INIT_FIELDS:
+        theirs, ours = getattr(src.model, name), getattr(cfg.model, name)
+        if theirs != ours:
+            raise UserError(f"train.init_from={cfg.train.init_from} has model.{name}={theirs!r} "
+                            f"but this run has {ours!r}; set model.{name}={theirs} (or start "
+                            f"from --config {source / 'config.yaml'})")
+    params, step = restore_params(src, layout, None)
+    shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
+    dtype = cfg.model.param_dtype
+
+    def start(params):
+        params = jax.tree.map(lambda p: p.astype(dtype), params)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    state = jax.jit(start, out_shardings=shardings)(params)
+    info(f"initialised the parameters from {source} (step {step}); fresh optimizer state")
     return state
 
 
