@@ -130,7 +130,7 @@ def import_hf(hf_dir: Path, out: Path, dtype: str | None = None) -> Path:
     np_dtype = jax.numpy.dtype(model.param_dtype)
 
     def build(keys, var, sharding):
-        sources, shape, sharding = by_path[_path(keys)], var.shape, sharding.value
+        sources, shape, sharding = by_path[_path(keys)], var.shape, sharding.get_value()
         if sources[0][2] is None:  # one HF tensor: each device reads the rows of its shard
             name, in_dims, _ = sources[0]
             return var.replace(jax.make_array_from_callback(

@@ -37,18 +37,16 @@ def model_config(hf: dict, source: str, param_dtype: str | None = None) -> tuple
             raise refuse(f"{flag}=true (biases)")
     if hf.get("pretraining_tp", 1) != 1:
         raise refuse(f"pretraining_tp={hf['pretraining_tp']}")
-    try:
-        D, H = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-        cfg = ModelConfig(
-            vocab_size=int(hf["vocab_size"]), num_layers=int(hf["num_hidden_layers"]),
-            embed_dim=D, num_heads=H, num_kv_heads=int(hf.get("num_key_value_heads") or H),
-            mlp_dim=int(hf["intermediate_size"]),
-            max_len=int(hf.get("max_position_embeddings", 2048)),
-            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            **_rope(hf, refuse))
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{source} lacks or garbles the field {e}; is it a Llama config.json?") from None
+    field = lambda name, cast, default=None: _number(hf, name, cast, source, default)  # noqa: E731
+    D, H = field("hidden_size", int), field("num_attention_heads", int)
+    cfg = ModelConfig(
+        vocab_size=field("vocab_size", int), num_layers=field("num_hidden_layers", int),
+        embed_dim=D, num_heads=H, num_kv_heads=field("num_key_value_heads", int, H),
+        mlp_dim=field("intermediate_size", int),
+        max_len=field("max_position_embeddings", int, 2048),
+        norm_eps=field("rms_norm_eps", float, 1e-6),
+        tie_embeddings=field("tie_word_embeddings", bool, False),
+        **_rope(hf, refuse, source))
     head_dim = hf.get("head_dim")
     if head_dim is not None and int(head_dim) != D // H:
         raise refuse(f"head_dim={head_dim} different from hidden_size/num_attention_heads={D // H}")
@@ -58,20 +56,30 @@ def model_config(hf: dict, source: str, param_dtype: str | None = None) -> tuple
     return cfg, dtype
 
 
-def _rope(hf: dict, refuse) -> dict:
+def _number(table: dict, name: str, cast, where: str, default=None):
+    value = table.get(name)
+    value = default if value is None else value
+    try:
+        return cast(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: field {name}={value!r} is missing or not a valid {cast.__name__}; "
+                        "is it a Llama config.json?") from None
+
+
+def _rope(hf: dict, refuse, source: str) -> dict:
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    theta = _number(params, "rope_theta", float, source, hf.get("rope_theta", 10000.0))
     kind = params.get("rope_type", params.get("type", "default"))
+    number = lambda name, cast=float: _number(params, name, cast, f"{source} rope scaling")  # noqa: E731
     if kind == "default":
         return {"rope_theta": theta}
     if kind == "linear":
-        return {"rope_theta": theta, "rope_scaling": "linear", "rope_factor": float(params["factor"])}
+        return {"rope_theta": theta, "rope_scaling": "linear", "rope_factor": number("factor")}
     if kind == "llama3":
-        return {"rope_theta": theta, "rope_scaling": "llama3",
-                "rope_factor": float(params["factor"]),
-                "rope_low_freq_factor": float(params["low_freq_factor"]),
-                "rope_high_freq_factor": float(params["high_freq_factor"]),
-                "rope_original_max_len": int(params["original_max_position_embeddings"])}
+        return {"rope_theta": theta, "rope_scaling": "llama3", "rope_factor": number("factor"),
+                "rope_low_freq_factor": number("low_freq_factor"),
+                "rope_high_freq_factor": number("high_freq_factor"),
+                "rope_original_max_len": number("original_max_position_embeddings", int)}
     raise refuse(f"rope scaling {kind!r}")
 
 
