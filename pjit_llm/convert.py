@@ -26,12 +26,19 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import yaml
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from pjit_llm import hf_config, safetensors_io
 from pjit_llm.config import Config, DataConfig, MeshConfig, TrainConfig
+from pjit_llm.data.tokenizer import HFTokenizer
 from pjit_llm.errors import UserError, run_cli
+from pjit_llm.export import PARAMS_DIR, params_location, restore_partial, run_config
+from pjit_llm.mesh import make_mesh
+from pjit_llm.sharding import Layout, check_divisible, param_shardings
+from pjit_llm.train_step import abstract_model
 
 # (our path, HF name, leading dims of ours that form HF's input axis). HF Linear weights are
 # (out, in): ours (D, H, K) is q_proj (H*K, D) transposed, so 1; wo (H, K, D) is o_proj
@@ -70,19 +77,17 @@ def _path(keys) -> tuple[str, ...]:
 
 
 def _is_var(x) -> bool:
-    from flax import nnx
     return isinstance(x, nnx.Variable)
 
 
 def hf_tensors(model) -> list[tuple[str, tuple, int, int | None, tuple[int, ...]]]:
     """Every HF tensor of a model config, in HF's order: (name, our path, in_dims, layer or
     None, HF shape)."""
-    from pjit_llm.train_step import abstract_model
     shapes = {_path(p): v.shape for p, v in
               jax.tree_util.tree_leaves_with_path(abstract_model(model, None)[1], is_leaf=_is_var)}
 
-    def hf_shape(shape, in_dims):
-        return tuple(reversed((math.prod(shape[:in_dims]), math.prod(shape[in_dims:])))) if in_dims else shape
+    def hf_shape(shape, in_dims):  # (out, in) for a Linear weight
+        return (math.prod(shape[in_dims:]), math.prod(shape[:in_dims])) if in_dims else shape
 
     embed, *rest = [(name, path, in_dims, None, hf_shape(shapes[path], in_dims))
                     for path, name, in_dims in TOP_WEIGHTS if path in shapes]
@@ -96,11 +101,6 @@ def hf_tensors(model) -> list[tuple[str, tuple, int, int | None, tuple[int, ...]
 
 def import_hf(hf_dir: Path, out: Path, dtype: str | None = None) -> Path:
     """Convert a Hugging Face Llama directory into a run directory at `out`."""
-    from pjit_llm.mesh import make_mesh
-    from pjit_llm.sharding import Layout
-    from pjit_llm.train_step import abstract_model
-    from pjit_llm.sharding import check_divisible, param_shardings
-
     if not hf_dir.is_dir():
         raise UserError(f"--hf {hf_dir} is not a directory; pass a model directory holding "
                         "config.json and *.safetensors")
@@ -151,12 +151,12 @@ def import_hf(hf_dir: Path, out: Path, dtype: str | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        import orbax.checkpoint as ocp
-        from pjit_llm.export import PARAMS_DIR
-        # Orbax copies arrays to the host to write them; let it hold one parameter at a time.
-        largest = max(a.nbytes for a in jax.tree.leaves(params))
-        handler = ocp.StandardCheckpointHandler(save_concurrent_gb=largest / 1e9 + 1e-3)
-        ocp.Checkpointer(handler).save(tmp / PARAMS_DIR, args=ocp.args.StandardSave(params))
+        # Orbax copies arrays to the host to write them, by default all at once (the whole
+        # model in host memory); bound the copies and writes in flight to one parameter.
+        gb = max(a.nbytes for a in jax.tree.leaves(params)) / 1e9 + 1e-3
+        handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=gb,
+                                              save_device_host_concurrent_gb=gb)
+        ocp.Checkpointer(handler).save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
         del params
         copied = [f for f in TOKENIZER_FILES if (hf_dir / f).is_file()]
         for f in copied:
@@ -211,10 +211,6 @@ def _check_tensors(tensors, wanted, tied: bool, hf_dir: Path) -> None:
 def export_hf(run_dir: Path, out: Path, step: int | None, dtype: str | None,
               shard_bytes: int) -> Path:
     """Write a run's parameters as a transformers Llama directory at `out`; returns (out, step)."""
-    from pjit_llm.data.tokenizer import HFTokenizer
-    from pjit_llm.export import params_location, restore_partial, run_config
-    from pjit_llm.train_step import abstract_model
-
     cfg = run_config(run_dir)
     if out.exists():
         raise UserError(f"{out} already exists; remove it or pass another --out")

@@ -23,6 +23,7 @@ from pjit_llm.data.sources import Dataset, prepare_shared
 from pjit_llm.data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from pjit_llm.errors import UserError, run_cli
 from pjit_llm.evaluate import evaluate
+from pjit_llm.export import restore_params, run_config
 from pjit_llm.generate import Generator, Sampling
 from pjit_llm.mesh import describe, make_mesh, use_emulated_devices
 from pjit_llm.metrics import MetricsLog, human_bytes, human_count, info
@@ -186,7 +187,6 @@ def _init_from(cfg: Config, abstract_state, layout: Layout, tx) -> TrainState:
     """Step 0 of a new run with the parameters of another run directory (its latest
     checkpoint, or an imported model), restored straight into this mesh's shardings, and
     a fresh optimizer state."""
-    from pjit_llm.export import restore_params, run_config
     source = Path(cfg.train.init_from).absolute()
     if not source.is_dir():
         raise UserError(f"train.init_from={cfg.train.init_from} is not a directory; give a run "

@@ -81,6 +81,8 @@ def test_imported_model_gives_the_logits_of_transformers(tmp_path, overrides, me
     run = convert.import_hf(tmp_path / "hf", tmp_path / "run")
     expected = hf_logits(model, TOKENS)
     got = our_logits(run, TOKENS, mesh)
+    print(f"max |logit difference| {np.abs(got - expected).max():.2e} of logits up to "
+          f"{np.abs(expected).max():.2f}")
     assert np.abs(expected).max() > 1.0  # logits large enough for a wrong layout to show
     assert np.abs(got - expected).max() < 5e-5
     cfg = run_config(run)
@@ -136,7 +138,9 @@ def test_fine_tuned_export_loads_in_transformers_and_reimports_bit_identically(t
     model, info = transformers.LlamaForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     ours = our_logits(run, TOKENS)
-    assert np.abs(hf_logits(model.eval(), TOKENS) - ours).max() < 5e-5
+    difference = np.abs(hf_logits(model.eval(), TOKENS) - ours).max()
+    print(f"exported float32: max |logit difference| {difference:.2e}")
+    assert difference < 5e-5
 
     again = convert.import_hf(out, tmp_path / "again")
     cfg = run_config(run)
@@ -151,7 +155,9 @@ def test_fine_tuned_export_loads_in_transformers_and_reimports_bit_identically(t
     assert {e[0] for e in safetensors_io.SafetensorsDir(half).files["model.safetensors"].entries.values()} \
         == {np.dtype(jnp.bfloat16)}
     model16 = transformers.LlamaForCausalLM.from_pretrained(half, dtype="float32").eval()
-    assert np.abs(hf_logits(model16, TOKENS) - ours).max() < 0.1 * np.abs(ours).max()
+    difference = np.abs(hf_logits(model16, TOKENS) - ours).max()
+    print(f"exported bfloat16: max |logit difference| {difference:.2e} of {np.abs(ours).max():.2f}")
+    assert difference < 0.05 * np.abs(ours).max()
 
 
 def test_init_from_restores_the_parameters_with_a_fresh_optimizer(tmp_path):
@@ -296,5 +302,5 @@ def test_conversion_memory_stays_near_one_parameter_not_the_model(tmp_path):
     # it saves; on accelerators they are in device memory). The host side reads one layer at
     # a time; Orbax's writer adds about two stacked parameters and its cache. Reading the
     # safetensors, stacking on the host and then placing would take at least three copies.
-    assert import_peak < 2.5 * size
+    assert import_peak < 2.2 * size
     assert len(list((tmp_path / "out").glob("*.safetensors"))) == 4
