@@ -86,6 +86,8 @@ def train(cfg: Config, dataset: Dataset, tokenizer: Tokenizer) -> dict:
     batch_sharding = layout.sharding(("batch", "length"))
     val_batches = eval_batches(dataset, tokenizer, cfg.data, batch_sharding, cfg.train.eval_batches)
 
+    if cfg.train.init_from and not checkpoint_dir(cfg).is_dir():
+        _init_source(cfg)  # a new run: refuse a mismatch before creating any directory
     ckpts = Checkpoints(checkpoint_dir(cfg), cfg.checkpoint)
     loader = Loader(dataset, tokenizer, cfg.data, batch_sharding)
     try:
@@ -183,10 +185,8 @@ INIT_FIELDS = FIXED_FIELDS["model"] + ("norm_eps", "rope_theta", "rope_scaling",
                                        "rope_original_max_len")
 
 
-def _init_from(cfg: Config, abstract_state, layout: Layout, tx) -> TrainState:
-    """Step 0 of a new run with the parameters of another run directory (its latest
-    checkpoint, or an imported model), restored straight into this mesh's shardings, and
-    a fresh optimizer state."""
+def _init_source(cfg: Config) -> Config:
+    """The config of train.init_from's run directory, refused unless its model matches."""
     source = Path(cfg.train.init_from).absolute()
     if not source.is_dir():
         raise UserError(f"train.init_from={cfg.train.init_from} is not a directory; give a run "
@@ -198,7 +198,15 @@ def _init_from(cfg: Config, abstract_state, layout: Layout, tx) -> TrainState:
             raise UserError(f"train.init_from={cfg.train.init_from} has model.{name}={theirs!r} "
                             f"but this run has {ours!r}; set model.{name}={theirs} (or start "
                             f"from --config {source / 'config.yaml'})")
-    params, step = restore_params(src, layout, None)
+    return src
+
+
+def _init_from(cfg: Config, abstract_state, layout: Layout, tx) -> TrainState:
+    """Step 0 of a new run with the parameters of another run directory (its latest
+    checkpoint, or an imported model), restored straight into this mesh's shardings, and
+    a fresh optimizer state."""
+    source = Path(cfg.train.init_from).absolute()
+    params, step = restore_params(_init_source(cfg), layout, None)
     shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
     dtype = cfg.model.param_dtype
 

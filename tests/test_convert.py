@@ -131,6 +131,13 @@ def test_fine_tuned_export_loads_in_transformers_and_reimports_bit_identically(t
     assert tuned.returncode == 0, tuned.stderr
     assert f"initialised the parameters from {base} (step 0)" in tuned.stdout + tuned.stderr
     run = tmp_path / "tuned"
+    wrong = run_cli("--config", str(base / "config.yaml"), f"train.init_from={base}",
+                    "model.mlp_dim=256", "train.run_dir=wrong", f"data.data_dir={tmp_path / 'data'}",
+                    cwd=tmp_path)
+    assert wrong.returncode == 2 and wrong.stderr.strip().splitlines()[-1] == (
+        f"error: train.init_from={base} has model.mlp_dim=128 but this run has 256; set "
+        f"model.mlp_dim=128 (or start from --config {base / 'config.yaml'})")
+    assert not (tmp_path / "wrong").exists()
 
     out, step = convert.export_hf(run, tmp_path / "out", None, None, shard_bytes=40_000)
     assert step == 3 and (out / safetensors_io.INDEX_FILE).is_file()
