@@ -119,9 +119,12 @@ def import_hf(hf_dir: Path, out: Path, dtype: str | None = None) -> Path:
     wanted = hf_tensors(model)
     _check_tensors(tensors, wanted, model.tie_embeddings, hf_dir)
 
-    # Parameters are sharded over all devices (FSDP over `embed`, the usual rules otherwise),
-    # so no device needs room for the whole model.
-    layout = Layout(make_mesh(MeshConfig(data=1, fsdp=-1)), Config().mesh.rules)
+    # Parameters are sharded over as many devices as the width divides (FSDP over `embed`,
+    # the only sharded axis with these rules), so no device needs room for the whole model.
+    fsdp = max(k for k in range(1, jax.device_count() + 1)
+               if jax.device_count() % k == 0 and model.embed_dim % k == 0)
+    layout = Layout(make_mesh(MeshConfig(data=1, fsdp=fsdp), jax.devices()[:fsdp]),
+                    Config().mesh.rules)
     _, abstract = abstract_model(model, layout)
     check_divisible(layout, abstract)
     by_path: dict[tuple, list] = {}
