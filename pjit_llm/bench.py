@@ -11,11 +11,13 @@ Each measurement is repeated; the tables give the median.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 from pjit_llm.errors import UserError, run_cli
 
@@ -62,7 +64,6 @@ def bench_data(args) -> list[dict]:
 
 def bench_save(args) -> list[dict]:
     import tempfile
-    from pathlib import Path
 
     import jax
 
@@ -113,9 +114,10 @@ def bench_step(args) -> list[dict]:
     use_emulated_devices(configs[0][1].mesh.emulate_devices)
     distributed.initialize(configs[0][1].distributed)
     rows = []
-    for name, cfg in configs:
-        for _ in range(args.repeats):
-            rows.append({"variant": name or "base", **measure(cfg, args.steps, args.warmup)})
+    for i, (name, cfg) in enumerate(configs):
+        for r in range(args.repeats):
+            trace = args.profile and r == 0 and str(Path(args.profile, f"row{i}"))
+            rows.append({"variant": name or "base", **measure(cfg, args.steps, args.warmup, trace)})
     return rows
 
 
@@ -165,6 +167,8 @@ def main(argv=None) -> None:
     s.add_argument("--repeats", type=int, default=1, help="compile and time each row this often")
     s.add_argument("--variant", action="append", default=[], metavar="'key=value ...'",
                    help="a further row: these overrides on top of the others (repeatable)")
+    s.add_argument("--profile", metavar="DIR", help="jax.profiler traces of each row's timed "
+                   "steps into DIR/row<i> (TensorBoard's profile tab or Perfetto)")
     s.add_argument("--emulate-devices", type=int, default=0, metavar="N")
     s.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     s.add_argument("overrides", nargs="*", metavar="key.sub=value")
@@ -191,7 +195,9 @@ def main(argv=None) -> None:
     if args.command == "step":
         if args.steps < 1 or args.warmup < 0:
             raise UserError("--steps must be >= 1 and --warmup >= 0")
-        rows = bench_step(args)
+        # With --json, stdout carries JSON alone; progress lines go to stderr.
+        with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
+            rows = bench_step(args)
     elif args.command == "data":
         try:
             args.workers = [int(w) for w in args.workers.split(",")]

@@ -36,8 +36,9 @@ def synthetic_batch(cfg: Config, layout: Layout, seed: int = 0) -> dict:
             for k, v in host.items()}
 
 
-def measure(cfg: Config, steps: int, warmup: int) -> dict:
-    """Compile the configured train step, run `warmup` steps, then time `steps` steps."""
+def measure(cfg: Config, steps: int, warmup: int, profile_dir: str | None = None) -> dict:
+    """Compile the configured train step, run `warmup` steps, then time `steps` steps (traced
+    with jax.profiler into `profile_dir` when given)."""
     if not cfg.model.vocab_size:  # the byte tokenizer's vocabulary, as `train` would pick
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
                                                                  vocab_size=padded_vocab(257)))
@@ -59,12 +60,16 @@ def measure(cfg: Config, steps: int, warmup: int) -> dict:
     for _ in range(warmup):
         state, metrics = compiled(state, batch)
     jax.block_until_ready(state)
+    if profile_dir:
+        jax.profiler.start_trace(profile_dir)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - start)
+    if profile_dir:
+        jax.profiler.stop_trace()
 
     devices = mesh.devices.size
     tokens = cfg.data.batch_size * cfg.data.seq_len

@@ -22,7 +22,7 @@ def run_bench(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def test_step_benchmark_prints_its_table():
+def test_step_benchmark_prints_its_table(tmp_path):
     from conftest import TINY
     out = run_bench("--steps", "2", "--warmup", "1", "--emulate-devices", "8", "mesh.data=2",
                     "mesh.fsdp=4", *TINY, "--variant", "model.remat=full model.loss_chunk=8")
@@ -36,6 +36,13 @@ def test_step_benchmark_prints_its_table():
     base, variant = lines[header + 1].split(), lines[header + 2].split()
     assert base[0] == "base" and base[2] == "512"  # 16 x 32 tokens
     assert variant[0] == "model.remat=full" and "n/a" in variant  # no MFU without a known peak
+
+    out = run_bench("--steps", "1", "--warmup", "0", *TINY, "--json", "--profile",
+                    str(tmp_path / "trace"))
+    assert list((tmp_path / "trace" / "row0").rglob("*.xplane.pb"))  # the timed step, traced
+    row = json.loads(out.stdout)  # JSON alone on stdout; the attention line went to stderr
+    assert row["variant"] == "base" and row["tokens_per_step"] == 512
+    assert "attention: XLA" in out.stderr
 
 
 def test_step_measurement_is_the_real_sharded_step(tiny):
