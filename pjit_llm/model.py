@@ -177,11 +177,16 @@ class Transformer(nnx.Module):
         return self._forward(tokens_BL, positions_BL, mask_B1LL, None)[0]
 
     def logits(self, x_BLD: jax.Array) -> jax.Array:
-        dt = self.cfg.dtype
-        if self.cfg.tie_embeddings:
-            logits_BLV = jnp.einsum("BLD,VD->BLV", x_BLD, self.embed[...].astype(dt))
-        else:
-            logits_BLV = jnp.einsum("BLD,DV->BLV", x_BLD, self.unembed[...].astype(dt))
+        return self.project(x_BLD, self.output_weights())
+
+    def output_weights(self) -> jax.Array:
+        """The vocabulary projection (V, D) in the compute dtype, FSDP shards gathered (as for
+        every weight), so that a loop over chunks of positions gathers it once."""
+        w_VD = self.embed[...] if self.cfg.tie_embeddings else self.unembed[...].T
+        return _constrain(self.layout, w_VD.astype(self.cfg.dtype), ("vocab", None))
+
+    def project(self, x_BLD: jax.Array, w_VD: jax.Array) -> jax.Array:
+        logits_BLV = jnp.einsum("BLD,VD->BLV", x_BLD, w_VD)
         return _constrain(self.layout, logits_BLV, ("batch", "length", "vocab"))
 
     def decode(self, tokens_BL, positions_BL, cache: dict):

@@ -85,8 +85,10 @@ def loss_terms(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch):
     targets_BL = jnp.pad(tokens[:, 1:], last)
     weights_BL = jnp.pad((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0), last).astype(jnp.float32)
 
+    w_VD = model.output_weights()
+
     def chunk_loss(x_BcD, targets_Bc, weights_Bc):
-        logits_BcV = model.logits(x_BcD).astype(jnp.float32)
+        logits_BcV = model.project(x_BcD, w_VD).astype(jnp.float32)
         target_logit = jnp.take_along_axis(logits_BcV, targets_Bc[..., None], axis=-1)[..., 0]
         return jnp.sum((jax.nn.logsumexp(logits_BcV, axis=-1) - target_logit) * weights_Bc)
 
