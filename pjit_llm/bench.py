@@ -1,5 +1,8 @@
-"""`python -m pjit_llm.bench {data,save} [--config F] [key=value ...]`
+"""`python -m pjit_llm.bench [step|data|save] [--config F] [key=value ...]`
 
+step (the default): the compiled training step of a config on synthetic tokens: step time,
+  tokens/s and model TFLOP/s per device, MFU, memory and compile time; `--variant` adds
+  rows with further overrides, measured one after another in the same process.
 data: packed, batched tokens per second the input pipeline delivers from the configured
   source and tokenizer, for each worker count, after a warm-up that covers starting workers.
 save: how long a checkpoint save blocks the training loop, asynchronous against synchronous,
@@ -8,10 +11,13 @@ Each measurement is repeated; the tables give the median.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 from pjit_llm.errors import UserError, run_cli
 
@@ -58,7 +64,6 @@ def bench_data(args) -> list[dict]:
 
 def bench_save(args) -> list[dict]:
     import tempfile
-    from pathlib import Path
 
     import jax
 
@@ -96,6 +101,26 @@ def bench_save(args) -> list[dict]:
     return rows
 
 
+def bench_step(args) -> list[dict]:
+    from pjit_llm import distributed
+    from pjit_llm.bench_step import measure
+    from pjit_llm.config import load_config
+    from pjit_llm.mesh import use_emulated_devices
+
+    base = list(args.overrides) + ([f"mesh.emulate_devices={args.emulate_devices}"]
+                                   if args.emulate_devices else [])
+    variants = [("", [])] + [(v, v.split()) for v in args.variant]
+    configs = [(name, load_config(args.config, base + extra)) for name, extra in variants]
+    use_emulated_devices(configs[0][1].mesh.emulate_devices)
+    distributed.initialize(configs[0][1].distributed)
+    rows = []
+    for i, (name, cfg) in enumerate(configs):
+        for r in range(args.repeats):
+            trace = args.profile and r == 0 and str(Path(args.profile, f"row{i}"))
+            rows.append({"variant": name or "base", **measure(cfg, args.steps, args.warmup, trace)})
+    return rows
+
+
 def print_table(header: list[str], lines: list[list[str]]) -> None:
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     for line in [header] + lines:
@@ -103,7 +128,23 @@ def print_table(header: list[str], lines: list[list[str]]) -> None:
 
 
 def print_rows(command: str, rows: list[dict]) -> None:
-    if command == "data":
+    from pjit_llm.metrics import human_bytes, human_count
+
+    if command == "step":
+        print(f"{rows[0]['devices']} x {rows[0]['device_kind']}; step times over "
+              f"{rows[0]['steps']} synchronised steps")
+        print_table(["variant", "params", "tokens/step", "attention", "step ms (median)", "min",
+                     "max", "tokens/s/device", "TFLOP/s/device", "MFU", "peak memory",
+                     "state/device", "compile s"],
+                    [[r["variant"], human_count(r["params"]), f"{r['tokens_per_step']:,}",
+                      r["attention"], f"{r['step_s'] * 1e3:,.1f}", f"{r['step_min_s'] * 1e3:,.1f}",
+                      f"{r['step_max_s'] * 1e3:,.1f}", f"{r['tokens_per_s_per_device']:,.0f}",
+                      f"{r['tflops_per_device']:,.2f}",
+                      "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
+                      "n/a" if r["peak_memory"] is None else human_bytes(r["peak_memory"]),
+                      human_bytes(r["state_bytes_per_device"]), f"{r['compile_s']:.1f}"]
+                     for r in rows])
+    elif command == "data":
         print_table(["source", "tokenizer", "workers", "batch", "tokens/s (median)", "min", "max"],
                     [[r["source"], r["tokenizer"], str(r["workers"]), r["batch"],
                       f"{r['tokens_per_s']:,.0f}", f"{r['min']:,.0f}", f"{r['max']:,.0f}"]
@@ -115,8 +156,22 @@ def print_rows(command: str, rows: list[dict]) -> None:
 
 
 def main(argv=None) -> None:
+    from pjit_llm import xla_flags
+    xla_flags.apply_defaults()
     p = argparse.ArgumentParser(prog="python -m pjit_llm.bench")
     sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("step", help="the compiled training step (the default command)")
+    s.add_argument("--config")
+    s.add_argument("--steps", type=int, default=20, help="timed steps (the median is reported)")
+    s.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
+    s.add_argument("--repeats", type=int, default=1, help="compile and time each row this often")
+    s.add_argument("--variant", action="append", default=[], metavar="'key=value ...'",
+                   help="a further row: these overrides on top of the others (repeatable)")
+    s.add_argument("--profile", metavar="DIR", help="jax.profiler traces of each row's timed "
+                   "steps into DIR/row<i> (TensorBoard's profile tab or Perfetto)")
+    s.add_argument("--emulate-devices", type=int, default=0, metavar="N")
+    s.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    s.add_argument("overrides", nargs="*", metavar="key.sub=value")
     d = sub.add_parser("data", help="tokens/s the input pipeline delivers")
     d.add_argument("--config")
     d.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
@@ -131,10 +186,19 @@ def main(argv=None) -> None:
     c.add_argument("--dir", help="where to write the checkpoints (a temporary directory in it)")
     c.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     c.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in sub.choices and argv[0] not in ("-h", "--help"):
+        argv.insert(0, "step")
     args = p.parse_args(argv)
     if args.repeats < 1:
         raise UserError("--repeats must be >= 1")
-    if args.command == "data":
+    if args.command == "step":
+        if args.steps < 1 or args.warmup < 0:
+            raise UserError("--steps must be >= 1 and --warmup >= 0")
+        # With --json, stdout carries JSON alone; progress lines go to stderr.
+        with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
+            rows = bench_step(args)
+    elif args.command == "data":
         try:
             args.workers = [int(w) for w in args.workers.split(",")]
         except ValueError:

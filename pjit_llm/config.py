@@ -42,8 +42,13 @@ class ModelConfig:
     param_dtype: DType = "float32"
     dtype: DType = "float32"  # compute dtype; the loss is always float32
     scan_layers: bool = True
-    remat: Literal["none", "full", "dots"] = "none"
-    attention: Literal["xla", "cudnn"] = "xla"
+    # What the backward pass keeps of each layer's forward pass (the rest is recomputed):
+    # none keeps all; full keeps nothing; dots keeps every matmul output; proj keeps the
+    # linear projections' outputs; proj_offload keeps those in host memory.
+    remat: Literal["none", "full", "dots", "proj", "proj_offload"] = "none"
+    attention: Literal["auto", "xla", "cudnn"] = "auto"  # auto: cuDNN where it runs, else XLA
+    segment_mask: bool = True  # false: packed documents may attend to each other (faster)
+    loss_chunk: int = 0  # >0: cross-entropy over chunks of this many positions (less memory)
 
     @property
     def head_dim(self) -> int:
@@ -56,8 +61,10 @@ class ModelConfig:
         if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
             raise UserError("model.rope_high_freq_factor must exceed model.rope_low_freq_factor "
                             "for rope_scaling=llama3")
-        if self.vocab_size < 0:
-            raise UserError("model.vocab_size must be >= 0 (0 follows the tokenizer)")
+        for name in ("vocab_size", "loss_chunk"):
+            if getattr(self, name) < 0:
+                raise UserError(f"model.{name} must be >= 0 (0: "
+                                f"{'follow the tokenizer' if name == 'vocab_size' else 'no chunks'})")
         if self.embed_dim % self.num_heads:
             raise UserError(f"model.num_heads={self.num_heads} does not divide model.embed_dim="
                             f"{self.embed_dim}; pick a head count that divides the width")
@@ -283,6 +290,9 @@ class Config:
         if self.data.seq_len > self.model.max_len:
             raise UserError(f"data.seq_len={self.data.seq_len} exceeds model.max_len="
                             f"{self.model.max_len}; shorten the sequences or raise max_len")
+        if self.model.loss_chunk and self.data.seq_len % self.model.loss_chunk:
+            raise UserError(f"model.loss_chunk={self.model.loss_chunk} must divide data.seq_len="
+                            f"{self.data.seq_len}")
         if self.data.batch_size % self.train.grad_accum:
             raise UserError(f"train.grad_accum={self.train.grad_accum} must divide "
                             f"data.batch_size={self.data.batch_size}")

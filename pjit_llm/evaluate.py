@@ -34,10 +34,13 @@ def main(argv=None) -> None:
     p.add_argument("--emulate-devices", type=int, default=0, metavar="N")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = p.parse_intermixed_args(argv)
+    from pjit_llm import xla_flags
+    xla_flags.apply_defaults()
 
     import jax
 
     from pjit_llm import distributed
+    from pjit_llm.attention import resolve_attention
     from pjit_llm.data.loader import eval_batches
     from pjit_llm.data.tokenizer import ByteTokenizer, load_tokenizer
     from pjit_llm.export import restore_params, run_config
@@ -57,7 +60,7 @@ def main(argv=None) -> None:
     layout = Layout(make_mesh(cfg.mesh), cfg.mesh.rules)
     info(describe(layout.mesh))
     params, step = restore_params(cfg, layout, args.step)
-    graphdef, _ = abstract_model(cfg.model, layout)
+    graphdef, _ = abstract_model(resolve_attention(cfg.model, cfg.data.seq_len), layout)
     batch_sharding = layout.sharding(("batch", "length"))
     eval_step = jax.jit(make_eval_step(graphdef), out_shardings=layout.replicated())
     batches = eval_batches(dataset, tokenizer, cfg.data, batch_sharding,

@@ -136,6 +136,8 @@ def main(argv=None) -> None:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="changes to the run's config, e.g. mesh.tensor=4")
     args = p.parse_intermixed_args(argv)
+    from pjit_llm import xla_flags
+    xla_flags.apply_defaults()
     prompts = list(args.prompt)
     if args.prompts_file:
         try:

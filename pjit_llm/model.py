@@ -12,15 +12,25 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from pjit_llm.config import ModelConfig
 from pjit_llm.sharding import Layout
 
 Axes = tuple[str | None, ...]
 
+# The outputs of a block's linear projections, tagged with checkpoint_name so that a remat
+# policy can keep them while recomputing the cheap elementwise work and the attention.
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "attn_out", "mlp_gate", "mlp_up", "mlp_down")
+
 REMAT_POLICIES: dict[str, Callable | None] = {
-    "full": None,  # save nothing, recompute the whole block
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": None,  # save nothing, recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # every matmul output
+    "proj": jax.checkpoint_policies.save_only_these_names(*PROJECTIONS),
+    # The same tensors, parked in host memory between the forward and the backward pass.
+    "proj_offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=list(PROJECTIONS),
+        offload_src="device", offload_dst="pinned_host"),
 }
 
 
@@ -94,9 +104,12 @@ class Attention(nnx.Module):
         cache at each row's start and the queries attend over the cache under `mask`.
         Returns (output, (k_cache, v_cache) or None)."""
         dt = self.cfg.dtype
-        q_BLHK = jnp.einsum("BLD,DHK->BLHK", x_BLD, self.wq[...].astype(dt))
-        k_BLGK = jnp.einsum("BLD,DGK->BLGK", x_BLD, self.wk[...].astype(dt))
-        v_BLGK = jnp.einsum("BLD,DGK->BLGK", x_BLD, self.wv[...].astype(dt))
+        q_BLHK = checkpoint_name(jnp.einsum("BLD,DHK->BLHK", x_BLD, self.wq[...].astype(dt)),
+                                 "q_proj")
+        k_BLGK = checkpoint_name(jnp.einsum("BLD,DGK->BLGK", x_BLD, self.wk[...].astype(dt)),
+                                 "k_proj")
+        v_BLGK = checkpoint_name(jnp.einsum("BLD,DGK->BLGK", x_BLD, self.wv[...].astype(dt)),
+                                 "v_proj")
         q_BLHK = _constrain(self.layout, apply_rope(q_BLHK, sin, cos),
                             ("batch", "length", "heads", "head_dim"))
         k_BLGK = _constrain(self.layout, apply_rope(k_BLGK, sin, cos),
@@ -107,10 +120,13 @@ class Attention(nnx.Module):
             k_BLGK = write(k_cache, k_BLGK.astype(k_cache.dtype), start_B)
             v_BLGK = write(v_cache, v_BLGK.astype(v_cache.dtype), start_B)
             kv = (k_BLGK, v_BLGK)
+        # attention.resolve_attention decides between the kernels ("auto" means XLA unless
+        # resolved); decoding attends over a cache under a general mask, which XLA's does.
+        impl = "cudnn" if self.cfg.attention == "cudnn" and kv is None else "xla"
         out_BLHK = jax.nn.dot_product_attention(
-            q_BLHK, k_BLGK, v_BLGK, mask=mask_B1LS, is_causal=kv is None,
-            implementation=self.cfg.attention)
-        return jnp.einsum("BLHK,HKD->BLD", out_BLHK, self.wo[...].astype(dt)), kv
+            q_BLHK, k_BLGK, v_BLGK, mask=mask_B1LS, is_causal=kv is None, implementation=impl)
+        out_BLD = jnp.einsum("BLHK,HKD->BLD", out_BLHK, self.wo[...].astype(dt))
+        return checkpoint_name(out_BLD, "attn_out"), kv
 
 
 class MLP(nnx.Module):
@@ -123,10 +139,13 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BLD):
         dt = self.cfg.dtype
-        gate_BLF = jnp.einsum("BLD,DF->BLF", x_BLD, self.w_gate[...].astype(dt))
-        up_BLF = jnp.einsum("BLD,DF->BLF", x_BLD, self.w_up[...].astype(dt))
+        gate_BLF = checkpoint_name(jnp.einsum("BLD,DF->BLF", x_BLD, self.w_gate[...].astype(dt)),
+                                   "mlp_gate")
+        up_BLF = checkpoint_name(jnp.einsum("BLD,DF->BLF", x_BLD, self.w_up[...].astype(dt)),
+                                 "mlp_up")
         h_BLF = _constrain(self.layout, jax.nn.silu(gate_BLF) * up_BLF, ("batch", "length", "mlp"))
-        return jnp.einsum("BLF,FD->BLD", h_BLF, self.w_down[...].astype(dt))
+        return checkpoint_name(jnp.einsum("BLF,FD->BLD", h_BLF, self.w_down[...].astype(dt)),
+                               "mlp_down")
 
 
 class Block(nnx.Module):
@@ -164,16 +183,37 @@ class Transformer(nnx.Module):
         self.cfg, self.layout = cfg, layout
 
     def __call__(self, tokens_BL, segment_ids_BL, positions_BL) -> jax.Array:
-        """Logits (B, L, V) in the compute dtype. Tokens attend only within their segment."""
-        mask_B1LL = (segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :])
+        """Logits (B, L, V) in the compute dtype."""
+        return self.logits(self.hidden(tokens_BL, segment_ids_BL, positions_BL))
+
+    def hidden(self, tokens_BL, segment_ids_BL, positions_BL) -> jax.Array:
+        """The final normalised hidden states (B, L, D), which `logits` projects onto the
+        vocabulary. Tokens attend only within their segment unless model.segment_mask is off."""
+        mask_B1LL = None
+        if self.cfg.segment_mask:
+            mask_B1LL = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
         return self._forward(tokens_BL, positions_BL, mask_B1LL, None)[0]
+
+    def logits(self, x_BLD: jax.Array) -> jax.Array:
+        return self.project(x_BLD, self.output_weights())
+
+    def output_weights(self) -> jax.Array:
+        """The vocabulary projection (V, D) in the compute dtype, FSDP shards gathered (as for
+        every weight), so that a loop over chunks of positions gathers it once."""
+        w_VD = self.embed[...] if self.cfg.tie_embeddings else self.unembed[...].T
+        return _constrain(self.layout, w_VD.astype(self.cfg.dtype), ("vocab", None))
+
+    def project(self, x_BLD: jax.Array, w_VD: jax.Array) -> jax.Array:
+        logits_BLV = jnp.einsum("BLD,VD->BLV", x_BLD, w_VD)
+        return _constrain(self.layout, logits_BLV, ("batch", "length", "vocab"))
 
     def decode(self, tokens_BL, positions_BL, cache: dict):
         """Logits for new tokens at `positions` (consecutive per row) given the key/value
         cache {"k", "v": (layers, B, S, G, K)} of the earlier ones; returns (logits, cache)."""
         slots_S = jnp.arange(cache["k"].shape[2])
         mask_B1LS = slots_S[None, None, None, :] <= positions_BL[:, None, :, None]
-        return self._forward(tokens_BL, positions_BL, mask_B1LS, cache)
+        x_BLD, cache = self._forward(tokens_BL, positions_BL, mask_B1LS, cache)
+        return self.logits(x_BLD), cache
 
     def init_cache(self, batch: int, length: int) -> dict:
         cfg = self.cfg
@@ -189,12 +229,7 @@ class Transformer(nnx.Module):
         x_BLD = _constrain(self.layout, x_BLD, ("batch", "length", "embed"))
         sin, cos = rope_angles(positions_BL, cfg.head_dim, cfg.rope_theta, cfg)
         x_BLD, cache = self._run_blocks(x_BLD, sin, cos, mask_B1LS, cache, positions_BL[:, 0])
-        x_BLD = self.final_norm(x_BLD)
-        if cfg.tie_embeddings:
-            logits_BLV = jnp.einsum("BLD,VD->BLV", x_BLD, self.embed[...].astype(dt))
-        else:
-            logits_BLV = jnp.einsum("BLD,DV->BLV", x_BLD, self.unembed[...].astype(dt))
-        return _constrain(self.layout, logits_BLV, ("batch", "length", "vocab")), cache
+        return self.final_norm(x_BLD), cache
 
     def _run_blocks(self, x_BLD, sin, cos, mask_B1LS, cache, start_B):
         """The stacked layers, scanned or unrolled; each reads and writes its cache slice."""

@@ -2,8 +2,10 @@
 costs in memory.
 
 Training FLOPs per token are 6 x (parameters used in matrix multiplies) for the forward and
-backward passes, plus the attention scores and their weighted sum: 12 x layers x width x
-sequence length (computed in full; the causal half is not skipped by XLA's attention).
+backward passes, plus the attention scores and their weighted sum under the causal mask:
+6 x layers x width x sequence length, half of the full square (a flash kernel skips the
+masked half; XLA's attention computes it, which counts as overhead, not as model FLOPs).
+This is the usual model-FLOPs convention for MFU, so figures compare with published ones.
 """
 
 from pjit_llm.config import ModelConfig
@@ -28,7 +30,7 @@ def matmul_params(cfg: ModelConfig) -> int:
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    return 6 * matmul_params(cfg) + 12 * cfg.num_layers * cfg.embed_dim * seq_len
+    return 6 * matmul_params(cfg) + 6 * cfg.num_layers * cfg.embed_dim * seq_len
 
 
 def peak_flops(device_kind: str, override_tflops: float = 0.0) -> float | None:
@@ -54,6 +56,11 @@ def device_memory_limit(device) -> int | None:
 
 def device_memory_in_use(device) -> int | None:
     return _memory_stats(device).get("bytes_in_use")
+
+
+def device_memory_peak(device) -> int | None:
+    """The most bytes the device allocator has held at once, where the backend says."""
+    return _memory_stats(device).get("peak_bytes_in_use")
 
 
 def compiled_memory(compiled) -> dict[str, int] | None:

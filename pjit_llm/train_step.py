@@ -73,15 +73,41 @@ def init_state(cfg: ModelConfig, layout: Layout, tx: optax.GradientTransformatio
 
 
 def loss_terms(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch):
-    """(sum of token losses, number of predicted tokens), both float32."""
+    """(sum of token losses, number of predicted tokens), both float32.
+
+    Position i predicts token i+1 when both lie in the same segment. With model.loss_chunk the
+    vocabulary projection and the loss run over chunks of positions under a rematerialised
+    scan, so float32 logits exist for one chunk at a time, forward and backward."""
+    model = nnx.merge(graphdef, params)
     tokens, seg = batch["tokens"], batch["segment_ids"]
-    logits_BLV = nnx.merge(graphdef, params)(tokens, seg, batch["positions"])
-    logits_BLV = logits_BLV[:, :-1].astype(jnp.float32)
-    targets_BL = tokens[:, 1:]
-    weights_BL = ((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)).astype(jnp.float32)
-    target_logit = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
-    losses = jax.nn.logsumexp(logits_BLV, axis=-1) - target_logit
-    return jnp.sum(losses * weights_BL), jnp.sum(weights_BL)
+    x_BLD = model.hidden(tokens, seg, batch["positions"])
+    last = ((0, 0), (0, 1))  # the last position predicts nothing
+    targets_BL = jnp.pad(tokens[:, 1:], last)
+    weights_BL = jnp.pad((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0), last).astype(jnp.float32)
+
+    w_VD = model.output_weights()
+
+    def chunk_loss(x_BcD, targets_Bc, weights_Bc):
+        logits_BcV = model.project(x_BcD, w_VD).astype(jnp.float32)
+        target_logit = jnp.take_along_axis(logits_BcV, targets_Bc[..., None], axis=-1)[..., 0]
+        return jnp.sum((jax.nn.logsumexp(logits_BcV, axis=-1) - target_logit) * weights_Bc)
+
+    B, L, D = x_BLD.shape
+    chunk = model.cfg.loss_chunk
+    if not chunk or chunk >= L:
+        return chunk_loss(x_BLD, targets_BL, weights_BL), jnp.sum(weights_BL)
+
+    def to_chunks(x, axes):  # (B, L, ...) -> (L/chunk, B, chunk, ...), chunks leading
+        x = jnp.swapaxes(x.reshape(B, L // chunk, chunk, *x.shape[2:]), 0, 1)
+        return x if model.layout is None else model.layout.constrain(x, (None, *axes))
+
+    def body(total, xs):
+        return total + jax.checkpoint(chunk_loss)(*xs), None
+
+    loss_sum, _ = jax.lax.scan(body, jnp.float32(0), (
+        to_chunks(x_BLD, ("batch", "length", "embed")), to_chunks(targets_BL, ("batch", "length")),
+        to_chunks(weights_BL, ("batch", "length"))))
+    return loss_sum, jnp.sum(weights_BL)
 
 
 def _micro_batches(batch: Batch, k: int, layout: Layout) -> Batch:

@@ -225,7 +225,7 @@ def test_skipping_a_non_finite_step_leaves_the_state_unchanged():
     tx = make_optimizer(cfg.optimizer, schedule)
     graphdef, state, shardings = init_state(cfg.model, layout, tx, seed=0)
     scale = state.params["final_norm"]["scale"]
-    scale.value = jax.device_put(scale[...].at[0].set(np.inf), scale[...].sharding)
+    scale.set_value(jax.device_put(scale[...].at[0].set(np.inf), scale[...].sharding))
     before = jax.tree.map(np.asarray, (state.params, state.opt_state))
     train_step, _ = compile_steps(graphdef, tx, schedule, 1, layout, shardings, skip_nonfinite=True)
     batch = jax.device_put({"tokens": np.zeros((16, 32), np.int32), "segment_ids": np.ones((16, 32), np.int32),

@@ -28,6 +28,9 @@ def assert_refused(result, message):
     (["--emulate-devices", "8", "data.batch_size=12"], "is not divisible by the 8 batch shards"),
     (["--config", "does/not/exist.yaml"], "config file does/not/exist.yaml does not exist"),
     (["optimizer.warmup_steps=500"], "optimizer.warmup_steps=500 must be smaller than train.steps=300"),
+    (["model.attention=cudnn", "model.dtype=bfloat16"],
+     "model.attention=cudnn cannot be used: it needs a GPU and the backend is cpu"),
+    (["model.loss_chunk=48"], "model.loss_chunk=48 must divide data.seq_len=128"),
 ])
 def test_config_errors_exit_2_with_one_line(tmp_path, args, message):
     result = run_cli(*args, f"train.run_dir={tmp_path / 'run'}", f"data.data_dir={tmp_path / 'data'}",

@@ -73,9 +73,19 @@ def test_scan_and_unrolled_layers_agree(tiny, reference):
                  reference[1])
 
 
-def test_remat_does_not_change_the_result(tiny, reference):
-    losses, _ = run_steps(tiny("model.remat=full"), (2, 2, 2))
+@pytest.mark.parametrize("policy", ["full", "dots", "proj", "proj_offload"])
+def test_remat_policies_do_not_change_the_result(tiny, reference, policy):
+    losses, params = run_steps(tiny(f"model.remat={policy}"), (2, 2, 2))
     np.testing.assert_allclose(losses, reference[0], rtol=2e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), params,
+                 reference[1])
+
+
+def test_chunked_cross_entropy_equals_the_full_one(tiny, reference):
+    losses, params = run_steps(tiny("model.loss_chunk=8"), (1, 2, 4))
+    np.testing.assert_allclose(losses, reference[0], rtol=2e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), params,
+                 reference[1])
 
 
 def test_gradient_accumulation_equals_one_big_batch(tiny, reference):
@@ -94,3 +104,18 @@ def test_bfloat16_compute_tracks_float32(tiny, reference):
     losses, params = run_steps(tiny("model.dtype=bfloat16"), (2, 2, 2))
     np.testing.assert_allclose(losses, reference[0], rtol=2e-2)
     assert params["embed"].dtype == np.float32  # float32 master weights
+
+
+def test_the_fast_path_together_tracks_float32(tiny, reference):
+    """bfloat16 parameters and compute, chunked loss, projections remat, accumulation."""
+    losses, params = run_steps(tiny("model.dtype=bfloat16", "model.param_dtype=bfloat16",
+                                    "model.loss_chunk=16", "model.remat=proj",
+                                    "train.grad_accum=2"), (1, 8, 1))
+    np.testing.assert_allclose(losses, reference[0], rtol=3e-2)
+    assert losses[-1] < losses[0]
+    assert params["embed"].dtype == jax.numpy.bfloat16
+
+
+def test_without_the_segment_mask_documents_see_each_other(tiny, reference):
+    losses, _ = run_steps(tiny("model.segment_mask=false"), None)
+    assert not np.allclose(losses[0], reference[0][0], rtol=1e-4)

@@ -1,0 +1,34 @@
+"""The GPU flag defaults: added once, never over the user's own choice, and harmless on CPU."""
+
+import os
+import subprocess
+import sys
+
+from pjit_llm import xla_flags
+
+
+def test_defaults_fill_in_without_overriding_the_user():
+    merged = xla_flags.merged_flags("--xla_gpu_enable_latency_hiding_scheduler=false --foo=1")
+    parts = merged.split()
+    assert parts[:2] == ["--xla_gpu_enable_latency_hiding_scheduler=false", "--foo=1"]
+    assert "--xla_gpu_enable_latency_hiding_scheduler=true" not in parts
+    assert f"--xla_gpu_all_gather_combine_threshold_bytes={1 << 30}" in parts
+    assert xla_flags.merged_flags(merged) == merged  # applying twice adds nothing
+
+
+def test_switched_off_by_the_environment():
+    env = {"PJIT_LLM_XLA_DEFAULTS": "0", "XLA_FLAGS": "--a=1"}
+    xla_flags.apply_defaults(env)
+    assert env["XLA_FLAGS"] == "--a=1"
+    env = {}
+    xla_flags.apply_defaults(env)
+    assert len(env["XLA_FLAGS"].split()) == len(xla_flags.GPU_DEFAULTS)
+
+
+def test_every_flag_is_known_to_this_xla():
+    """XLA aborts the process on an unknown flag; a CPU backend still parses them all."""
+    env = {**os.environ, "XLA_FLAGS": xla_flags.merged_flags(""), "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", "import jax; print(jax.numpy.ones(2).sum())"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "2.0"
