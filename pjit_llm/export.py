@@ -38,13 +38,12 @@ def run_config(run_dir: Path, overrides=(), emulate_devices: int = 0) -> Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=str(run_dir)))
 
 
-def restore_params(cfg: Config, layout: Layout, step: int | None,
-                   concurrent_gb: float | None = None):
+def restore_params(cfg: Config, layout: Layout, step: int | None):
     """(params, step) of a run, restored straight into `layout`'s shardings and without the
     optimizer state: from a training checkpoint (the latest when `step` is None) or, in a run
     holding parameters alone (imported by pjit_llm.convert, not trained since), as step 0."""
     where, prefix, step = params_location(cfg, step)
-    return restore_partial(where, prefix, params_target(cfg.model, layout), concurrent_gb), step
+    return restore_partial(where, prefix, params_target(cfg.model, layout)), step
 
 
 def params_location(cfg: Config, step: int | None) -> tuple[Path, tuple[str, ...], int]:
@@ -78,11 +77,11 @@ def params_target(model: ModelConfig, layout: Layout):
                         abstract, shardings)
 
 
-def restore_partial(where: Path, prefix: tuple[str, ...], target, concurrent_gb: float | None = None):
+def restore_partial(where: Path, prefix: tuple[str, ...], target):
     """The arrays of the Orbax checkpoint item `where` that `target` names under `prefix`,
     nothing else: parameters without optimizer state, or a single parameter. Abstract arrays
     with a sharding are restored into it; without, as numpy arrays on the host (read once, no
-    device copy). `concurrent_gb` bounds the bytes read at once (host memory)."""
+    device copy)."""
     item = target
     for key in reversed(prefix):
         item = {key: item}
@@ -93,9 +92,8 @@ def restore_partial(where: Path, prefix: tuple[str, ...], target, concurrent_gb:
         return ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype)
 
     restore_args = jax.tree.map(restore_arg, item)
-    handler = ocp.PyTreeCheckpointHandler(restore_concurrent_gb=concurrent_gb)
     try:
-        out = ocp.Checkpointer(handler).restore(where, args=ocp.args.PyTreeRestore(
+        out = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(where, args=ocp.args.PyTreeRestore(
             item=item, restore_args=restore_args, partial_restore=True))
     except Exception as e:  # Orbax/TensorStore raise many types for damaged or mismatched files
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
