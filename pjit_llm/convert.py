@@ -26,7 +26,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import yaml
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -148,19 +147,10 @@ def import_hf(hf_dir: Path, out: Path, dtype: str | None = None) -> Path:
             stacked = _set_layer(stacked, jax.device_put(layer, layer_sharding), i)
         return var.replace(stacked)
 
-    params = jax.tree_util.tree_map_with_path(
-        build, abstract, param_shardings(layout, abstract), is_leaf=_is_var)
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        # Orbax copies arrays to the host to write them, by default all at once (the whole
-        # model in host memory); bound the copies and writes in flight to one parameter.
-        gb = max(a.nbytes for a in jax.tree.leaves(params)) / 1e9 + 1e-3
-        handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=gb,
-                                              save_device_host_concurrent_gb=gb)
-        ocp.Checkpointer(handler).save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
-        del params
+        _save_one_by_one(tmp, abstract, param_shardings(layout, abstract), build)
         copied = [f for f in TOKENIZER_FILES if (hf_dir / f).is_file()]
         for f in copied:
             shutil.copyfile(hf_dir / f, tmp / f)
@@ -175,6 +165,25 @@ def import_hf(hf_dir: Path, out: Path, dtype: str | None = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _save_one_by_one(tmp: Path, abstract, shardings, build) -> None:
+    """Write the parameters to tmp/params one at a time with Orbax's partial save: each is
+    built, saved and dropped before the next, so memory holds one parameter, never the model.
+    What it leaves is an ordinary PyTree checkpoint item that restore_partial reads."""
+    from orbax.checkpoint.experimental.v1 import partial
+
+    staging = tmp / "params.partial"
+    sharding_of = dict(jax.tree_util.tree_leaves_with_path(shardings, is_leaf=_is_var))
+    for keys, var in jax.tree_util.tree_leaves_with_path(abstract, is_leaf=_is_var):
+        item = build(keys, var, sharding_of[keys])
+        for key in reversed(_path(keys)):
+            item = {key: item}
+        partial.save(staging, nnx.State(item))
+        del item
+    partial.finalize(staging)
+    (staging / "state").rename(tmp / PARAMS_DIR)
+    shutil.rmtree(staging)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))

@@ -305,9 +305,8 @@ def test_conversion_memory_stays_near_one_parameter_not_the_model(tmp_path):
     # Export never touches a device: the host holds one stacked parameter (read by Orbax)
     # and one layer of it being written, never the model.
     assert export_peak < 0.8 * size
-    # On CPU the devices' memory is the host's, so an import holds the model once (the arrays
-    # it saves; on accelerators they are in device memory). The host side reads one layer at
-    # a time; Orbax's writer adds about two stacked parameters and its cache. Reading the
-    # safetensors, stacking on the host and then placing would take at least three copies.
-    assert import_peak < 2.2 * size
+    # Import builds one parameter on the devices (whose memory is the host's on CPU), reading
+    # one layer at a time, saves it with Orbax's partial save and drops it before the next:
+    # one stacked parameter plus Orbax's buffers, never the model.
+    assert import_peak < 0.9 * size
     assert len(list((tmp_path / "out").glob("*.safetensors"))) == 4
