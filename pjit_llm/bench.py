@@ -208,6 +208,9 @@ def main(argv=None) -> None:
         rows = bench_data(args)
     else:
         rows = bench_save(args)
+    import jax
+    if jax.process_index() != 0:  # a multi-host step benchmark: one table, from process 0
+        return
     if args.json:
         for r in rows:
             print(json.dumps(r))
