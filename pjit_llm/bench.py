@@ -12,7 +12,6 @@ Each measurement is repeated; the tables give the median.
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import statistics
 import sys
@@ -67,17 +66,15 @@ def bench_save(args) -> list[dict]:
 
     import jax
 
+    from pjit_llm.bench_step import with_vocab
     from pjit_llm.checkpoint import Checkpoints
     from pjit_llm.config import CheckpointConfig, load_config
     from pjit_llm.mesh import make_mesh
-    from pjit_llm.model import padded_vocab
     from pjit_llm.optim import make_optimizer, make_schedule
     from pjit_llm.sharding import Layout
     from pjit_llm.train_step import init_state
 
-    cfg = load_config(args.config, args.overrides)
-    model = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or padded_vocab(257))
-    cfg = dataclasses.replace(cfg, model=model)
+    cfg = with_vocab(load_config(args.config, args.overrides))
     layout = Layout(make_mesh(cfg.mesh), cfg.mesh.rules)
     tx = make_optimizer(cfg.optimizer, make_schedule(cfg.optimizer, cfg.train.steps))
     state = init_state(cfg.model, layout, tx, seed=0)[1]

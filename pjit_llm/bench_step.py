@@ -21,7 +21,7 @@ from pjit_llm.mesh import make_mesh
 from pjit_llm.model import padded_vocab
 from pjit_llm.optim import make_optimizer, make_schedule
 from pjit_llm.sharding import Layout, bytes_per_device, check_batch
-from pjit_llm.train_step import init_state, make_train_step
+from pjit_llm.train_step import compile_steps, init_state
 
 
 def synthetic_batch(cfg: Config, layout: Layout, seed: int = 0) -> dict:
@@ -36,12 +36,19 @@ def synthetic_batch(cfg: Config, layout: Layout, seed: int = 0) -> dict:
             for k, v in host.items()}
 
 
+def with_vocab(cfg: Config) -> Config:
+    """model.vocab_size=0 (follow the tokenizer) made concrete: the byte tokenizer's, as
+    `train` would pick it. Benchmarks load no tokenizer."""
+    if cfg.model.vocab_size:
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
+                                                              vocab_size=padded_vocab(257)))
+
+
 def measure(cfg: Config, steps: int, warmup: int, profile_dir: str | None = None) -> dict:
     """Compile the configured train step, run `warmup` steps, then time `steps` steps (traced
     with jax.profiler into `profile_dir` when given)."""
-    if not cfg.model.vocab_size:  # the byte tokenizer's vocabulary, as `train` would pick
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
-                                                                 vocab_size=padded_vocab(257)))
+    cfg = with_vocab(cfg)
     mesh = make_mesh(cfg.mesh)
     layout = Layout(mesh, cfg.mesh.rules)
     check_batch(layout, cfg.data.batch_size // cfg.train.grad_accum)
@@ -50,9 +57,7 @@ def measure(cfg: Config, steps: int, warmup: int, profile_dir: str | None = None
     tx = make_optimizer(cfg.optimizer, schedule)
     graphdef, state, shardings = init_state(model_cfg, layout, tx, cfg.train.seed)
     batch = synthetic_batch(cfg, layout)
-    step_fn = jax.jit(make_train_step(graphdef, tx, schedule, cfg.train.grad_accum, layout),
-                      in_shardings=(shardings, batch["tokens"].sharding),
-                      out_shardings=(shardings, layout.replicated()), donate_argnums=0)
+    step_fn, _ = compile_steps(graphdef, tx, schedule, cfg.train.grad_accum, layout, shardings)
     start = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - start

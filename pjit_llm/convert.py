@@ -242,13 +242,7 @@ def export_hf(run_dir: Path, out: Path, step: int | None, dtype: str | None,
         path, in_dims, layer = sources[name]
         if path not in current:
             current.clear()
-            target = targets[path]
-            for key in reversed(path):
-                target = {key: target}
-            restored = restore_partial(where, prefix, target)
-            for key in path:
-                restored = restored[key]
-            current[path] = restored[...]
+            current[path] = restore_partial(where, prefix + path, targets[path])[...]
         a = current[path] if layer is None else current[path][layer]
         return np.ascontiguousarray(to_hf(a, in_dims), dtype=np_dtype)
 

@@ -124,16 +124,14 @@ def test_without_the_segment_mask_documents_see_each_other(tiny, reference):
 def step_temporaries(cfg) -> int:
     """Bytes of temporaries XLA plans for the compiled train step on one device."""
     from pjit_llm import perf
-    from pjit_llm.train_step import make_train_step, plan_state
+    from pjit_llm.train_step import plan_state
     layout = Layout(make_mesh(MeshConfig(data=1), devices=jax.devices()[:1]), cfg.mesh.rules)
     schedule = make_schedule(cfg.optimizer, cfg.train.steps)
     tx = make_optimizer(cfg.optimizer, schedule)
     graphdef, abstract, shardings = plan_state(cfg.model, layout, tx)
     shape = (cfg.data.batch_size, cfg.data.seq_len)
     tokens = jax.ShapeDtypeStruct(shape, np.int32, sharding=layout.sharding(("batch", "length")))
-    step = jax.jit(make_train_step(graphdef, tx, schedule, 1, layout),
-                   in_shardings=(shardings, tokens.sharding),
-                   out_shardings=(shardings, layout.replicated()))
+    step, _ = compile_steps(graphdef, tx, schedule, 1, layout, shardings)
     compiled = step.lower(abstract, dict.fromkeys(("tokens", "segment_ids", "positions"),
                                                   tokens)).compile()
     return perf.compiled_memory(compiled)["temporaries"]
