@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from pjit_llm.config import ModelConfig
-from pjit_llm.errors import UserError
+from pjit_llm.errors import UserError, first_line
 from pjit_llm.metrics import info
 
 
@@ -36,7 +36,7 @@ def cudnn_unsupported(cfg: ModelConfig, seq_len: int) -> str | None:
         jax.jit(jax.grad(lambda *a: attend(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))
                 ).lower(q, kv, kv, mask).compile()
     except Exception as e:  # cuDNN says no in many ways: NotImplementedError, XlaRuntimeError
-        return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        return first_line(e)
     return None
 
 

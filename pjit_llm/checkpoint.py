@@ -16,7 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from pjit_llm.config import CheckpointConfig, Config
-from pjit_llm.errors import UserError
+from pjit_llm.errors import UserError, first_line
 
 # Fields whose change makes a checkpoint unusable: they change parameter shapes or the data
 # stream the iterator position refers to. Everything else (schedule, steps, logging, mesh,
@@ -77,7 +77,7 @@ class Checkpoints:
             except UserError:
                 raise
             except Exception as e:  # Orbax/TensorStore raise many types for damaged files
-                reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                reason = first_line(e)
                 print(f"warning: checkpoint step {step} in {self.directory} is unreadable "
                       f"({reason}); moved aside, trying the previous one", file=sys.stderr)
                 self._set_aside(step)

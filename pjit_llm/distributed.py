@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pjit_llm.config import DistributedConfig
-from pjit_llm.errors import UserError
+from pjit_llm.errors import UserError, first_line
 
 DEFAULT_PORT = 12345
 LOST_PROCESS_EXIT = 3
@@ -91,7 +91,7 @@ def initialize(cfg: DistributedConfig) -> Topology | None:
             # Ours fires first, with a message that names the lost process.
             heartbeat_timeout_seconds=cfg.heartbeat_timeout_s + 30)
     except Exception as e:  # the runtime raises bare XlaRuntimeError/RuntimeError here
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UserError(f"could not join the distributed run at {topology.coordinator} as process "
                         f"{topology.process_id} of {topology.num_processes} within "
                         f"{cfg.init_timeout_s}s ({first}); check that every process is started "

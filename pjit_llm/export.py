@@ -18,7 +18,7 @@ import yaml
 
 from pjit_llm.checkpoint import Checkpoints, checkpoint_dir
 from pjit_llm.config import Config, MeshConfig, ModelConfig, load_config
-from pjit_llm.errors import UserError, run_cli
+from pjit_llm.errors import UserError, first_line, run_cli
 from pjit_llm.mesh import make_mesh
 from pjit_llm.sharding import Layout, check_divisible, param_shardings
 from pjit_llm.train_step import abstract_model
@@ -96,7 +96,7 @@ def restore_partial(where: Path, prefix: tuple[str, ...], target):
         out = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(where, args=ocp.args.PyTreeRestore(
             item=item, restore_args=restore_args, partial_restore=True))
     except Exception as e:  # Orbax/TensorStore raise many types for damaged or mismatched files
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise UserError(f"the parameters in {where} are unreadable or do not match the model "
                         f"config ({reason})") from None
     for key in prefix:

@@ -21,7 +21,7 @@ from pjit_llm.config import DataConfig
 from pjit_llm.data import builtin
 from pjit_llm.data.records import (describe_skipped, expand_paths, is_validation,
                                    read_records)
-from pjit_llm.errors import UserError
+from pjit_llm.errors import UserError, first_line
 
 CORPUS_VERSION = "1.0.0"
 
@@ -162,7 +162,7 @@ def _catalogue(cfg: DataConfig) -> Dataset:
         try:
             builder.download_and_prepare()
         except Exception as e:  # network, missing manual download, TensorFlow-only builders
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e, limit=1000)
             raise UserError(f"could not prepare TFDS dataset {cfg.name}: {first}") from None
     splits = builder.info.splits
     for split in filter(None, (cfg.train_split, cfg.val_split)):
