@@ -43,12 +43,10 @@ def bench_data(args) -> list[dict]:
     import gc
 
     from pjit_llm.config import load_config
-    from pjit_llm.data.sources import prepare
-    from pjit_llm.data.tokenizer import load_tokenizer
+    from pjit_llm.training.build import open_data
 
     cfg = load_config(args.config, args.overrides)
-    dataset = prepare(cfg.data)
-    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path, dataset.directory)
+    dataset, tokenizer = open_data(cfg)
     rows = []
     for workers in args.workers:
         rates = [data_throughput(dataset, tokenizer, cfg.data, workers, args.batches, args.warmup)
@@ -66,18 +64,13 @@ def bench_save(args) -> list[dict]:
 
     import jax
 
-    from pjit_llm.bench_step import with_vocab
-    from pjit_llm.checkpoint import Checkpoints
+    from pjit_llm.checkpoint.manager import Checkpoints
     from pjit_llm.config import CheckpointConfig, load_config
-    from pjit_llm.mesh import make_mesh
-    from pjit_llm.optim import make_optimizer, make_schedule
-    from pjit_llm.sharding import Layout
-    from pjit_llm.train_step import init_state
+    from pjit_llm.training.build import build
 
-    cfg = with_vocab(load_config(args.config, args.overrides))
-    layout = Layout(make_mesh(cfg.mesh), cfg.mesh.rules)
-    tx = make_optimizer(cfg.optimizer, make_schedule(cfg.optimizer, cfg.train.steps))
-    state = init_state(cfg.model, layout, tx, seed=0)[1]
+    parts = build(load_config(args.config, args.overrides))
+    cfg = parts.cfg
+    state = parts.init_state(seed=0)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
     rows = []
@@ -99,10 +92,10 @@ def bench_save(args) -> list[dict]:
 
 
 def bench_step(args) -> list[dict]:
-    from pjit_llm import distributed
-    from pjit_llm.bench_step import measure
     from pjit_llm.config import load_config
-    from pjit_llm.mesh import use_emulated_devices
+    from pjit_llm.parallel import distributed
+    from pjit_llm.parallel.mesh import use_emulated_devices
+    from pjit_llm.training.measure import measure
 
     base = list(args.overrides) + ([f"mesh.emulate_devices={args.emulate_devices}"]
                                    if args.emulate_devices else [])
@@ -215,5 +208,10 @@ def main(argv=None) -> None:
         print_rows(args.command, rows)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script: one-line errors, exit status 2."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -2,12 +2,13 @@
 
 Every value is type-checked on the way in; an unknown key, a wrong type or an impossible
 value raises UserError with one line that names the key and the fix. Checks that need the
-devices (mesh sizes, divisibility of sharded dimensions) live in mesh.py and sharding.py.
+devices (mesh sizes, divisibility of sharded dimensions) live in parallel/mesh.py and
+parallel/layout.py. The `model` section belongs to the model family (models/llama/config.py);
+the `mesh` section is made from the list of mesh axes (parallel/axes.py).
 """
 
 import dataclasses
 import difflib
-import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,68 +16,9 @@ from typing import Literal
 
 import yaml
 
-from pjit_llm.errors import UserError
-
-MESH_AXES = ("data", "fsdp", "tensor")
-DType = Literal["float32", "bfloat16"]
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    vocab_size: int = 0  # 0: the tokenizer's vocabulary, rounded up to a multiple of 128
-    num_layers: int = 4
-    embed_dim: int = 256
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    mlp_dim: int = 768
-    max_len: int = 2048
-    rope_theta: float = 10000.0
-    rope_scaling: Literal["none", "linear", "llama3"] = "none"  # stretch positions (long context)
-    rope_factor: float = 1.0  # linear, llama3: how many times the context is stretched
-    rope_low_freq_factor: float = 1.0  # llama3
-    rope_high_freq_factor: float = 4.0  # llama3
-    rope_original_max_len: int = 8192  # llama3: the context length before stretching
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-    init_std: float = 0.02
-    param_dtype: DType = "float32"
-    dtype: DType = "float32"  # compute dtype; the loss is always float32
-    scan_layers: bool = True
-    # What the backward pass keeps of each layer's forward pass (the rest is recomputed):
-    # none keeps all; full keeps nothing; dots keeps every matmul output; proj keeps the
-    # linear projections' outputs; proj_offload keeps those in host memory.
-    remat: Literal["none", "full", "dots", "proj", "proj_offload"] = "none"
-    attention: Literal["auto", "xla", "cudnn"] = "auto"  # auto: cuDNN where it runs, else XLA
-    segment_mask: bool = True  # false: packed documents may attend to each other (faster)
-    loss_chunk: int = 0  # >0: cross-entropy over chunks of this many positions (less memory)
-
-    @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads
-
-    def validate(self) -> None:
-        _positive(self, "model", "num_layers", "embed_dim", "num_heads", "num_kv_heads",
-                  "mlp_dim", "max_len", "rope_theta", "norm_eps", "init_std", "rope_factor",
-                  "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len")
-        if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
-            raise UserError("model.rope_high_freq_factor must exceed model.rope_low_freq_factor "
-                            "for rope_scaling=llama3")
-        for name in ("vocab_size", "loss_chunk"):
-            if getattr(self, name) < 0:
-                raise UserError(f"model.{name} must be >= 0 (0: "
-                                f"{'follow the tokenizer' if name == 'vocab_size' else 'no chunks'})")
-        if self.embed_dim % self.num_heads:
-            raise UserError(f"model.num_heads={self.num_heads} does not divide model.embed_dim="
-                            f"{self.embed_dim}; pick a head count that divides the width")
-        if self.head_dim % 2:
-            raise UserError(f"head dimension embed_dim/num_heads={self.head_dim} must be even "
-                            "for rotary embeddings; change model.embed_dim or model.num_heads")
-        if self.attention == "cudnn" and self.dtype != "bfloat16":
-            raise UserError("model.attention=cudnn needs model.dtype=bfloat16 (cuDNN attention "
-                            "runs in half precision); set it or use model.attention=xla")
-        if self.num_heads % self.num_kv_heads:
-            raise UserError(f"model.num_kv_heads={self.num_kv_heads} must divide model.num_heads="
-                            f"{self.num_heads} (grouped-query attention)")
+from pjit_llm.errors import UserError, require_positive
+from pjit_llm.models.llama.config import ModelConfig
+from pjit_llm.parallel.axes import AXIS_NAMES, MESH_AXES
 
 
 @dataclass(frozen=True)
@@ -102,49 +44,56 @@ class Rules:
         for f in dataclasses.fields(self):
             axes = getattr(self, f.name)
             for a in axes:
-                if a not in MESH_AXES:
-                    raise UserError(f"mesh.rules.{f.name}: unknown mesh axis {a!r}; "
-                                    f"use some of {', '.join(MESH_AXES)} or null")
+                if a not in AXIS_NAMES:
+                    close = difflib.get_close_matches(a, AXIS_NAMES, n=1, cutoff=0.5)
+                    hint = f"did you mean {close[0]}? " if close else ""
+                    raise UserError(f"mesh.rules.{f.name}: unknown mesh axis {a!r}; {hint}"
+                                    f"use some of {', '.join(AXIS_NAMES)} or null")
             if len(set(axes)) != len(axes):
                 raise UserError(f"mesh.rules.{f.name} names a mesh axis twice: {list(axes)}")
 
 
-@dataclass(frozen=True)
-class MeshConfig:
-    """Sizes of the mesh axes; one may be -1 to take the remaining devices."""
+class _MeshSizes:
+    """What MeshConfig adds to its generated fields: the sizes by axis, and their checks."""
 
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
-    # How many pieces of each axis lie in different processes (hosts); the product is the
-    # number of processes. All 1: each process's devices form one contiguous block.
-    dcn_data: int = 1
-    dcn_fsdp: int = 1
-    dcn_tensor: int = 1
-    emulate_devices: int = 0  # >0: run on that many emulated CPU devices
-    rules: Rules = field(default_factory=Rules)
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        """{axis: size} inside a process (prefix "") or across processes (prefix "dcn_")."""
+        return {name: getattr(self, prefix + name) for name in AXIS_NAMES}
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.data, self.fsdp, self.tensor)
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.sizes().values())
 
     @property
-    def dcn_shape(self) -> tuple[int, int, int]:
-        return (self.dcn_data, self.dcn_fsdp, self.dcn_tensor)
+    def dcn_shape(self) -> tuple[int, ...]:
+        return tuple(self.sizes("dcn_").values())
 
     def validate(self) -> None:
-        for prefix, shape in (("", self.shape), ("dcn_", self.dcn_shape)):
-            sizes = dict(zip(MESH_AXES, shape))
+        for prefix in ("", "dcn_"):
+            sizes = self.sizes(prefix)
             for name, size in sizes.items():
                 if size == 0 or size < -1:
                     raise UserError(f"mesh.{prefix}{name}={size} is not a size; use a positive "
                                     "integer or -1")
             if list(sizes.values()).count(-1) > 1:
-                raise UserError(f"only one of mesh.{prefix}data, mesh.{prefix}fsdp, "
-                                f"mesh.{prefix}tensor may be -1")
+                raise UserError(f"only one of {', '.join('mesh.' + prefix + n for n in sizes)} "
+                                "may be -1")
         if self.emulate_devices < 0:
             raise UserError("mesh.emulate_devices must be >= 0")
         self.rules.validate()
+
+
+# Sizes of the mesh axes (one may be -1 to take the remaining devices), then how many pieces
+# of each lie in different processes (hosts): the product of the dcn_* sizes is the number
+# of processes; all 1, each process's devices form one contiguous block. One field pair per
+# entry of MESH_AXES, so a new axis needs no edit here.
+MeshConfig = dataclasses.make_dataclass(
+    "MeshConfig",
+    [(a.name, int, a.default) for a in MESH_AXES]
+    + [(f"dcn_{a.name}", int, 1) for a in MESH_AXES]
+    + [("emulate_devices", int, 0),  # >0: run on that many emulated CPU devices
+       ("rules", Rules, field(default_factory=Rules))],
+    bases=(_MeshSizes,), frozen=True, namespace={"__module__": __name__})
 
 
 @dataclass(frozen=True)
@@ -169,7 +118,7 @@ class DataConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        _positive(self, "data", "seq_len", "batch_size")
+        require_positive(self, "data", "seq_len", "batch_size")
         if self.seq_len < 2:
             raise UserError("data.seq_len must be at least 2 (a token and its successor)")
         if not 0 < self.val_fraction < 1:
@@ -201,7 +150,7 @@ class OptimizerConfig:
     clip_norm: float = 1.0  # 0 disables clipping
 
     def validate(self) -> None:
-        _positive(self, "optimizer", "lr", "eps")
+        require_positive(self, "optimizer", "lr", "eps")
         for name in ("warmup_steps", "weight_decay", "clip_norm"):
             if getattr(self, name) < 0:
                 raise UserError(f"optimizer.{name} must be >= 0")
@@ -228,7 +177,7 @@ class TrainConfig:
     max_bad_steps: int = 0  # steps with a non-finite loss to skip before stopping
 
     def validate(self) -> None:
-        _positive(self, "train", "steps", "grad_accum", "log_every", "eval_batches")
+        require_positive(self, "train", "steps", "grad_accum", "log_every", "eval_batches")
         for name in ("eval_every", "max_bad_steps", "peak_tflops", "sample_tokens"):
             if getattr(self, name) < 0:
                 raise UserError(f"train.{name} must be >= 0")
@@ -249,7 +198,7 @@ class CheckpointConfig:
     async_save: bool = True  # write in the background while training goes on
 
     def validate(self) -> None:
-        _positive(self, "checkpoint", "keep")
+        require_positive(self, "checkpoint", "keep")
         for name in ("every", "keep_every"):
             if getattr(self, name) < 0:
                 raise UserError(f"checkpoint.{name} must be >= 0")
@@ -268,7 +217,7 @@ class DistributedConfig:
     heartbeat_timeout_s: int = 60  # a process silent this long is lost: the others exit
 
     def validate(self) -> None:
-        _positive(self, "distributed", "init_timeout_s", "heartbeat_timeout_s")
+        require_positive(self, "distributed", "init_timeout_s", "heartbeat_timeout_s")
         if self.num_processes < 0:
             raise UserError("distributed.num_processes must be >= 0")
 
@@ -301,12 +250,6 @@ class Config:
         return _plain(dataclasses.asdict(self))
 
 
-def _positive(section, prefix: str, *names: str) -> None:
-    for name in names:
-        if getattr(section, name) <= 0:
-            raise UserError(f"{prefix}.{name}={getattr(section, name)} must be positive")
-
-
 def _plain(x):
     if isinstance(x, dict):
         return {k: _plain(v) for k, v in x.items()}
@@ -333,6 +276,14 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Confi
     cfg = _build(Config, raw, "")
     cfg.validate()
     return cfg
+
+
+def load_section(cls, path: str, name: str):
+    """One section of the tree (e.g. ModelConfig) from a YAML file holding just that mapping,
+    checked like a whole config; `name` is its key in messages (model.num_layers=...)."""
+    section = _build(cls, _read_yaml(path), name + ".")
+    section.validate()
+    return section
 
 
 def _read_yaml(path: str) -> dict:
@@ -424,7 +375,7 @@ def _coerce(value, hint, key: str):
         if all(isinstance(v, int) and not isinstance(v, bool) for v in items):
             return tuple(items)
         raise UserError(f"{key} must be an integer or a list of integers; got {value!r}")
-    if origin is tuple or (origin is types.UnionType):
+    if origin is tuple:
         if value is None:
             return ()
         if isinstance(value, str):

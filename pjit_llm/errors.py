@@ -22,3 +22,10 @@ def run_cli(main: Callable[[], None]) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def require_positive(section, prefix: str, *names: str) -> None:
+    """Refuse a config value that must be positive: `prefix.name=value must be positive`."""
+    for name in names:
+        if getattr(section, name) <= 0:
+            raise UserError(f"{prefix}.{name}={getattr(section, name)} must be positive")

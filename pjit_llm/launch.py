@@ -88,5 +88,10 @@ def main(argv=None) -> None:
                     args.port, args.grace))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script: one-line errors, exit status 2."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

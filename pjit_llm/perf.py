@@ -1,14 +1,10 @@
-"""Performance accounting: model FLOPs and utilisation (MFU), and what the compiled step
-costs in memory.
-
-Training FLOPs per token are 6 x (parameters used in matrix multiplies) for the forward and
-backward passes, plus the attention scores and their weighted sum under the causal mask:
-6 x layers x width x sequence length, half of the full square (a flash kernel skips the
-masked half; XLA's attention computes it, which counts as overhead, not as model FLOPs).
-This is the usual model-FLOPs convention for MFU, so figures compare with published ones.
+"""Performance accounting in one place: model FLOPs per step (from the model family's count),
+throughput and utilisation (MFU) against the device's peak, and what a compiled step costs
+in memory.
 """
 
-from pjit_llm.config import ModelConfig
+from pjit_llm.models.llama.config import ModelConfig
+from pjit_llm.models.llama.flops import train_flops_per_token
 
 # Dense bfloat16 peak FLOP/s per device, by the start of jax's `device_kind`.
 PEAK_FLOPS = {
@@ -22,15 +18,19 @@ PEAK_FLOPS = {
 }
 
 
-def matmul_params(cfg: ModelConfig) -> int:
-    D, H, G, K, F, V = (cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                        cfg.mlp_dim, cfg.vocab_size)
-    per_layer = D * H * K * 2 + D * G * K * 2 + 3 * D * F
-    return cfg.num_layers * per_layer + D * V  # the output projection (tied or not)
+def flops_per_step(cfg: ModelConfig, batch_size: int, seq_len: int) -> float:
+    """Model FLOPs of one training step over a global batch of `batch_size` x `seq_len`."""
+    return train_flops_per_token(cfg, seq_len) * batch_size * seq_len
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    return 6 * matmul_params(cfg) + 6 * cfg.num_layers * cfg.embed_dim * seq_len
+def throughput(flops: float, tokens: float, seconds: float, devices: int,
+               peak: float | None) -> dict:
+    """Tokens/s, TFLOP/s per device and MFU (None without a known peak) of `seconds` of
+    training that did `flops` model FLOPs over `tokens` tokens on `devices` devices."""
+    seconds = max(seconds, 1e-9)
+    tflops = flops / seconds / devices / 1e12
+    return {"tokens_per_s": tokens / seconds, "tflops_per_device": tflops,
+            "mfu": tflops * 1e12 / peak if peak else None}
 
 
 def peak_flops(device_kind: str, override_tflops: float = 0.0) -> float | None:

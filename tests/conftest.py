@@ -1,5 +1,6 @@
 """Every test sees 8 emulated CPU devices; set before JAX initialises a backend."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import pytest  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 
 from pjit_llm.config import load_config  # noqa: E402
+from pjit_llm.parallel.axes import AXIS_NAMES  # noqa: E402
+from pjit_llm.training.build import Components, build  # noqa: E402
 
 # A model small enough to compile in seconds whose every sharded dimension divides by 8
 # (kv heads by 4: the tensor-parallel meshes use tensor <= 4 with grouped-query attention).
@@ -22,6 +25,14 @@ TINY = ["model.num_layers=2", "model.embed_dim=64", "model.num_heads=8", "model.
 
 def tiny_config(*overrides: str):
     return load_config(None, TINY + list(overrides))
+
+
+def build_on(cfg, mesh: tuple[int, ...] | None = None) -> Components:
+    """The builder's components for `cfg` on a mesh of these sizes (in AXIS_NAMES order) over
+    all 8 devices, or on one device when `mesh` is None."""
+    sizes = dict(zip(AXIS_NAMES, mesh or (1,) * len(AXIS_NAMES)))
+    cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, **sizes))
+    return build(cfg, devices=jax.devices()[:1] if mesh is None else None)
 
 
 def run_cli(*args: str, cwd=None, timeout=300) -> subprocess.CompletedProcess:

@@ -1,5 +1,6 @@
 """Checkpoints with real Orbax on disk and real processes and signals."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -15,13 +16,12 @@ import pytest
 from flax import nnx
 
 from conftest import TINY, run_cli, tiny_config
-from pjit_llm.checkpoint import Checkpoints
+from pjit_llm.checkpoint.exports import load_params
+from pjit_llm.checkpoint.manager import Checkpoints
 from pjit_llm.config import CheckpointConfig, MeshConfig
-from pjit_llm.export import load_params
-from pjit_llm.mesh import make_mesh
-from pjit_llm.optim import make_optimizer, make_schedule
-from pjit_llm.sharding import Layout
-from pjit_llm.train_step import compile_steps, init_state, plan_state
+from pjit_llm.parallel.layout import Layout
+from pjit_llm.parallel.mesh import make_mesh
+from pjit_llm.training.build import build
 
 RUN = [*TINY, "train.log_every=1", "train.eval_every=0", "data.num_workers=2"]
 
@@ -182,56 +182,49 @@ def _batch():
             "positions": np.tile(np.arange(32, dtype=np.int32), (16, 1))}
 
 
-def _setup(shape, devices=None):
-    cfg = tiny_config()
-    layout = Layout(make_mesh(MeshConfig(*shape), devices), cfg.mesh.rules)
-    schedule = make_schedule(cfg.optimizer, cfg.train.steps)
-    tx = make_optimizer(cfg.optimizer, schedule)
-    graphdef, abstract, shardings = plan_state(cfg.model, layout, tx)
-    train_step, _ = compile_steps(graphdef, tx, schedule, 1, layout, shardings)
-    put = lambda b: jax.device_put(b, layout.sharding(("batch", "length")))  # noqa: E731
-    return cfg, layout, tx, abstract, shardings, train_step, put
+def _setup(shape, devices=None, *overrides):
+    parts = build(dataclasses.replace(tiny_config(*overrides), mesh=MeshConfig(*shape)),
+                  devices=devices)
+    put = lambda b: jax.device_put(b, parts.batch_sharding)  # noqa: E731
+    return parts, put
 
 
 def test_restore_onto_other_meshes_and_device_counts(tmp_path):
-    cfg, layout, tx, _, _, train_step, put = _setup((2, 2, 2))
-    state = init_state(cfg.model, layout, tx, seed=0)[1]
-    state, _ = train_step(state, put(_batch()))
+    parts, put = _setup((2, 2, 2))
+    cfg = parts.cfg
+    state, _ = parts.train_step(parts.init_state(), put(_batch()))
     position = iter(grain.MapDataset.range(100).to_iter_dataset())
     next(position)
     ckpts = Checkpoints(tmp_path, CheckpointConfig())
     ckpts.save(1, state, position.get_state(), cfg)
     ckpts.wait()
     saved = jax.tree.map(np.asarray, state)
-    _, metrics = train_step(state, put(_batch()))  # donates `state`
+    _, metrics = parts.train_step(state, put(_batch()))  # donates `state`
     next_loss = float(metrics["loss"])
     for shape, devices in (((1, 4, 1), jax.devices()[:4]), ((1, 1, 1), jax.devices()[:1])):
-        cfg, layout, tx, abstract, shardings, train_step, put = _setup(shape, devices)
+        parts, put = _setup(shape, devices)
         target_iter = iter(grain.MapDataset.range(100).to_iter_dataset())
-        restored, step = Checkpoints(tmp_path, CheckpointConfig()).restore(abstract, target_iter, cfg)
+        restored, step = Checkpoints(tmp_path, CheckpointConfig()).restore(
+            parts.abstract_state, target_iter, parts.cfg)
 
         assert step == 1 and next(target_iter) == 1  # the data position came back too
-        for a, b, s in zip(jax.tree.leaves(restored), jax.tree.leaves(saved), jax.tree.leaves(shardings)):
+        for a, b, s in zip(jax.tree.leaves(restored), jax.tree.leaves(saved),
+                           jax.tree.leaves(parts.shardings)):
             assert a.sharding == s  # restored straight into the target layout
             np.testing.assert_array_equal(np.asarray(a), b)
-        _, metrics = train_step(restored, put(_batch()))
+        _, metrics = parts.train_step(restored, put(_batch()))
         np.testing.assert_allclose(float(metrics["loss"]), next_loss, rtol=2e-5)
 
 
 def test_skipping_a_non_finite_step_leaves_the_state_unchanged():
-    cfg = tiny_config()
-    layout = Layout(make_mesh(MeshConfig(2, 2, 2)), cfg.mesh.rules)
-    schedule = make_schedule(cfg.optimizer, cfg.train.steps)
-    tx = make_optimizer(cfg.optimizer, schedule)
-    graphdef, state, shardings = init_state(cfg.model, layout, tx, seed=0)
+    parts, put = _setup((2, 2, 2), None, "train.max_bad_steps=1")  # skips non-finite steps
+    state = parts.init_state()
     scale = state.params["final_norm"]["scale"]
     scale.set_value(jax.device_put(scale[...].at[0].set(np.inf), scale[...].sharding))
     before = jax.tree.map(np.asarray, (state.params, state.opt_state))
-    train_step, _ = compile_steps(graphdef, tx, schedule, 1, layout, shardings, skip_nonfinite=True)
-    batch = jax.device_put({"tokens": np.zeros((16, 32), np.int32), "segment_ids": np.ones((16, 32), np.int32),
-                            "positions": np.tile(np.arange(32, dtype=np.int32), (16, 1))},
-                           layout.sharding(("batch", "length")))
-    after, metrics = train_step(state, batch)
+    batch = put({"tokens": np.zeros((16, 32), np.int32), "segment_ids": np.ones((16, 32), np.int32),
+                 "positions": np.tile(np.arange(32, dtype=np.int32), (16, 1))})
+    after, metrics = parts.train_step(state, batch)
     assert not np.isfinite(float(metrics["loss"]))
     assert int(after.step) == 1
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b),

@@ -16,14 +16,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import run_cli
-from pjit_llm import convert, hf_config, safetensors_io
+from conftest import build_on, run_cli
+from pjit_llm.interop import hf as convert
+from pjit_llm.interop import safetensors_io
+from pjit_llm.models.llama import hf as hf_config
 from pjit_llm.config import MeshConfig
 from pjit_llm.errors import UserError
-from pjit_llm.export import restore_params, run_config
-from pjit_llm.mesh import make_mesh
-from pjit_llm.sharding import Layout
-from pjit_llm.train_step import abstract_model
+from pjit_llm.checkpoint.runs import restore_params, run_config
+from pjit_llm.parallel.mesh import make_mesh
+from pjit_llm.parallel.layout import Layout
+from pjit_llm.models.llama.model import abstract_model
 
 WORDS = ["[UNK]", "the", "cat", "sat", "on", "a", "mat", "dog", "ran", "to", "red", "big",
          "and", "of", "in", "it", "is", "was", "def", "return"]
@@ -92,8 +94,8 @@ def test_imported_model_gives_the_logits_of_transformers(tmp_path, overrides, me
 
 def test_rope_scaling_changes_the_function():
     """The scaled-rope cases above would pass with scaling ignored if it changed nothing."""
-    from pjit_llm.config import ModelConfig
-    from pjit_llm.model import rope_angles
+    from pjit_llm.models.llama.config import ModelConfig
+    from pjit_llm.models.llama.model import rope_angles
     pos = jnp.arange(40)[None]
     plain = rope_angles(pos, 8, 500.0)[0]
     llama3 = ModelConfig(embed_dim=64, rope_theta=500.0, rope_scaling="llama3", rope_factor=8.0,
@@ -102,7 +104,7 @@ def test_rope_scaling_changes_the_function():
 
 
 def test_converted_model_generates_what_transformers_generates(tmp_path):
-    from pjit_llm.generate import Sampling, generate_texts
+    from pjit_llm.inference.generator import Sampling, generate_texts
     model = hf_llama(tmp_path / "hf", seed=1)
     run = convert.import_hf(tmp_path / "hf", tmp_path / "run")
     prompt = "the cat sat on"
@@ -168,17 +170,14 @@ def test_fine_tuned_export_loads_in_transformers_and_reimports_bit_identically(t
 
 
 def test_init_from_restores_the_parameters_with_a_fresh_optimizer(tmp_path):
-    from pjit_llm.optim import make_optimizer, make_schedule
-    from pjit_llm.train import _init_from
-    from pjit_llm.train_step import plan_state
+    from pjit_llm.training.loop import _init_from
     hf_llama(tmp_path / "hf", num_key_value_heads=4)
     base = convert.import_hf(tmp_path / "hf", tmp_path / "base")
     cfg = run_config(base, [f"train.init_from={base}", "train.run_dir=elsewhere"])
-    layout = Layout(make_mesh(MeshConfig(2, 2, 2)), cfg.mesh.rules)
-    tx = make_optimizer(cfg.optimizer, make_schedule(cfg.optimizer, cfg.train.steps))
-    _, abstract_state, _ = plan_state(cfg.model, layout, tx)
-    state = _init_from(cfg, abstract_state, layout, tx)
-    imported, _ = restore_params(run_config(base), layout, None)
+    parts = build_on(cfg, (2, 2, 2))
+    abstract_state = parts.abstract_state
+    state = _init_from(parts)
+    imported, _ = restore_params(run_config(base), parts.layout, None)
     assert int(state.step) == 0
     for a, b, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(imported),
                           jax.tree.leaves(abstract_state.params), strict=True):
@@ -186,7 +185,7 @@ def test_init_from_restores_the_parameters_with_a_fresh_optimizer(tmp_path):
     assert all(not np.asarray(m).any() for m in jax.tree.leaves(state.opt_state))
     other = run_config(base, [f"train.init_from={base}", "model.num_layers=3"])
     with pytest.raises(UserError, match="has model.num_layers=2 but this run has 3"):
-        _init_from(other, abstract_state, layout, tx)
+        _init_from(build_on(other, (2, 2, 2)))
 
 
 LLAMA = {"architectures": ["LlamaForCausalLM"], "vocab_size": 300, "hidden_size": 64,

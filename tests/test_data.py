@@ -17,7 +17,7 @@ from pjit_llm.data.records import RECORD_BYTES, expand_paths, is_validation, rea
 from pjit_llm.data.sources import Dataset, prepare
 from pjit_llm.data.tokenizer import ByteTokenizer
 from pjit_llm.errors import UserError
-from pjit_llm.mesh import make_mesh
+from pjit_llm.parallel.mesh import make_mesh
 
 TOK = ByteTokenizer()
 

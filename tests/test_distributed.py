@@ -11,7 +11,7 @@ import pytest
 
 from conftest import TINY
 from pjit_llm.config import DistributedConfig, MeshConfig
-from pjit_llm.distributed import LOST_PROCESS_EXIT, detect, first_host
+from pjit_llm.parallel.distributed import LOST_PROCESS_EXIT, detect, first_host
 from pjit_llm.errors import UserError
 from pjit_llm.launch import free_port
 
@@ -58,7 +58,7 @@ def test_detect_kubernetes_and_generic_variables():
 
 
 def test_hybrid_mesh_checks():
-    from pjit_llm.mesh import make_mesh
+    from pjit_llm.parallel.mesh import make_mesh
     with pytest.raises(UserError, match="needs 2 processes but 1 are available"):
         make_mesh(MeshConfig(data=2, fsdp=2, tensor=2, dcn_data=2))
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2, dcn_data=-1))

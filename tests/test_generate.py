@@ -10,14 +10,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import TINY, run_cli, tiny_config
+from conftest import TINY, build_on, run_cli, tiny_config
 from pjit_llm.config import MeshConfig
-from pjit_llm.generate import Generator, Sampling
-from pjit_llm.mesh import make_mesh
-from pjit_llm.optim import make_optimizer, make_schedule
-from pjit_llm.model import Transformer
-from pjit_llm.sharding import Layout, param_shardings
-from pjit_llm.train_step import compile_steps, init_state
+from pjit_llm.inference.generator import Generator, Sampling
+from pjit_llm.models.llama.model import Transformer
+from pjit_llm.parallel.layout import Layout, param_shardings
+from pjit_llm.parallel.mesh import make_mesh
 
 PROMPTS = [np.array([10, 11, 12], np.int32), np.array([40, 41, 42, 43, 44, 45, 46], np.int32),
            np.array([200], np.int32)]
@@ -27,18 +25,15 @@ PROMPTS = [np.array([10, 11, 12], np.int32), np.array([40, 41, 42, 43, 44, 45, 4
 def trained():
     """A tiny model trained for 40 steps to continue counting sequences (t, t+1, ...)."""
     cfg = tiny_config("optimizer.lr=1e-2", "train.steps=40")
-    layout = Layout(make_mesh(MeshConfig(2, 2, 2)), cfg.mesh.rules)
-    schedule = make_schedule(cfg.optimizer, cfg.train.steps)
-    tx = make_optimizer(cfg.optimizer, schedule)
-    graphdef, state, shardings = init_state(cfg.model, layout, tx, seed=0)
-    step, _ = compile_steps(graphdef, tx, schedule, 1, layout, shardings)
+    parts = build_on(cfg, (2, 2, 2))
+    graphdef, state, step = parts.graphdef, parts.init_state(), parts.train_step
     rng = np.random.default_rng(0)
     for _ in range(40):
         starts = rng.integers(0, 200, (16, 1))
         batch = {"tokens": (starts + np.arange(32)).astype(np.int32),
                  "segment_ids": np.ones((16, 32), np.int32),
                  "positions": np.tile(np.arange(32, dtype=np.int32), (16, 1))}
-        state, metrics = step(state, jax.device_put(batch, layout.sharding(("batch", "length"))))
+        state, metrics = step(state, jax.device_put(batch, parts.batch_sharding))
     assert float(metrics["loss"]) < 2.0
     return cfg, graphdef, jax.device_get(state.params)
 

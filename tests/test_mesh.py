@@ -3,7 +3,7 @@ import pytest
 
 from pjit_llm.config import MeshConfig
 from pjit_llm.errors import UserError
-from pjit_llm.mesh import make_mesh, resolve_shape
+from pjit_llm.parallel.mesh import make_mesh, resolve_shape
 
 
 @pytest.mark.parametrize("sizes, expected", [

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pjit_llm.model import Transformer, apply_rope, padded_vocab, rope_angles
-from pjit_llm.train_step import loss_terms
+from pjit_llm.models.llama.model import Transformer, apply_rope, padded_vocab, rope_angles
+from pjit_llm.training.step import loss_terms
 
 L = 32
 

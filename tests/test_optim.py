@@ -5,8 +5,8 @@ from flax import nnx
 
 from pjit_llm.config import OptimizerConfig
 from pjit_llm.errors import UserError
-from pjit_llm.model import Transformer
-from pjit_llm.optim import decay_mask, make_optimizer, make_schedule
+from pjit_llm.models.llama.model import Transformer
+from pjit_llm.training.optim import decay_mask, make_optimizer, make_schedule
 
 
 def test_warmup_then_cosine_to_the_floor():

@@ -2,7 +2,8 @@ import jax
 import pytest
 
 from pjit_llm import perf
-from pjit_llm.config import ModelConfig
+from pjit_llm.models.llama import flops as llama_flops
+from pjit_llm.models.llama.config import ModelConfig
 
 
 def test_model_flops_count_every_matrix_multiply():
@@ -10,10 +11,10 @@ def test_model_flops_count_every_matrix_multiply():
                       vocab_size=384)
     # q, o: 64x64 each; k, v: 64x32 each; MLP: 3 x 64x128; output projection 64x384.
     per_layer = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128
-    assert perf.matmul_params(cfg) == 2 * per_layer + 64 * 384
+    assert llama_flops.matmul_params(cfg) == 2 * per_layer + 64 * 384
     # Attention: scores and weighted sum, 2 x 2 x width x length forward, x3 with the backward
     # pass, halved by the causal mask.
-    assert perf.train_flops_per_token(cfg, 32) == 6 * (2 * per_layer + 64 * 384) + 6 * 2 * 64 * 32
+    assert llama_flops.train_flops_per_token(cfg, 32) == 6 * (2 * per_layer + 64 * 384) + 6 * 2 * 64 * 32
 
 
 def test_peak_flops_table_and_override():
@@ -32,7 +33,7 @@ def test_compiled_step_reports_memory_and_flops():
 
 def test_a_step_that_cannot_fit_is_refused(monkeypatch):
     from pjit_llm.errors import UserError
-    from pjit_llm.train import report_compiled
+    from pjit_llm.training.loop import report_compiled
     compiled = jax.jit(lambda a: a * 2).lower(jax.numpy.ones((256, 256))).compile()
     report_compiled(compiled, 0.1, 1e9)  # no limit on CPU: reported, not refused
     monkeypatch.setattr(perf, "device_memory_limit", lambda device: 1024)

@@ -6,7 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from pjit_llm import safetensors_io as st
+from pjit_llm.interop import safetensors_io as st
 from pjit_llm.errors import UserError
 
 

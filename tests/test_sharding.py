@@ -4,10 +4,7 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from pjit_llm.mesh import make_mesh
-from pjit_llm.optim import make_optimizer, make_schedule
-from pjit_llm.sharding import Layout
-from pjit_llm.train_step import init_state
+from conftest import build_on
 
 # Expected specs written out by hand from the default rules:
 # batch->(data, fsdp), embed->fsdp, heads/kv_heads/mlp/vocab->tensor, layers/head_dim->none.
@@ -44,9 +41,8 @@ def _by_name(tree) -> dict:
 
 
 def _build(cfg):
-    layout = Layout(make_mesh(cfg.mesh), cfg.mesh.rules)
-    tx = make_optimizer(cfg.optimizer, make_schedule(cfg.optimizer, cfg.train.steps))
-    return layout, init_state(cfg.model, layout, tx, seed=0)[1]
+    parts = build_on(cfg, cfg.mesh.shape)
+    return parts.layout, parts.init_state()
 
 
 @pytest.mark.parametrize("name", EXPECTED)
@@ -88,7 +84,7 @@ def test_changing_strategy_is_a_config_edit(tiny):
 
 def test_activation_specs_skip_a_mesh_axis_already_used(tiny):
     cfg = tiny("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
-    layout = Layout(make_mesh(cfg.mesh), cfg.mesh.rules)
+    layout = build_on(cfg, cfg.mesh.shape).layout
     assert layout.spec(("batch", "length", "embed")) == P(("data", "fsdp"), None, None)
     assert layout.spec(("batch", "length", "heads", "head_dim")) == P(("data", "fsdp"), None, "tensor", None)
     assert layout.spec(("embed", "mlp")) == P("fsdp", "tensor")

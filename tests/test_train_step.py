@@ -4,11 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from pjit_llm.config import MeshConfig
-from pjit_llm.mesh import make_mesh
-from pjit_llm.optim import make_optimizer, make_schedule
-from pjit_llm.sharding import Layout
-from pjit_llm.train_step import compile_steps, init_state
+from conftest import build_on
 
 MESHES = {"one device": None, "dp": (8, 1, 1), "fsdp": (1, 8, 1), "tensor": (1, 2, 4),
           "hybrid": (2, 2, 2)}
@@ -30,22 +26,14 @@ def random_rows(cfg, n_rows=64, seed=0) -> dict:
 
 def run_steps(cfg, mesh_shape, steps=3):
     """(losses, params as numpy) after `steps` compiled train steps on the given mesh."""
-    if mesh_shape is None:
-        mesh = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
-    else:
-        d, f, t = mesh_shape
-        mesh = make_mesh(MeshConfig(data=d, fsdp=f, tensor=t))
-    layout = Layout(mesh, cfg.mesh.rules)
-    schedule = make_schedule(cfg.optimizer, cfg.train.steps)
-    tx = make_optimizer(cfg.optimizer, schedule)
-    graphdef, state, shardings = init_state(cfg.model, layout, tx, seed=cfg.train.seed)
-    train_step, _ = compile_steps(graphdef, tx, schedule, cfg.train.grad_accum, layout, shardings)
+    parts = build_on(cfg, mesh_shape)
+    state = parts.init_state()
     rows, B = random_rows(cfg), cfg.data.batch_size
-    sharding = layout.sharding(("batch", "length"))
     losses = []
     for step in range(steps):
-        batch = {k: jax.device_put(v[step * B:(step + 1) * B], sharding) for k, v in rows.items()}
-        state, metrics = train_step(state, batch)
+        batch = {k: jax.device_put(v[step * B:(step + 1) * B], parts.batch_sharding)
+                 for k, v in rows.items()}
+        state, metrics = parts.train_step(state, batch)
         losses.append(float(metrics["loss"]))
     return np.array(losses), jax.tree.map(np.asarray, jax.device_get(state.params))
 
@@ -124,16 +112,11 @@ def test_without_the_segment_mask_documents_see_each_other(tiny, reference):
 def step_temporaries(cfg) -> int:
     """Bytes of temporaries XLA plans for the compiled train step on one device."""
     from pjit_llm import perf
-    from pjit_llm.train_step import plan_state
-    layout = Layout(make_mesh(MeshConfig(data=1), devices=jax.devices()[:1]), cfg.mesh.rules)
-    schedule = make_schedule(cfg.optimizer, cfg.train.steps)
-    tx = make_optimizer(cfg.optimizer, schedule)
-    graphdef, abstract, shardings = plan_state(cfg.model, layout, tx)
+    parts = build_on(cfg)
     shape = (cfg.data.batch_size, cfg.data.seq_len)
-    tokens = jax.ShapeDtypeStruct(shape, np.int32, sharding=layout.sharding(("batch", "length")))
-    step, _ = compile_steps(graphdef, tx, schedule, 1, layout, shardings)
-    compiled = step.lower(abstract, dict.fromkeys(("tokens", "segment_ids", "positions"),
-                                                  tokens)).compile()
+    tokens = jax.ShapeDtypeStruct(shape, np.int32, sharding=parts.batch_sharding)
+    compiled = parts.train_step.lower(parts.abstract_state, dict.fromkeys(
+        ("tokens", "segment_ids", "positions"), tokens)).compile()
     return perf.compiled_memory(compiled)["temporaries"]
 
 

@@ -182,5 +182,10 @@ def main(argv=None) -> None:
           + (f" data.tokenizer_path={out}" if args.out else ""))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script: one-line errors, exit status 2."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -6,7 +6,6 @@ packages. Each timed step is synchronised with the device, so the figures are th
 time, without the training loop around it.
 """
 
-import dataclasses
 import gc
 import statistics
 import time
@@ -15,13 +14,9 @@ import jax
 import numpy as np
 
 from pjit_llm import perf
-from pjit_llm.attention import resolve_attention
 from pjit_llm.config import Config
-from pjit_llm.mesh import make_mesh
-from pjit_llm.model import padded_vocab
-from pjit_llm.optim import make_optimizer, make_schedule
-from pjit_llm.sharding import Layout, bytes_per_device, check_batch
-from pjit_llm.train_step import compile_steps, init_state
+from pjit_llm.parallel.layout import Layout, bytes_per_device
+from pjit_llm.training.build import build
 
 
 def synthetic_batch(cfg: Config, layout: Layout, seed: int = 0) -> dict:
@@ -36,30 +31,15 @@ def synthetic_batch(cfg: Config, layout: Layout, seed: int = 0) -> dict:
             for k, v in host.items()}
 
 
-def with_vocab(cfg: Config) -> Config:
-    """model.vocab_size=0 (follow the tokenizer) made concrete: the byte tokenizer's, as
-    `train` would pick it. Benchmarks load no tokenizer."""
-    if cfg.model.vocab_size:
-        return cfg
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
-                                                              vocab_size=padded_vocab(257)))
-
-
 def measure(cfg: Config, steps: int, warmup: int, profile_dir: str | None = None) -> dict:
     """Compile the configured train step, run `warmup` steps, then time `steps` steps (traced
     with jax.profiler into `profile_dir` when given)."""
-    cfg = with_vocab(cfg)
-    mesh = make_mesh(cfg.mesh)
-    layout = Layout(mesh, cfg.mesh.rules)
-    check_batch(layout, cfg.data.batch_size // cfg.train.grad_accum)
-    model_cfg = resolve_attention(cfg.model, cfg.data.seq_len)
-    schedule = make_schedule(cfg.optimizer, cfg.train.steps)
-    tx = make_optimizer(cfg.optimizer, schedule)
-    graphdef, state, shardings = init_state(model_cfg, layout, tx, cfg.train.seed)
-    batch = synthetic_batch(cfg, layout)
-    step_fn, _ = compile_steps(graphdef, tx, schedule, cfg.train.grad_accum, layout, shardings)
+    parts = build(cfg)
+    cfg = parts.cfg
+    state = parts.init_state()
+    batch = synthetic_batch(cfg, parts.layout)
     start = time.perf_counter()
-    compiled = step_fn.lower(state, batch).compile()
+    compiled = parts.train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
 
     for _ in range(warmup):
@@ -76,20 +56,20 @@ def measure(cfg: Config, steps: int, warmup: int, profile_dir: str | None = None
     if profile_dir:
         jax.profiler.stop_trace()
 
-    devices = mesh.devices.size
-    tokens = cfg.data.batch_size * cfg.data.seq_len
+    devices = parts.mesh.devices.size
+    tokens = parts.tokens_per_step
     median = statistics.median(times)
-    tflops = perf.train_flops_per_token(model_cfg, cfg.data.seq_len) * tokens / median / devices / 1e12
     peak = perf.peak_flops(jax.devices()[0].device_kind, cfg.train.peak_tflops)
+    rates = perf.throughput(parts.flops_per_step, tokens, median, devices, peak)
     memory = perf.compiled_memory(compiled)
     device_peak = perf.device_memory_peak(jax.local_devices()[0])
     row = {
         "params": sum(x.size for x in jax.tree.leaves(state.params)),
         "devices": devices, "device_kind": jax.devices()[0].device_kind,
-        "attention": model_cfg.attention, "tokens_per_step": tokens,
+        "attention": parts.model.attention, "tokens_per_step": tokens,
         "step_s": median, "step_min_s": min(times), "step_max_s": max(times), "steps": steps,
-        "tokens_per_s_per_device": tokens / median / devices,
-        "tflops_per_device": tflops, "mfu": tflops * 1e12 / peak if peak else None,
+        "tokens_per_s_per_device": rates["tokens_per_s"] / devices,
+        "tflops_per_device": rates["tflops_per_device"], "mfu": rates["mfu"],
         # What the device allocator saw where it reports it (GPUs), else XLA's plan.
         "peak_memory": device_peak or (memory["peak"] if memory else None),
         "state_bytes_per_device": bytes_per_device(state),

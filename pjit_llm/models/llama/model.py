@@ -12,15 +12,15 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 
-from pjit_llm.config import ModelConfig
-from pjit_llm.sharding import Layout
+from pjit_llm.models.llama.config import ModelConfig
+from pjit_llm.models.matmul import matmul
+from pjit_llm.parallel.layout import Layout
 
 Axes = tuple[str | None, ...]
 
-# The outputs of a block's linear projections, tagged with checkpoint_name so that a remat
-# policy can keep them while recomputing the cheap elementwise work and the attention.
+# The outputs of a block's linear projections, tagged by `matmul` so that a remat policy can
+# keep them while recomputing the cheap elementwise work and the attention.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "attn_out", "mlp_gate", "mlp_up", "mlp_down")
 
 REMAT_POLICIES: dict[str, Callable | None] = {
@@ -104,12 +104,9 @@ class Attention(nnx.Module):
         cache at each row's start and the queries attend over the cache under `mask`.
         Returns (output, (k_cache, v_cache) or None)."""
         dt = self.cfg.dtype
-        q_BLHK = checkpoint_name(jnp.einsum("BLD,DHK->BLHK", x_BLD, self.wq[...].astype(dt)),
-                                 "q_proj")
-        k_BLGK = checkpoint_name(jnp.einsum("BLD,DGK->BLGK", x_BLD, self.wk[...].astype(dt)),
-                                 "k_proj")
-        v_BLGK = checkpoint_name(jnp.einsum("BLD,DGK->BLGK", x_BLD, self.wv[...].astype(dt)),
-                                 "v_proj")
+        q_BLHK = matmul("BLD,DHK->BLHK", x_BLD, self.wq[...], dt, "q_proj")
+        k_BLGK = matmul("BLD,DGK->BLGK", x_BLD, self.wk[...], dt, "k_proj")
+        v_BLGK = matmul("BLD,DGK->BLGK", x_BLD, self.wv[...], dt, "v_proj")
         q_BLHK = _constrain(self.layout, apply_rope(q_BLHK, sin, cos),
                             ("batch", "length", "heads", "head_dim"))
         k_BLGK = _constrain(self.layout, apply_rope(k_BLGK, sin, cos),
@@ -125,8 +122,7 @@ class Attention(nnx.Module):
         impl = "cudnn" if self.cfg.attention == "cudnn" and kv is None else "xla"
         out_BLHK = jax.nn.dot_product_attention(
             q_BLHK, k_BLGK, v_BLGK, mask=mask_B1LS, is_causal=kv is None, implementation=impl)
-        out_BLD = jnp.einsum("BLHK,HKD->BLD", out_BLHK, self.wo[...].astype(dt))
-        return checkpoint_name(out_BLD, "attn_out"), kv
+        return matmul("BLHK,HKD->BLD", out_BLHK, self.wo[...], dt, "attn_out"), kv
 
 
 class MLP(nnx.Module):
@@ -139,13 +135,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BLD):
         dt = self.cfg.dtype
-        gate_BLF = checkpoint_name(jnp.einsum("BLD,DF->BLF", x_BLD, self.w_gate[...].astype(dt)),
-                                   "mlp_gate")
-        up_BLF = checkpoint_name(jnp.einsum("BLD,DF->BLF", x_BLD, self.w_up[...].astype(dt)),
-                                 "mlp_up")
+        gate_BLF = matmul("BLD,DF->BLF", x_BLD, self.w_gate[...], dt, "mlp_gate")
+        up_BLF = matmul("BLD,DF->BLF", x_BLD, self.w_up[...], dt, "mlp_up")
         h_BLF = _constrain(self.layout, jax.nn.silu(gate_BLF) * up_BLF, ("batch", "length", "mlp"))
-        return checkpoint_name(jnp.einsum("BLF,FD->BLD", h_BLF, self.w_down[...].astype(dt)),
-                               "mlp_down")
+        return matmul("BLF,FD->BLD", h_BLF, self.w_down[...], dt, "mlp_down")
 
 
 class Block(nnx.Module):
@@ -204,7 +197,7 @@ class Transformer(nnx.Module):
         return _constrain(self.layout, w_VD.astype(self.cfg.dtype), ("vocab", None))
 
     def project(self, x_BLD: jax.Array, w_VD: jax.Array) -> jax.Array:
-        logits_BLV = jnp.einsum("BLD,VD->BLV", x_BLD, w_VD)
+        logits_BLV = matmul("BLD,VD->BLV", x_BLD, w_VD, self.cfg.dtype)
         return _constrain(self.layout, logits_BLV, ("batch", "length", "vocab"))
 
     def decode(self, tokens_BL, positions_BL, cache: dict):
@@ -265,3 +258,9 @@ def _index(a: jax.Array, i: int) -> jax.Array:
 
 def _constrain(layout: Layout | None, x: jax.Array, axes: Axes) -> jax.Array:
     return x if layout is None else layout.constrain(x, axes)
+
+
+def abstract_model(cfg: ModelConfig, layout: Layout | None) -> tuple[nnx.GraphDef, nnx.State]:
+    """The model's graph and parameter shapes (with logical axes), without allocating."""
+    model = nnx.eval_shape(lambda: Transformer(cfg, layout, nnx.Rngs(0)))
+    return nnx.split(model)

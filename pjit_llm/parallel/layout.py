@@ -13,7 +13,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pjit_llm.config import Rules
+from pjit_llm.config import MeshConfig, Rules
 from pjit_llm.errors import UserError
 
 
@@ -93,3 +93,12 @@ def bytes_per_device(tree) -> int:
     leaves = jax.tree.leaves(tree)
     device = leaves[0].addressable_shards[0].device
     return sum(s.data.nbytes for a in leaves for s in a.addressable_shards if s.device == device)
+
+
+def conversion_mesh(embed_dim: int) -> tuple[MeshConfig, list[jax.Device]]:
+    """The mesh import and export place a model on: FSDP over as many devices as the width
+    divides (`embed` is the only axis the default rules shard on it), so no device needs
+    room for the whole model. Returns the mesh config and the devices it spans."""
+    n = jax.device_count()
+    fsdp = max(k for k in range(1, n + 1) if n % k == 0 and embed_dim % k == 0)
+    return MeshConfig(data=1, fsdp=fsdp), jax.devices()[:fsdp]

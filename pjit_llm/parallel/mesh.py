@@ -1,4 +1,4 @@
-"""The device mesh: axes (data, fsdp, tensor) sized from the config, -1 filling the rest.
+"""The device mesh: the axes of parallel/axes.py sized from the config, -1 filling the rest.
 
 Across hosts, `mesh.dcn_*` say how many pieces of each axis lie in different processes
 (data parallel across nodes, FSDP within one, for instance); the rest of each axis is
@@ -12,14 +12,15 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-from pjit_llm.config import MESH_AXES, MeshConfig
+from pjit_llm.config import MeshConfig
 from pjit_llm.errors import UserError
+from pjit_llm.parallel.axes import AXIS_NAMES
 
 
 def _fill(sizes, total: int, what: str, prefix: str = "") -> tuple[int, ...]:
     """Replace a -1 by what the other sizes leave; refuse a product that is not `total`."""
     sizes = list(sizes)
-    named = ", ".join(f"{prefix}{n}={s}" for n, s in zip(MESH_AXES, sizes))
+    named = ", ".join(f"{prefix}{n}={s}" for n, s in zip(AXIS_NAMES, sizes))
     if -1 in sizes:
         rest = math.prod(s for s in sizes if s != -1)
         if total % rest:
@@ -48,19 +49,19 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     """A mesh over `devices` (default: all), GSPMD (Auto) axes so XLA propagates shardings."""
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_shape(cfg, len(devices))
-    if cfg.dcn_shape == (1, 1, 1):
+    if all(n == 1 for n in cfg.dcn_shape):
         # Sorting by process keeps each process's devices contiguous along the leading axes.
         devices.sort(key=lambda d: (d.process_index, d.id))
         array = np.array(devices).reshape(shape)
     else:
         array = _hybrid(cfg, shape, devices)
-    return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return Mesh(array, AXIS_NAMES, axis_types=(AxisType.Auto,) * len(AXIS_NAMES))
 
 
 def _hybrid(cfg: MeshConfig, shape, devices) -> np.ndarray:
     processes = len({d.process_index for d in devices})
     dcn = _fill(cfg.dcn_shape, processes, "processes", prefix="dcn_")
-    for name, size, across in zip(MESH_AXES, shape, dcn):
+    for name, size, across in zip(AXIS_NAMES, shape, dcn):
         if size % across:
             raise UserError(f"mesh.{name}={size} cannot be split into mesh.dcn_{name}={across} "
                             "pieces across processes; make dcn_* divide the axis sizes")

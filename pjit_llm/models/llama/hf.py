@@ -1,4 +1,5 @@
-"""Hugging Face Llama `config.json` <-> ModelConfig, refusing what the model cannot express.
+"""The Llama family in Hugging Face's format: `config.json` <-> ModelConfig, and which
+safetensors tensor holds which of our parameters (in which layout).
 
 Only what our transformer computes exactly is accepted: a Llama decoder (RMSNorm, rotary
 positions with no, linear or Llama 3 scaling, grouped-query attention, SwiGLU without
@@ -9,9 +10,15 @@ rotary settings are read: `rope_theta` + `rope_scaling` (transformers 4) and
 """
 
 import dataclasses
+import math
 
-from pjit_llm.config import ModelConfig
+import jax
+import numpy as np
+from flax import nnx
+
 from pjit_llm.errors import UserError
+from pjit_llm.models.llama.config import ModelConfig
+from pjit_llm.models.llama.model import abstract_model
 
 ARCHITECTURE = "LlamaForCausalLM"
 # Mistral computes the same function as Llama when it has no sliding window.
@@ -110,3 +117,56 @@ def hf_config(cfg: ModelConfig, dtype: str, eos_id: int | None = None) -> dict:
     if eos_id is not None:
         out["eos_token_id"] = eos_id
     return out
+
+
+# ---------------------------------------------------------------- weights
+
+# (our path, HF name, leading dims of ours that form HF's input axis). HF Linear weights are
+# (out, in): ours (D, H, K) is q_proj (H*K, D) transposed, so 1; wo (H, K, D) is o_proj
+# (D, H*K) transposed, so 2. 0: the same layout. "{i}" is the layer.
+LAYER_WEIGHTS = [
+    (("blocks", "attn_norm", "scale"), "model.layers.{i}.input_layernorm.weight", 0),
+    (("blocks", "attn", "wq"), "model.layers.{i}.self_attn.q_proj.weight", 1),
+    (("blocks", "attn", "wk"), "model.layers.{i}.self_attn.k_proj.weight", 1),
+    (("blocks", "attn", "wv"), "model.layers.{i}.self_attn.v_proj.weight", 1),
+    (("blocks", "attn", "wo"), "model.layers.{i}.self_attn.o_proj.weight", 2),
+    (("blocks", "mlp_norm", "scale"), "model.layers.{i}.post_attention_layernorm.weight", 0),
+    (("blocks", "mlp", "w_gate"), "model.layers.{i}.mlp.gate_proj.weight", 1),
+    (("blocks", "mlp", "w_up"), "model.layers.{i}.mlp.up_proj.weight", 1),
+    (("blocks", "mlp", "w_down"), "model.layers.{i}.mlp.down_proj.weight", 1),
+]
+TOP_WEIGHTS = [
+    (("embed",), "model.embed_tokens.weight", 0),
+    (("final_norm", "scale"), "model.norm.weight", 0),
+    (("unembed",), "lm_head.weight", 1),
+]
+
+
+def to_ours(w: np.ndarray, shape: tuple[int, ...], in_dims: int) -> np.ndarray:
+    return w.T.reshape(shape) if in_dims else w
+
+
+def to_hf(a: np.ndarray, in_dims: int) -> np.ndarray:
+    return a.reshape(math.prod(a.shape[:in_dims]), -1).T if in_dims else a
+
+
+def param_path(keys) -> tuple[str, ...]:
+    """A parameter's tree path as plain strings, e.g. ("blocks", "attn", "wq")."""
+    return tuple(str(getattr(k, "key", k)) for k in keys)
+
+
+def hf_tensors(model: ModelConfig) -> list[tuple[str, tuple, int, int | None, tuple[int, ...]]]:
+    """Every HF tensor of a model config, in HF's order: (name, our path, in_dims, layer or
+    None, HF shape)."""
+    abstract = abstract_model(model, None)[1]
+    shapes = {param_path(p): v.shape for p, v in jax.tree_util.tree_leaves_with_path(
+        abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))}
+
+    def hf_shape(shape, in_dims):  # (out, in) for a Linear weight
+        return (math.prod(shape[in_dims:]), math.prod(shape[:in_dims])) if in_dims else shape
+
+    embed, *rest = [(name, path, in_dims, None, hf_shape(shapes[path], in_dims))
+                    for path, name, in_dims in TOP_WEIGHTS if path in shapes]
+    layers = [(name.format(i=i), path, in_dims, i, hf_shape(shapes[path][1:], in_dims))
+              for i in range(model.num_layers) for path, name, in_dims in LAYER_WEIGHTS]
+    return [embed, *layers, *rest]

@@ -11,9 +11,12 @@ import sys
 
 import jax
 
+# Steps the loop dispatches ahead of the device at most (actions.InFlight), on CPU and across
+# processes.
+MAX_IN_FLIGHT = 16
 # Steps ahead of the asking process's step at which all processes stop. It must exceed how
-# far apart the processes' host loops can be: the loop keeps at most 16 steps in flight.
-STOP_MARGIN = 32
+# far apart the processes' host loops can be, which the in-flight bound limits.
+STOP_MARGIN = 2 * MAX_IN_FLIGHT
 _STOP_KEY = "pjit_llm/stop_after_step"
 
 
@@ -32,7 +35,7 @@ class StopRequest:
         """Whether to stop after `step`, agreed across processes."""
         if jax.process_count() == 1:
             return self.requested
-        from pjit_llm.distributed import kv_client, kv_try_get
+        from pjit_llm.parallel.distributed import kv_client, kv_try_get
         client = kv_client()
         target = kv_try_get(client, _STOP_KEY)
         if target is None and self.requested:

@@ -12,7 +12,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from pjit_llm.config import ModelConfig
+from pjit_llm.models.llama.config import ModelConfig
 from pjit_llm.errors import UserError, first_line
 from pjit_llm.metrics import info
 

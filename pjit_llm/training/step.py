@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from pjit_llm.config import ModelConfig
-from pjit_llm.model import Transformer
-from pjit_llm.sharding import Layout, check_divisible, param_shardings
+from pjit_llm.models.llama.config import ModelConfig
+from pjit_llm.models.llama.model import Transformer, abstract_model
+from pjit_llm.parallel.layout import Layout, check_divisible, param_shardings
 
 Batch = dict[str, jax.Array]
 
@@ -24,12 +24,6 @@ class TrainState:
     step: jax.Array
     params: nnx.State
     opt_state: optax.OptState
-
-
-def abstract_model(cfg: ModelConfig, layout: Layout | None) -> tuple[nnx.GraphDef, nnx.State]:
-    """The model's graph and parameter shapes (with logical axes), without allocating."""
-    model = nnx.eval_shape(lambda: Transformer(cfg, layout, nnx.Rngs(0)))
-    return nnx.split(model)
 
 
 def state_shardings(layout: Layout, tx: optax.GradientTransformation, abstract_params):

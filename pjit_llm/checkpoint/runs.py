@@ -1,0 +1,100 @@
+"""Loading what a run directory holds: its recorded config, and its parameters without the
+optimizer state, restored straight into the shardings of whatever mesh the caller has.
+
+A run directory is written by training (config.yaml, checkpoints/) or by a Hugging Face
+import (config.yaml, params/); an export (pjit_llm.export) holds model.yaml and params/.
+"""
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from pjit_llm.checkpoint.manager import Checkpoints, checkpoint_dir
+from pjit_llm.config import Config, load_config
+from pjit_llm.errors import UserError, first_line
+from pjit_llm.models.llama.config import ModelConfig
+from pjit_llm.models.llama.model import abstract_model
+from pjit_llm.parallel.layout import Layout, check_divisible, param_shardings
+
+PARAMS_DIR = "params"  # parameters alone, in an export or an imported run directory
+
+
+def run_config(run_dir: Path, overrides=(), emulate_devices: int = 0) -> Config:
+    """A training run's recorded config with `overrides`, its run directory pointing at
+    `run_dir` (so checkpoints are found wherever the directory now is)."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.yaml); pass --run the "
+                        "train.run_dir of a training run")
+    extra = [f"mesh.emulate_devices={emulate_devices}"] if emulate_devices else []
+    cfg = load_config(str(path), list(overrides) + extra)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=str(run_dir)))
+
+
+def restore_params(cfg: Config, layout: Layout, step: int | None):
+    """(params, step) of a run, restored straight into `layout`'s shardings and without the
+    optimizer state: from a training checkpoint (the latest when `step` is None) or, in a run
+    holding parameters alone (imported by pjit_llm.convert, not trained since), as step 0."""
+    where, prefix, step = params_location(cfg, step)
+    return restore_partial(where, prefix, params_target(cfg.model, layout)), step
+
+
+def params_location(cfg: Config, step: int | None) -> tuple[Path, tuple[str, ...], int]:
+    """(Orbax item directory, key path of the parameters inside it, step) of a run."""
+    ckpts = Checkpoints(checkpoint_dir(cfg), dataclasses.replace(cfg.checkpoint, async_save=False))
+    try:
+        steps = ckpts.manager.all_steps()
+    finally:
+        ckpts.close()
+    params_only = Path(cfg.train.run_dir).absolute() / PARAMS_DIR
+    if not steps and params_only.is_dir():
+        if step not in (None, 0):
+            raise UserError(f"{cfg.train.run_dir} holds imported parameters alone (step 0) "
+                            f"and no checkpoint for step {step}; drop --step")
+        return params_only, (), 0
+    if not steps:
+        raise UserError(f"no checkpoints in {ckpts.directory}; train first")
+    step = max(steps) if step is None else step
+    if step not in steps:
+        raise UserError(f"no checkpoint for step {step} in {ckpts.directory}; it has "
+                        f"{', '.join(map(str, sorted(steps)))}")
+    return ckpts.directory / str(step) / "state", ("params",), step
+
+
+def params_target(model: ModelConfig, layout: Layout):
+    """The parameters' shapes and dtypes with their shardings in `layout`: a restore target."""
+    _, abstract = abstract_model(model, layout)
+    check_divisible(layout, abstract)
+    shardings = param_shardings(layout, abstract)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+
+
+def restore_partial(where: Path, prefix: tuple[str, ...], target):
+    """The arrays of the Orbax checkpoint item `where` that `target` names under `prefix`,
+    nothing else: parameters without optimizer state, or a single parameter. Abstract arrays
+    with a sharding are restored into it; without, as numpy arrays on the host (read once, no
+    device copy)."""
+    item = target
+    for key in reversed(prefix):
+        item = {key: item}
+
+    def restore_arg(a):
+        if getattr(a, "sharding", None) is None:
+            return ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype)
+        return ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype)
+
+    restore_args = jax.tree.map(restore_arg, item)
+    try:
+        out = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(where, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True))
+    except Exception as e:  # Orbax/TensorStore raise many types for damaged or mismatched files
+        reason = first_line(e)
+        raise UserError(f"the parameters in {where} are unreadable or do not match the model "
+                        f"config ({reason})") from None
+    for key in prefix:
+        out = out[key]
+    return out

@@ -1,0 +1,1 @@
+"""Inference on the mesh: generation with a key/value cache, and held-out evaluation."""

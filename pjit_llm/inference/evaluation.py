@@ -1,0 +1,42 @@
+"""Held-out evaluation: the mean next-token loss over fixed validation batches, as perplexity
+and (for byte-level tokens) bits per byte. Training evaluates this way at its intervals, and
+`evaluate_run` does the same for a run directory's checkpoint on any mesh."""
+
+import math
+from pathlib import Path
+
+
+def evaluate(eval_step, params, batches: list, byte_level: bool) -> dict:
+    """Mean loss over all predicted tokens of the fixed validation batches."""
+    totals = [eval_step(params, batch) for batch in batches]
+    loss_sum = sum(float(t["loss_sum"]) for t in totals)
+    count = sum(float(t["tokens"]) for t in totals)
+    loss = loss_sum / max(count, 1.0)
+    result = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 80.0))}
+    if byte_level:  # one token per byte (document ends aside): nats/token -> bits/byte
+        result["eval_bits_per_byte"] = loss / math.log(2)
+    return result
+
+
+def evaluate_run(run: Path, step: int | None = None, batches: int | None = None, overrides=(),
+                 emulate_devices: int = 0) -> tuple[int, dict]:
+    """(step, figures) of the run directory's checkpoint `step` (default the latest) on the
+    validation batches of its config with `overrides` (default train.eval_batches of them)."""
+    from pjit_llm.checkpoint.runs import restore_params, run_config
+    from pjit_llm.data.loader import eval_batches
+    from pjit_llm.data.tokenizer import ByteTokenizer
+    from pjit_llm.metrics import info
+    from pjit_llm.parallel import distributed
+    from pjit_llm.parallel.mesh import describe, use_emulated_devices
+    from pjit_llm.training.build import build, open_data
+
+    cfg = run_config(run, overrides, emulate_devices)
+    use_emulated_devices(cfg.mesh.emulate_devices)
+    distributed.initialize(cfg.distributed)
+    dataset, tokenizer = open_data(cfg)
+    parts = build(cfg, tokenizer.vocab_size)
+    info(describe(parts.mesh))
+    params, step = restore_params(parts.cfg, parts.layout, step)
+    val = eval_batches(dataset, tokenizer, cfg.data, parts.batch_sharding,
+                       batches or cfg.train.eval_batches)
+    return step, evaluate(parts.eval_step, params, val, isinstance(tokenizer, ByteTokenizer))

@@ -1,0 +1,1 @@
+"""Other formats: safetensors files and Hugging Face checkpoints."""

@@ -1,0 +1,66 @@
+"""The Llama family's configuration: the `model` section of the config tree."""
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pjit_llm.errors import UserError, require_positive
+
+DType = Literal["float32", "bfloat16"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 0  # 0: the tokenizer's vocabulary, rounded up to a multiple of 128
+    num_layers: int = 4
+    embed_dim: int = 256
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_dim: int = 768
+    max_len: int = 2048
+    rope_theta: float = 10000.0
+    rope_scaling: Literal["none", "linear", "llama3"] = "none"  # stretch positions (long context)
+    rope_factor: float = 1.0  # linear, llama3: how many times the context is stretched
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_original_max_len: int = 8192  # llama3: the context length before stretching
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    param_dtype: DType = "float32"
+    dtype: DType = "float32"  # compute dtype; the loss is always float32
+    scan_layers: bool = True
+    # What the backward pass keeps of each layer's forward pass (the rest is recomputed):
+    # none keeps all; full keeps nothing; dots keeps every matmul output; proj keeps the
+    # linear projections' outputs; proj_offload keeps those in host memory.
+    remat: Literal["none", "full", "dots", "proj", "proj_offload"] = "none"
+    attention: Literal["auto", "xla", "cudnn"] = "auto"  # auto: cuDNN where it runs, else XLA
+    segment_mask: bool = True  # false: packed documents may attend to each other (faster)
+    loss_chunk: int = 0  # >0: cross-entropy over chunks of this many positions (less memory)
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    def validate(self) -> None:
+        require_positive(self, "model", "num_layers", "embed_dim", "num_heads", "num_kv_heads",
+                  "mlp_dim", "max_len", "rope_theta", "norm_eps", "init_std", "rope_factor",
+                  "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len")
+        if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise UserError("model.rope_high_freq_factor must exceed model.rope_low_freq_factor "
+                            "for rope_scaling=llama3")
+        for name in ("vocab_size", "loss_chunk"):
+            if getattr(self, name) < 0:
+                raise UserError(f"model.{name} must be >= 0 (0: "
+                                f"{'follow the tokenizer' if name == 'vocab_size' else 'no chunks'})")
+        if self.embed_dim % self.num_heads:
+            raise UserError(f"model.num_heads={self.num_heads} does not divide model.embed_dim="
+                            f"{self.embed_dim}; pick a head count that divides the width")
+        if self.head_dim % 2:
+            raise UserError(f"head dimension embed_dim/num_heads={self.head_dim} must be even "
+                            "for rotary embeddings; change model.embed_dim or model.num_heads")
+        if self.attention == "cudnn" and self.dtype != "bfloat16":
+            raise UserError("model.attention=cudnn needs model.dtype=bfloat16 (cuDNN attention "
+                            "runs in half precision); set it or use model.attention=xla")
+        if self.num_heads % self.num_kv_heads:
+            raise UserError(f"model.num_kv_heads={self.num_kv_heads} must divide model.num_heads="
+                            f"{self.num_heads} (grouped-query attention)")

@@ -1,0 +1,160 @@
+"""The training loop's periodic actions, each a small object the loop calls at its steps:
+reading metrics (log lines, non-finite losses), bounding the steps in flight, evaluation with
+samples, and profiling. Checkpointing is Checkpoints (checkpoint/manager.py) and the stop
+request is StopRequest (preemption.py)."""
+
+import collections
+import math
+import time
+from pathlib import Path
+
+import jax
+
+from pjit_llm import perf
+from pjit_llm.config import Config
+from pjit_llm.errors import UserError
+from pjit_llm.inference.evaluation import evaluate
+from pjit_llm.inference.generator import Generator
+from pjit_llm.metrics import MetricsLog, info
+from pjit_llm.training.preemption import MAX_IN_FLIGHT
+
+
+class MetricsReader:
+    """Collects each step's device metrics and reads them to the host only when asked: at
+    log intervals (one step late, while the device works on the next), before a save (so a
+    non-finite state is never saved) and at the end. Too many non-finite losses stop the run."""
+
+    def __init__(self, cfg: Config, log: MetricsLog, flops_per_step: float, tokens_per_step: int,
+                 first_step: int, last_checkpoint):
+        self.cfg, self.log = cfg, log
+        self.flops_per_step, self.tokens_per_step = flops_per_step, tokens_per_step
+        self.last_checkpoint = last_checkpoint  # () -> the newest saved step, or None
+        self.peak = perf.peak_flops(jax.devices()[0].device_kind, cfg.train.peak_tflops)
+        self.unread: list[tuple[int, dict]] = []
+        self.bad_steps = 0
+        self.last: dict = {}
+        self.start = time.perf_counter()
+        self.mark = (first_step, self.start)  # (step, time) throughput is measured from
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.unread.append((step, metrics))
+
+    def restart_clock(self, step: int) -> None:
+        """Time spent from here to `step` (evaluating, say) is not training throughput."""
+        self.mark = (step, time.perf_counter())
+
+    def read(self, log_it: bool) -> None:
+        """Pull the unread metrics to the host, stop on non-finite losses, log a line."""
+        if not self.unread:
+            return
+        steps, host = [s for s, _ in self.unread], jax.device_get([m for _, m in self.unread])
+        self.unread = []
+        finite = [math.isfinite(float(m["loss"])) for m in host]
+        self.bad_steps += finite.count(False)
+        if self.bad_steps > self.cfg.train.max_bad_steps:
+            raise UserError(non_finite_message(steps[finite.index(False)], self.last_checkpoint()))
+        if log_it:
+            self._log(steps, host, finite)
+
+    def _log(self, steps: list[int], host: list[dict], finite: list[bool]) -> None:
+        now = time.perf_counter()
+        good = [m for m, ok in zip(host, finite) if ok] or host
+        steps_done = steps[-1] - self.mark[0]
+        rates = perf.throughput(steps_done * self.flops_per_step,
+                                steps_done * self.tokens_per_step, now - self.mark[1],
+                                jax.device_count(), self.peak)
+        record = {"step": steps[-1], "loss": sum(float(m["loss"]) for m in good) / len(good),
+                  "grad_norm": float(host[-1]["grad_norm"]), "lr": float(host[-1]["lr"]),
+                  "tokens_per_s": rates["tokens_per_s"],
+                  "step_s": (now - self.mark[1]) / max(steps_done, 1),
+                  "tflops_per_device": rates["tflops_per_device"], "elapsed_s": now - self.start}
+        if rates["mfu"] is not None:
+            record["mfu"] = rates["mfu"]
+        in_use = perf.device_memory_in_use(jax.local_devices()[0])
+        if in_use is not None:
+            record["memory_gib"] = in_use / 2**30
+        if self.bad_steps:
+            record["skipped_steps"] = self.bad_steps
+        self.mark = (steps[-1], now)
+        self.log.write(record)
+        self.last.update(record)
+
+
+def non_finite_message(bad_step: int, kept: tuple | None) -> str:
+    """What to say when the loss is not finite at `bad_step`; `kept` is (directory, step) of
+    the newest checkpoint, or None."""
+    where = (f"the last good checkpoint is step {kept[1]} in {kept[0]}; " if kept else "")
+    return (f"the training loss was not finite at step {bad_step}; {where}lower optimizer.lr, "
+            "raise optimizer.warmup_steps, or allow skipping with train.max_bad_steps")
+
+
+class InFlight:
+    """Bounds the steps dispatched and not yet finished. XLA:CPU collectives deadlock with
+    too many in flight; across processes the bound also keeps the host loops within a few
+    steps of each other, which the agreed stop step relies on (preemption.py)."""
+
+    def __init__(self, bounded: bool, limit: int = MAX_IN_FLIGHT):
+        self.bounded, self.limit = bounded, limit
+        self.queue = collections.deque()
+
+    def add(self, metrics) -> None:
+        if self.bounded:
+            self.queue.append(metrics)
+            if len(self.queue) > self.limit:
+                jax.block_until_ready(self.queue.popleft())
+
+
+class Evaluation:
+    """The held-out loss at train.eval_every and at the end, with sampled continuations of
+    train.sample_prompts (to the console and TensorBoard's text tab)."""
+
+    def __init__(self, cfg: Config, eval_step, val_batches: list, tokenizer, log: MetricsLog,
+                 generator: Generator | None, byte_level: bool):
+        self.cfg, self.eval_step, self.val_batches = cfg, eval_step, val_batches
+        self.tokenizer, self.log, self.generator, self.byte_level = tokenizer, log, generator, byte_level
+
+    def due(self, step: int) -> bool:
+        every = self.cfg.train.eval_every
+        return (every and step % every == 0) or step == self.cfg.train.steps
+
+    def __call__(self, params, step: int) -> dict:
+        result = evaluate(self.eval_step, params, self.val_batches, self.byte_level)
+        self.log.write({"step": step, **result})
+        if self.generator is not None:
+            self.samples(params, step)
+        return result
+
+    def samples(self, params, step: int) -> None:
+        cfg, tokenizer = self.cfg, self.tokenizer
+        prompts = list(cfg.train.sample_prompts)
+        new = min(cfg.train.sample_tokens,
+                  cfg.model.max_len - max(len(tokenizer.encode(p)) for p in prompts))
+        if new < 1:
+            return
+        out = self.generator.generate(params, [tokenizer.encode(p) for p in prompts], new,
+                                      tokenizer.eos_id)
+        for i, (prompt, ids) in enumerate(zip(prompts, out)):
+            text = prompt + tokenizer.decode(ids)
+            info(f"sample {i} at step {step}: {text!r}")
+            self.log.text(f"samples/{i}", text, step)
+
+
+class Profiler:
+    """A jax.profiler trace of train.profile_steps [first, last] into RUN/profile."""
+
+    def __init__(self, steps: tuple[int, ...], run_dir: str):
+        self.steps, self.directory = steps, Path(run_dir) / "profile"
+        self.tracing = False
+
+    def before(self, step: int) -> None:
+        if self.steps and step == self.steps[0]:
+            jax.profiler.start_trace(str(self.directory))
+            self.tracing = True
+
+    def after(self, step: int, metrics) -> None:
+        if self.tracing and step == self.steps[1]:
+            self.tracing = False
+            jax.block_until_ready(metrics)
+            jax.profiler.stop_trace()
+            info(f"wrote a profile of steps {self.steps[0]}-{self.steps[1]} to {self.directory} "
+                 "(TensorBoard's profile tab or Perfetto)")

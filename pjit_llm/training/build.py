@@ -1,0 +1,107 @@
+"""The builder: everything a run computes with, assembled from a config in one place.
+
+config -> mesh -> layout -> vocabulary (from the tokenizer) -> optimizer and schedule -> state
+plan (shapes, dtypes and shardings; nothing allocated) -> the jitted train and eval steps.
+Training, evaluation, generation, conversion and the benchmarks all build through `build`,
+so they agree on every one of these choices. Nothing here reads data or allocates the model
+(`Components.init_state` does, when asked); jitted steps compile on first use.
+"""
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import jax
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from pjit_llm import perf
+from pjit_llm.config import Config
+from pjit_llm.data.tokenizer import ByteTokenizer
+from pjit_llm.errors import UserError
+from pjit_llm.models.attention import resolve_attention
+from pjit_llm.models.llama.config import ModelConfig
+from pjit_llm.models.llama.model import padded_vocab
+from pjit_llm.parallel.layout import Layout, check_batch, conversion_mesh
+from pjit_llm.parallel.mesh import make_mesh
+from pjit_llm.training.optim import make_optimizer, make_schedule
+from pjit_llm.training.step import TrainState, compile_steps, init_state, plan_state
+
+
+@dataclass(frozen=True)
+class Components:
+    cfg: Config  # the vocabulary made concrete; model.attention as asked (what a run records)
+    model: ModelConfig  # cfg.model with the attention kernel this backend runs
+    mesh: Mesh
+    layout: Layout
+    schedule: optax.Schedule
+    tx: optax.GradientTransformation
+    graphdef: nnx.GraphDef
+    abstract_state: TrainState  # shapes and dtypes carrying their shardings: a restore target
+    shardings: TrainState
+    train_step: Callable  # jitted (state, batch) -> (state, metrics); donates the state
+    eval_step: Callable  # jitted (params, batch) -> {"loss_sum", "tokens"}
+
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        return self.layout.sharding(("batch", "length"))
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.data.batch_size * self.cfg.data.seq_len
+
+    @property
+    def flops_per_step(self) -> float:
+        return perf.flops_per_step(self.model, self.cfg.data.batch_size, self.cfg.data.seq_len)
+
+    def init_state(self, seed: int | None = None) -> TrainState:
+        """A fresh state, created directly in its shardings (default seed: train.seed)."""
+        seed = self.cfg.train.seed if seed is None else seed
+        return init_state(self.model, self.layout, self.tx, seed)[1]
+
+
+def resolve_vocab(cfg: Config, tokenizer_vocab: int) -> Config:
+    """model.vocab_size=0 made concrete: the tokenizer's, rounded up to a multiple of 128."""
+    vocab = cfg.model.vocab_size or padded_vocab(tokenizer_vocab)
+    if vocab < tokenizer_vocab:
+        raise UserError(f"model.vocab_size={vocab} is smaller than the tokenizer's "
+                        f"{tokenizer_vocab} tokens; raise it or set 0 to follow the tokenizer")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+
+
+def build(cfg: Config, tokenizer_vocab: int = ByteTokenizer.vocab_size,
+          devices: Sequence[jax.Device] | None = None, batches: bool = True) -> Components:
+    """Assemble a run from `cfg` on `devices` (default: all). `tokenizer_vocab` sizes a
+    vocabulary the config leaves at 0; without a tokenizer, the byte tokenizer's. `batches`
+    refuses a batch that does not split over the mesh (off for conversions, which feed none)."""
+    cfg = resolve_vocab(cfg, tokenizer_vocab)
+    mesh = make_mesh(cfg.mesh, devices)
+    layout = Layout(mesh, cfg.mesh.rules)
+    if batches:
+        check_batch(layout, cfg.data.batch_size // cfg.train.grad_accum)
+    schedule = make_schedule(cfg.optimizer, cfg.train.steps)
+    tx = make_optimizer(cfg.optimizer, schedule)
+    model = resolve_attention(cfg.model, cfg.data.seq_len)
+    graphdef, abstract_state, shardings = plan_state(model, layout, tx)
+    train_step, eval_step = compile_steps(graphdef, tx, schedule, cfg.train.grad_accum, layout,
+                                          shardings, skip_nonfinite=cfg.train.max_bad_steps > 0)
+    return Components(cfg, model, mesh, layout, schedule, tx, graphdef, abstract_state, shardings,
+                      train_step, eval_step)
+
+
+def conversion_build(cfg: Config) -> Components:
+    """`cfg`'s model placed the way import and export place one (parallel.layout's
+    conversion_mesh): sharded over as many devices as its width divides."""
+    mesh_cfg, devices = conversion_mesh(cfg.model.embed_dim)
+    return build(dataclasses.replace(cfg, mesh=mesh_cfg), devices=devices, batches=False)
+
+
+def open_data(cfg: Config):
+    """(dataset, tokenizer) of the config: the dataset prepared on first use (by process 0
+    when there are several), the tokenizer that the model's vocabulary follows."""
+    from pjit_llm.data.sources import prepare_shared  # Grain and TFDS: only runs that read data
+    from pjit_llm.data.tokenizer import load_tokenizer
+
+    dataset = prepare_shared(cfg.data)
+    return dataset, load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path, dataset.directory)

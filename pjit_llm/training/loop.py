@@ -1,0 +1,216 @@
+"""Training a configured run: build, resume or initialise, then the loop.
+
+The loop dispatches steps without waiting on the device and calls the periodic actions
+(actions.py) at their steps: metrics are read one step late at log intervals, evaluation and
+samples at eval_every, checkpoints at checkpoint.every, a profile over profile_steps, and a
+stop request (SIGTERM/SIGINT, or another process's) ends the run after a save.
+"""
+
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import yaml
+
+from pjit_llm import perf
+from pjit_llm.checkpoint.manager import FIXED_FIELDS, Checkpoints, checkpoint_dir
+from pjit_llm.checkpoint.runs import restore_params, run_config
+from pjit_llm.config import Config
+from pjit_llm.data.loader import Loader, eval_batches
+from pjit_llm.data.sources import Dataset
+from pjit_llm.data.tokenizer import ByteTokenizer, Tokenizer
+from pjit_llm.errors import UserError
+from pjit_llm.inference.generator import Generator, Sampling
+from pjit_llm.metrics import MetricsLog, human_bytes, human_count, info
+from pjit_llm.parallel.layout import bytes_per_device
+from pjit_llm.parallel.mesh import describe
+from pjit_llm.training.actions import Evaluation, InFlight, MetricsReader, Profiler
+from pjit_llm.training.build import Components, build
+from pjit_llm.training.preemption import StopRequest
+from pjit_llm.training.step import TrainState
+
+
+def train(cfg: Config, dataset: Dataset, tokenizer: Tokenizer) -> dict:
+    """Run (or resume) the configured training; returns the last logged metrics."""
+    parts = build(cfg, tokenizer.vocab_size)
+    cfg = parts.cfg
+    val_batches = eval_batches(dataset, tokenizer, cfg.data, parts.batch_sharding,
+                               cfg.train.eval_batches)
+    if cfg.train.init_from and not checkpoint_dir(cfg).is_dir():
+        _init_source(cfg)  # a new run: refuse a mismatch before creating any directory
+    ckpts = Checkpoints(checkpoint_dir(cfg), cfg.checkpoint)
+    loader = Loader(dataset, tokenizer, cfg.data, parts.batch_sharding)
+    try:
+        state = _resume_or_init(parts, ckpts, loader)
+        run_dir = Path(cfg.train.run_dir)
+        if jax.process_index() == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        n_params = sum(x.size for x in jax.tree.leaves(state.params))
+        info(describe(parts.mesh))
+        info(f"model {human_count(n_params)} parameters; per device: params "
+             f"{human_bytes(bytes_per_device(state.params))}, optimizer state "
+             f"{human_bytes(bytes_per_device(state.opt_state))}")
+        info(f"data: {len(dataset.train):,} train / {len(dataset.val):,} validation records in "
+             f"{dataset.directory}; {type(tokenizer).__name__} of {tokenizer.vocab_size} tokens; "
+             f"global batch {cfg.data.batch_size} x {cfg.data.seq_len}")
+        log = MetricsLog(run_dir, append=int(state.step) > 0, total_steps=cfg.train.steps,
+                         first_step=int(state.step))
+        sampled = cfg.train.sample_tokens and cfg.train.sample_prompts
+        generator = Generator(parts.graphdef, parts.model, parts.layout,
+                              Sampling()) if sampled else None  # compiled once, reused
+        evaluation = Evaluation(cfg, parts.eval_step, val_batches, tokenizer, log, generator,
+                                isinstance(tokenizer, ByteTokenizer))
+        try:
+            with StopRequest() as stop:
+                return run_loop(parts, state, loader, log, evaluation, ckpts, stop)
+        finally:
+            log.close()
+    finally:
+        ckpts.close()  # waits for a save in flight: nothing is left half-written
+        loader.close()
+
+
+def run_loop(parts: Components, state: TrainState, loader, log: MetricsLog,
+             evaluation: Evaluation, ckpts: Checkpoints, stop: StopRequest) -> dict:
+    """Steps from the state's step to train.steps, with the periodic actions at theirs."""
+    cfg = parts.cfg
+    first, total = int(state.step), cfg.train.steps
+    if first >= total:
+        info(f"nothing to do: the run is at step {first} of train.steps={total}")
+        return {}
+    batch = next(loader)
+    start = time.perf_counter()
+    train_step = parts.train_step.lower(state, batch).compile()
+    report_compiled(train_step, time.perf_counter() - start, parts.flops_per_step)
+
+    reader = MetricsReader(cfg, log, parts.flops_per_step, parts.tokens_per_step, first,
+                           lambda: _newest(ckpts))
+    in_flight = InFlight(jax.default_backend() == "cpu" or jax.process_count() > 1)
+    profiler = Profiler(cfg.train.profile_steps, cfg.train.run_dir)
+
+    def evaluate_at(step: int) -> None:
+        reader.last.update(evaluation(state.params, step))
+        reader.restart_clock(step)
+
+    if first == 0:  # the starting point: a fresh model knows next to nothing
+        evaluate_at(0)
+    log_due = False
+    for done in range(first + 1, total + 1):
+        profiler.before(done)
+        state, metrics = train_step(state, batch)
+        profiler.after(done, metrics)
+        if log_due:  # the device is busy with this step while the host reads the last ones
+            reader.read(log_it=True)
+        reader.add(done, metrics)
+        in_flight.add(metrics)
+        stopping = stop.stop_after(done)
+        final = done == total or stopping
+        log_due = done % cfg.train.log_every == 0 or final
+        if evaluation.due(done):
+            reader.read(log_it=log_due)
+            log_due = False
+            evaluate_at(done)
+        if final or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
+            reader.read(log_it=log_due)
+            log_due = False
+            ckpts.save(done, state, loader.get_state(), cfg)
+        if stopping:
+            ckpts.wait()
+            info(f"stopped by {stop.signal_name} after step {done}; checkpoint saved in "
+                 f"{ckpts.directory}; run the same command again to resume")
+            return reader.last
+        if done < total:
+            batch = next(loader)  # the host prepares the next batch while the device computes
+    reader.read(log_it=log_due)
+    info(f"done: step {total} after {time.perf_counter() - reader.start:.1f}s; "
+         f"run directory {cfg.train.run_dir}")
+    return reader.last
+
+
+def _newest(ckpts: Checkpoints) -> tuple | None:
+    step = ckpts.latest_step()
+    return None if step is None else (ckpts.directory, step)
+
+
+def report_compiled(compiled, seconds: float, model_flops: float) -> None:
+    """Print the compiled step's per-device memory and FLOPs; refuse a step that cannot fit."""
+    memory, flops = perf.compiled_memory(compiled), perf.compiled_flops(compiled)
+    parts = [f"compiled the train step in {seconds:.1f}s",
+             f"model {model_flops / 1e9:,.1f} GFLOP per step"]
+    if memory:
+        parts.append(f"per device {human_bytes(memory['peak'])} (arguments "
+                     f"{human_bytes(memory['arguments'])}, temporaries "
+                     f"{human_bytes(memory['temporaries'])})")
+    if flops:
+        # XLA counts a scanned loop's body once, so with scan_layers this is per layer.
+        parts.append(f"XLA's cost analysis {flops / 1e9:,.1f} GFLOP per device")
+    info("; ".join(parts))
+    limit = perf.device_memory_limit(jax.devices()[0])
+    if memory and limit and memory["peak"] > limit:
+        raise UserError(f"the train step needs {human_bytes(memory['peak'])} per device but "
+                        f"the device has {human_bytes(limit)}; shard more (mesh.fsdp, "
+                        "mesh.tensor), set model.remat, or lower data.batch_size")
+
+
+def _resume_or_init(parts: Components, ckpts: Checkpoints, loader: Loader) -> TrainState:
+    """The latest readable checkpoint (state and data position), or a fresh state."""
+    cfg = parts.cfg
+    latest = ckpts.latest_step()
+    if latest is None and cfg.train.init_from:
+        return _init_from(parts)
+    if latest is None:
+        return parts.init_state()
+    if not cfg.train.resume:
+        raise UserError(f"{ckpts.directory} already holds checkpoints (latest step {latest}); "
+                        "set train.resume=true to continue that run or choose another train.run_dir")
+    restored = ckpts.restore(parts.abstract_state, loader, cfg)
+    if restored is None:
+        raise UserError(f"no readable checkpoint is left in {ckpts.directory} (unreadable ones "
+                        "were moved aside); choose another train.run_dir to start afresh")
+    state, step = restored
+    info(f"resumed from step {step} of {ckpts.directory}")
+    return state
+
+
+# Model fields that must agree with train.init_from's: they fix parameter shapes or the
+# function the parameters compute. Dtypes, remat, scanning and max_len may differ.
+INIT_FIELDS = FIXED_FIELDS["model"] + ("norm_eps", "rope_theta", "rope_scaling", "rope_factor",
+                                       "rope_low_freq_factor", "rope_high_freq_factor",
+                                       "rope_original_max_len")
+
+
+def _init_source(cfg: Config) -> Config:
+    """The config of train.init_from's run directory, refused unless its model matches."""
+    source = Path(cfg.train.init_from).absolute()
+    if not source.is_dir():
+        raise UserError(f"train.init_from={cfg.train.init_from} is not a directory; give a run "
+                        "directory (one written by training or by pjit_llm.convert import)")
+    src = run_config(source)
+    for name in INIT_FIELDS:
+        theirs, ours = getattr(src.model, name), getattr(cfg.model, name)
+        if theirs != ours:
+            raise UserError(f"train.init_from={cfg.train.init_from} has model.{name}={theirs!r} "
+                            f"but this run has {ours!r}; set model.{name}={theirs} (or start "
+                            f"from --config {source / 'config.yaml'})")
+    return src
+
+
+def _init_from(parts: Components) -> TrainState:
+    """Step 0 of a new run with the parameters of another run directory (its latest
+    checkpoint, or an imported model), restored straight into this mesh's shardings, and
+    a fresh optimizer state."""
+    cfg, tx = parts.cfg, parts.tx
+    source = Path(cfg.train.init_from).absolute()
+    params, step = restore_params(_init_source(cfg), parts.layout, None)
+    shardings = jax.tree.map(lambda a: a.sharding, parts.abstract_state)
+    dtype = cfg.model.param_dtype
+
+    def start(params):
+        params = jax.tree.map(lambda p: p.astype(dtype), params)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    state = jax.jit(start, out_shardings=shardings)(params)
+    info(f"initialised the parameters from {source} (step {step}); fresh optimizer state")
+    return state
