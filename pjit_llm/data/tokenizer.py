@@ -175,7 +175,9 @@ def main(argv=None) -> None:
     cfg = load_config(args.config, args.overrides)
     dataset = prepare(cfg.data)
     out = Path(args.out) if args.out else dataset.directory / SENTENCEPIECE_FILE
-    train_sentencepiece(read_texts(dataset.train, cfg.data.text_field), out, args.vocab_size,
+    # The prepared dataset names its own text field: local corpora store it as `text`
+    # whatever data.text_field named in the input files.
+    train_sentencepiece(read_texts(dataset.train, dataset.text_field), out, args.vocab_size,
                         args.model_type, args.max_texts)
     tok = SentencePieceTokenizer(str(out))
     print(f"wrote {out} ({tok.vocab_size} pieces); train with data.tokenizer=sentencepiece"
