@@ -221,8 +221,9 @@ def _check_tensors(tensors, wanted, tied: bool, hf_dir: Path) -> None:
 
 
 def export_hf(run_dir: Path, out: Path, step: int | None, dtype: str | None,
-              shard_bytes: int) -> Path:
-    """Write a run's parameters as a transformers Llama directory at `out`; returns (out, step)."""
+              shard_bytes: int) -> tuple[Path, int]:
+    """Write a run's parameters (of checkpoint `step`, default the latest) as a transformers
+    Llama directory at `out`; returns (out, the step written: 0 for an imported run)."""
     cfg = run_config(run_dir)
     if out.exists():
         raise UserError(f"{out} already exists; remove it or pass another --out")

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import jax
@@ -245,6 +246,14 @@ def test_weights_that_do_not_match_the_config_are_refused(tmp_path, drop, reshap
         convert.import_hf(tmp_path / "hf", tmp_path / "run")
     assert message in str(e.value)
     assert not (tmp_path / "run").exists() and [p.name for p in tmp_path.iterdir()] == ["hf"]
+
+
+def test_export_returns_the_directory_and_the_step_it_declares(tmp_path):
+    _write_hf(tmp_path / "hf", LLAMA)
+    run = convert.import_hf(tmp_path / "hf", tmp_path / "run")
+    out, step = convert.export_hf(run, tmp_path / "out", None, None, shard_bytes=10**9)
+    assert (out, step) == (tmp_path / "out", 0) and (out / "config.json").is_file()
+    assert typing.get_type_hints(convert.export_hf)["return"] == tuple[Path, int]
 
 
 def _convert_cli(*args, cwd, code=None):
