@@ -99,7 +99,9 @@ def hf_tensors(model) -> list[tuple[str, tuple, int, int | None, tuple[int, ...]
 
 
 def import_hf(hf_dir: Path, out: Path, dtype: str | None = None) -> Path:
-    """Convert a Hugging Face Llama directory into a run directory at `out`."""
+    """Convert a Hugging Face Llama directory into a run directory at `out`, with parameters in
+    `dtype` (default: the dtype the weights are stored in, float32 for a float16 checkpoint);
+    a line on stdout says when the weights change dtype."""
     if not hf_dir.is_dir():
         raise UserError(f"--hf {hf_dir} is not a directory; pass a model directory holding "
                         "config.json and *.safetensors")
@@ -117,6 +119,12 @@ def import_hf(hf_dir: Path, out: Path, dtype: str | None = None) -> Path:
     tensors = safetensors_io.SafetensorsDir(hf_dir)
     wanted = hf_tensors(model)
     _check_tensors(tensors, wanted, model.tie_embeddings, hf_dir)
+    # The weights as stored decide, not config.json's `dtype`, which may say otherwise.
+    stored = sorted({tensors.dtype(name).name for name, *_ in wanted})
+    param_dtype, note = hf_config.import_dtype(stored, dtype)
+    model = dataclasses.replace(model, param_dtype=param_dtype)
+    if note:
+        print(note, flush=True)
 
     # Parameters are sharded over as many devices as the width divides (FSDP over `embed`,
     # the only sharded axis with these rules), so no device needs room for the whole model.
@@ -287,7 +295,8 @@ def main(argv=None) -> None:
     i.add_argument("--hf", required=True, type=Path, help="directory with config.json and *.safetensors")
     i.add_argument("--out", required=True, type=Path, help="the run directory to create")
     i.add_argument("--dtype", choices=("bfloat16", "float32"),
-                   help="parameter dtype (default: the checkpoint's; float32 for fine-tuning)")
+                   help="parameter dtype (default: the checkpoint's, float32 for a float16 "
+                   "one; float32 for fine-tuning)")
     e = sub.add_parser("export", help="run directory -> Hugging Face Llama directory")
     e.add_argument("--run", required=True, type=Path, help="a training or imported run directory")
     e.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
