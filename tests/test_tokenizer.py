@@ -44,17 +44,19 @@ def test_sentencepiece_trained_by_the_command_round_trips(tmp_path):
 
 
 def test_tokenizer_command_reads_a_local_jsonl_by_its_configured_field(tmp_path):
-    """Prepared local corpora store the text as `text`, whatever field the JSONL used."""
+    """Prepared local corpora store the text as `text`, whatever field the JSONL used; --out
+    may name a directory that does not exist yet."""
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"content": f"The {w} sat on mat {i}.", "id": i}) + "\n"
                               for i, w in enumerate(["cat", "dog", "bird", "fish"] * 50)))
     result = subprocess.run(
         [sys.executable, "-m", "pjit_llm.data.tokenizer", "train", "--vocab-size", "300",
-         "data.source=local", "data.text_field=content", f"data.paths=[{corpus}]",
-         f"data.data_dir={tmp_path / 'data'}"],
+         "--out", str(tmp_path / "models/code.model"), "data.source=local",
+         "data.text_field=content", f"data.paths=[{corpus}]", f"data.data_dir={tmp_path / 'data'}"],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    model = next((tmp_path / "data").rglob(SENTENCEPIECE_FILE))
+    model = tmp_path / "models/code.model"
+    assert f"wrote {model} (" in result.stdout
     tok = SentencePieceTokenizer(str(model))
     assert tok.decode(tok.encode("The cat sat on mat 7.")) == "The cat sat on mat 7."
 

@@ -150,6 +150,7 @@ def train_sentencepiece(texts, out: Path, vocab_size: int, model_type: str = "bp
             pad_id=-1, unk_id=0, bos_id=1, eos_id=2, minloglevel=2)
     except RuntimeError as e:
         raise UserError(f"SentencePiece training failed: {str(e).splitlines()[-1]}") from None
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_bytes(model.getvalue())
     tmp.replace(out)
