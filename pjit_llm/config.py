@@ -341,8 +341,7 @@ def _build(cls, raw, prefix: str):
 
 
 def _coerce(value, hint, key: str):
-    origin = typing.get_origin(hint)
-    if origin is Literal:
+    if typing.get_origin(hint) is Literal:
         choices = typing.get_args(hint)
         if value not in choices:
             raise UserError(f"{key}={value!r} is not one of: {', '.join(map(str, choices))}")
@@ -375,7 +374,7 @@ def _coerce(value, hint, key: str):
         if all(isinstance(v, int) and not isinstance(v, bool) for v in items):
             return tuple(items)
         raise UserError(f"{key} must be an integer or a list of integers; got {value!r}")
-    if origin is tuple:
+    if hint == tuple[str, ...]:
         if value is None:
             return ()
         if isinstance(value, str):

@@ -23,7 +23,8 @@ def main(argv=None) -> None:
     i.add_argument("--hf", required=True, type=Path, help="directory with config.json and *.safetensors")
     i.add_argument("--out", required=True, type=Path, help="the run directory to create")
     i.add_argument("--dtype", choices=("bfloat16", "float32"),
-                   help="parameter dtype (default: the checkpoint's; float32 for fine-tuning)")
+                   help="parameter dtype (default: the checkpoint's, float32 for a float16 "
+                   "one; float32 for fine-tuning)")
     e = sub.add_parser("export", help="run directory -> Hugging Face Llama directory")
     e.add_argument("--run", required=True, type=Path, help="a training or imported run directory")
     e.add_argument("--step", type=int, help="checkpoint step (default: the latest)")

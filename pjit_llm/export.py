@@ -28,8 +28,8 @@ def main(argv=None) -> None:
 
     cfg = run_config(args.run.absolute(), emulate_devices=args.emulate_devices)
     use_emulated_devices(cfg.mesh.emulate_devices)
-    parts = conversion_build(cfg)
-    out, step = write_export(parts.cfg, parts.layout, args.out and args.out.absolute(), args.step,
+    layout = conversion_build(cfg).layout
+    out, step = write_export(cfg, layout, args.out and args.out.absolute(), args.step,
                              args.dtype)
     print(f"wrote parameters of step {step} in {args.dtype} to {out}")
 

@@ -1,9 +1,11 @@
 import dataclasses
+import functools
+import typing
 from pathlib import Path
 
 import pytest
 
-from pjit_llm.config import Config, Rules, load_config
+from pjit_llm.config import Config, Rules, _coerce, load_config
 from pjit_llm.errors import UserError
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -16,6 +18,32 @@ def test_defaults_are_the_tiny_config():
 def test_every_shipped_config_loads():
     for path in CONFIGS.glob("*.yaml"):
         load_config(str(path))
+
+
+def _field_types(cls, prefix=""):
+    for name, hint in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            yield from _field_types(hint, f"{prefix}{name}.")
+        else:
+            yield prefix + name, hint
+
+
+def test_every_field_type_is_read_and_no_other():
+    """Each field of each shipped config reads back from its YAML form through the coercion
+    of its type; a type the coercion does not know is a programming error, not strings."""
+    for path in CONFIGS.glob("*.yaml"):
+        cfg = load_config(str(path))
+        plain = cfg.to_dict()
+        for key, hint in _field_types(Config):
+            section, name = key.rsplit(".", 1)
+            value = getattr(functools.reduce(getattr, section.split("."), cfg), name)
+            raw = functools.reduce(dict.__getitem__, key.split("."), plain)
+            assert _coerce(raw, hint, key) == value, (path.name, key)
+    assert {h for _, h in _field_types(Config) if typing.get_origin(h) is tuple} \
+        == {tuple[int, ...], tuple[str, ...]}
+    for hint in (tuple[float, ...], str | None):
+        with pytest.raises(TypeError, match="unsupported config type"):
+            _coerce(["a"], hint, "x")
 
 
 def test_yaml_then_overrides(tmp_path):

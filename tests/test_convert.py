@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import jax
@@ -33,8 +34,9 @@ WORDS += [f"w{i}" for i in range(len(WORDS), 300)]  # every id of the model is a
 TOKENS = np.random.default_rng(0).integers(0, 300, (2, 48)).astype(np.int32)
 
 
-def hf_llama(directory: Path, seed=0, **overrides):
-    """A small random LlamaForCausalLM saved with a word-level tokenizer.json beside it."""
+def hf_llama(directory: Path, seed=0, dtype=None, **overrides):
+    """A small random LlamaForCausalLM saved (in `dtype`, default float32) with a word-level
+    tokenizer.json beside it."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -44,6 +46,8 @@ def hf_llama(directory: Path, seed=0, **overrides):
     torch.manual_seed(seed)
     settings = copy.deepcopy({**settings, **overrides})  # transformers edits rope dicts in place
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**settings)).eval()
+    if dtype:
+        model = model.to(getattr(torch, dtype))
     model.save_pretrained(directory)
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -90,6 +94,50 @@ def test_imported_model_gives_the_logits_of_transformers(tmp_path, overrides, me
     cfg = run_config(run)
     assert (cfg.model.vocab_size, cfg.model.num_kv_heads) == (300, overrides.get("num_key_value_heads", 8))
     assert cfg.data.tokenizer == "hf" and Path(cfg.data.tokenizer_path) == run / "tokenizer.json"
+
+
+def test_float16_checkpoint_imports_exactly_in_float32_and_says_so(tmp_path, capsys):
+    model = hf_llama(tmp_path / "hf", dtype="float16", num_key_value_heads=4,
+                     tie_word_embeddings=False)
+    stored = safetensors_io.SafetensorsDir(tmp_path / "hf")
+    assert {stored.files[f].entries[n][0] for f in stored.files for n in stored.files[f].entries} \
+        == {np.dtype(np.float16)}
+    run = convert.import_hf(tmp_path / "hf", tmp_path / "run")
+    assert capsys.readouterr().out.splitlines() == [
+        "the checkpoint is float16; its weights are converted to float32 (exact); "
+        "pass --dtype bfloat16 to halve the memory"]
+    cfg = run_config(run)
+    assert cfg.model.param_dtype == "float32"
+    layout = Layout(make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1]), cfg.mesh.rules)
+    params = {convert._path(k): np.asarray(v[...]) for k, v in jax.tree_util.tree_leaves_with_path(
+        restore_params(cfg, layout, None)[0], is_leaf=convert._is_var)}
+    weights = model.state_dict()
+    for name, path, in_dims, layer, _ in convert.hf_tensors(cfg.model):
+        ours = params[path] if layer is None else params[path][layer]
+        assert ours.dtype == np.float32
+        assert np.array_equal(convert.to_hf(ours, in_dims), weights[name].float().numpy()), name
+    # transformers' float32 model of the same weights (model.float() would keep the rotary
+    # frequencies that the cast to float16 rounded)
+    import transformers
+    reference = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype="float32")
+    difference = np.abs(our_logits(run, TOKENS) - hf_logits(reference.eval(), TOKENS)).max()
+    print(f"float16 checkpoint in float32: max |logit difference| {difference:.2e}")
+    assert difference < 5e-5
+
+
+@pytest.mark.parametrize("stored, chosen, dtype, note", [
+    (["bfloat16"], None, "bfloat16", None),
+    (["float32"], None, "float32", None),
+    (["float16"], "bfloat16", "bfloat16",
+     "the checkpoint is float16; its weights are converted to bfloat16 (rounded)"),
+    (["bfloat16"], "float32", "float32",
+     "the checkpoint is bfloat16; its weights are converted to float32 (exact)"),
+    (["bfloat16", "float32"], None, "float32",
+     "the checkpoint is bfloat16 and float32; its weights are converted to float32 (exact); "
+     "pass --dtype bfloat16 to halve the memory"),
+])
+def test_import_dtype_and_what_is_said_of_it(stored, chosen, dtype, note):
+    assert hf_config.import_dtype(stored, chosen) == (dtype, note)
 
 
 def test_rope_scaling_changes_the_function():
@@ -244,6 +292,14 @@ def test_weights_that_do_not_match_the_config_are_refused(tmp_path, drop, reshap
         convert.import_hf(tmp_path / "hf", tmp_path / "run")
     assert message in str(e.value)
     assert not (tmp_path / "run").exists() and [p.name for p in tmp_path.iterdir()] == ["hf"]
+
+
+def test_export_returns_the_directory_and_the_step_it_declares(tmp_path):
+    _write_hf(tmp_path / "hf", LLAMA)
+    run = convert.import_hf(tmp_path / "hf", tmp_path / "run")
+    out, step = convert.export_hf(run, tmp_path / "out", None, None, shard_bytes=10**9)
+    assert (out, step) == (tmp_path / "out", 0) and (out / "config.json").is_file()
+    assert typing.get_type_hints(convert.export_hf)["return"] == tuple[Path, int]
 
 
 def _convert_cli(*args, cwd, code=None):

@@ -1,5 +1,6 @@
 """Byte, SentencePiece (trained by our command) and Hugging Face tokenizers."""
 
+import json
 import pickle
 import subprocess
 import sys
@@ -40,6 +41,24 @@ def test_sentencepiece_trained_by_the_command_round_trips(tmp_path):
     assert len(tok.encode("The cat sat on the mat.")) < len("The cat sat on the mat.") / 2
     clone = pickle.loads(pickle.dumps(tok))  # as Grain ships it to a worker
     np.testing.assert_array_equal(clone.encode(TEXT), tok.encode(TEXT))
+
+
+def test_tokenizer_command_reads_a_local_jsonl_by_its_configured_field(tmp_path):
+    """Prepared local corpora store the text as `text`, whatever field the JSONL used; --out
+    may name a directory that does not exist yet."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"content": f"The {w} sat on mat {i}.", "id": i}) + "\n"
+                              for i, w in enumerate(["cat", "dog", "bird", "fish"] * 50)))
+    result = subprocess.run(
+        [sys.executable, "-m", "pjit_llm.data.tokenizer", "train", "--vocab-size", "300",
+         "--out", str(tmp_path / "models/code.model"), "data.source=local",
+         "data.text_field=content", f"data.paths=[{corpus}]", f"data.data_dir={tmp_path / 'data'}"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    model = tmp_path / "models/code.model"
+    assert f"wrote {model} (" in result.stdout
+    tok = SentencePieceTokenizer(str(model))
+    assert tok.decode(tok.encode("The cat sat on mat 7.")) == "The cat sat on mat 7."
 
 
 def test_hugging_face_tokenizer_json(tmp_path):

@@ -31,7 +31,7 @@ class Dataset:
     train: Any  # random-access sources: len() and [i] -> {feature: bytes}
     val: Any
     directory: Path  # the prepared data; a trained SentencePiece model is kept here
-    text_field: str
+    text_field: str  # the feature of train/val records holding the text (`text` for local corpora)
 
 
 def prepare(cfg: DataConfig) -> Dataset:

@@ -150,6 +150,7 @@ def train_sentencepiece(texts, out: Path, vocab_size: int, model_type: str = "bp
             pad_id=-1, unk_id=0, bos_id=1, eos_id=2, minloglevel=2)
     except RuntimeError as e:
         raise UserError(f"SentencePiece training failed: {str(e).splitlines()[-1]}") from None
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_bytes(model.getvalue())
     tmp.replace(out)
@@ -175,7 +176,9 @@ def main(argv=None) -> None:
     cfg = load_config(args.config, args.overrides)
     dataset = prepare(cfg.data)
     out = Path(args.out) if args.out else dataset.directory / SENTENCEPIECE_FILE
-    train_sentencepiece(read_texts(dataset.train, cfg.data.text_field), out, args.vocab_size,
+    # The prepared dataset names its own text field: local corpora store it as `text`
+    # whatever data.text_field named in the input files.
+    train_sentencepiece(read_texts(dataset.train, dataset.text_field), out, args.vocab_size,
                         args.model_type, args.max_texts)
     tok = SentencePieceTokenizer(str(out))
     print(f"wrote {out} ({tok.vocab_size} pieces); train with data.tokenizer=sentencepiece"

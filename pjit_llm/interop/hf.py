@@ -51,7 +51,9 @@ def _is_var(x) -> bool:
 
 
 def import_hf(hf_dir: Path, out: Path, dtype: str | None = None) -> Path:
-    """Convert a Hugging Face Llama directory into a run directory at `out`."""
+    """Convert a Hugging Face Llama directory into a run directory at `out`, with parameters in
+    `dtype` (default: the dtype the weights are stored in, float32 for a float16 checkpoint);
+    a line on stdout says when the weights change dtype."""
     if not hf_dir.is_dir():
         raise UserError(f"--hf {hf_dir} is not a directory; pass a model directory holding "
                         "config.json and *.safetensors")
@@ -69,6 +71,12 @@ def import_hf(hf_dir: Path, out: Path, dtype: str | None = None) -> Path:
     tensors = safetensors_io.SafetensorsDir(hf_dir)
     wanted = hf_tensors(model)
     _check_tensors(tensors, wanted, model.tie_embeddings, hf_dir)
+    # The weights as stored decide, not config.json's `dtype`, which may say otherwise.
+    stored = sorted({tensors.dtype(name).name for name, *_ in wanted})
+    param_dtype, note = llama_hf.import_dtype(stored, dtype)
+    model = dataclasses.replace(model, param_dtype=param_dtype)
+    if note:
+        print(note, flush=True)
 
     # Sharded over as many devices as the width divides: no device holds the whole model.
     layout = conversion_build(Config(model=model)).layout
@@ -169,7 +177,8 @@ def _check_tensors(tensors, wanted, tied: bool, hf_dir: Path) -> None:
 
 def export_hf(run_dir: Path, out: Path, step: int | None, dtype: str | None,
               shard_bytes: int) -> tuple[Path, int]:
-    """Write a run's parameters as a transformers Llama directory at `out`; returns (out, step)."""
+    """Write a run's parameters (of checkpoint `step`, default the latest) as a transformers
+    Llama directory at `out`; returns (out, the step written: 0 for an imported run)."""
     cfg = run_config(run_dir)
     if out.exists():
         raise UserError(f"{out} already exists; remove it or pass another --out")

@@ -96,6 +96,9 @@ class SafetensorsDir:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.files[self._where[name]].entries[name][1]
 
+    def dtype(self, name: str) -> np.dtype:
+        return self.files[self._where[name]].entries[name][0]
+
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self._where:
             raise UserError(f"tensor {name} is missing from the safetensors files in "

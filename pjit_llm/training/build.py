@@ -94,7 +94,10 @@ def conversion_build(cfg: Config) -> Components:
     """`cfg`'s model placed the way import and export place one (parallel.layout's
     conversion_mesh): sharded over as many devices as its width divides."""
     mesh_cfg, devices = conversion_mesh(cfg.model.embed_dim)
-    return build(dataclasses.replace(cfg, mesh=mesh_cfg), devices=devices, batches=False)
+    # A conversion computes nothing, so no attention kernel needs choosing.
+    model = dataclasses.replace(cfg.model, attention="xla")
+    return build(dataclasses.replace(cfg, mesh=mesh_cfg, model=model), devices=devices,
+                 batches=False)
 
 
 def open_data(cfg: Config):

@@ -11,23 +11,29 @@ rotary settings are read: `rope_theta` + `rope_scaling` (transformers 4) and
 
 import dataclasses
 import math
+import typing
 
 import jax
 import numpy as np
 from flax import nnx
 
 from pjit_llm.errors import UserError
-from pjit_llm.models.llama.config import ModelConfig
+from pjit_llm.models.llama.config import DType, ModelConfig
 from pjit_llm.models.llama.model import abstract_model
 
 ARCHITECTURE = "LlamaForCausalLM"
 # Mistral computes the same function as Llama when it has no sliding window.
 _ACCEPTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
-_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float32"}
+# Our parameters are float32 or bfloat16; a checkpoint stored otherwise (float16) is converted,
+# by default to float32, which holds every float16 and bfloat16 value exactly.
+PARAM_DTYPES = typing.get_args(DType)
+_HELD_EXACTLY = {"float32": {"float32", "float16", "bfloat16"}, "bfloat16": {"bfloat16"}}
 
 
 def model_config(hf: dict, source: str, param_dtype: str | None = None) -> tuple[ModelConfig, str]:
-    """(ModelConfig, the checkpoint's dtype) for an HF config dict read from `source`."""
+    """(ModelConfig, the dtype config.json declares) for an HF config dict read from `source`;
+    the parameters are in `param_dtype`, by default the declared one when it is one of ours,
+    else float32."""
     def refuse(what: str) -> UserError:
         return UserError(f"{source}: {what} is not supported (only Llama-family decoders that "
                          "this model computes exactly can be imported)")
@@ -57,10 +63,24 @@ def model_config(hf: dict, source: str, param_dtype: str | None = None) -> tuple
     head_dim = hf.get("head_dim")
     if head_dim is not None and int(head_dim) != D // H:
         raise refuse(f"head_dim={head_dim} different from hidden_size/num_attention_heads={D // H}")
-    dtype = _DTYPES.get(str(hf.get("dtype") or hf.get("torch_dtype") or "float32"), "float32")
-    cfg = dataclasses.replace(cfg, param_dtype=param_dtype or dtype)
+    dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
+    cfg = dataclasses.replace(cfg, param_dtype=param_dtype or import_dtype([dtype], None)[0])
     cfg.validate()
     return cfg, dtype
+
+
+def import_dtype(stored: list[str], chosen: str | None) -> tuple[str, str | None]:
+    """(parameter dtype, a line saying how the weights change dtype or None) for a checkpoint
+    whose weights are stored in `stored` (sorted names) and a dtype the user chose or None:
+    the checkpoint's own when it is one of ours, else float32."""
+    dtype = chosen or (stored[0] if len(stored) == 1 and stored[0] in PARAM_DTYPES else "float32")
+    if set(stored) == {dtype}:
+        return dtype, None
+    exact = "exact" if set(stored) <= _HELD_EXACTLY[dtype] else "rounded"
+    note = f"the checkpoint is {' and '.join(stored)}; its weights are converted to {dtype} ({exact})"
+    if chosen is None and dtype == "float32":
+        note += "; pass --dtype bfloat16 to halve the memory"
+    return dtype, note
 
 
 def _number(table: dict, name: str, cast, where: str, default=None):
