@@ -109,7 +109,7 @@ def test_float16_checkpoint_imports_exactly_in_float32_and_says_so(tmp_path, cap
     cfg = run_config(run)
     assert cfg.model.param_dtype == "float32"
     layout = Layout(make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1]), cfg.mesh.rules)
-    params = {convert._path(k): np.asarray(v[...]) for k, v in jax.tree_util.tree_leaves_with_path(
+    params = {hf_config.param_path(k): np.asarray(v[...]) for k, v in jax.tree_util.tree_leaves_with_path(
         restore_params(cfg, layout, None)[0], is_leaf=convert._is_var)}
     weights = model.state_dict()
     for name, path, in_dims, layer, _ in convert.hf_tensors(cfg.model):
