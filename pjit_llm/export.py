@@ -16,7 +16,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import yaml
 
-from pjit_llm.checkpoint import Checkpoints, checkpoint_dir
+from pjit_llm import checksums
+from pjit_llm.checkpoint import Checkpoints, checkpoint_dir, read_checksums
 from pjit_llm.config import Config, MeshConfig, ModelConfig, load_config
 from pjit_llm.errors import UserError, first_line, run_cli
 from pjit_llm.mesh import make_mesh
@@ -41,9 +42,17 @@ def run_config(run_dir: Path, overrides=(), emulate_devices: int = 0) -> Config:
 def restore_params(cfg: Config, layout: Layout, step: int | None):
     """(params, step) of a run, restored straight into `layout`'s shardings and without the
     optimizer state: from a training checkpoint (the latest when `step` is None) or, in a run
-    holding parameters alone (imported by pjit_llm.convert, not trained since), as step 0."""
+    holding parameters alone (imported by pjit_llm.convert, not trained since), as step 0.
+    The parameters of a training checkpoint are checked against the checksums saved with it."""
     where, prefix, step = params_location(cfg, step)
-    return restore_partial(where, prefix, params_target(cfg.model, layout)), step
+    params = restore_partial(where, prefix, params_target(cfg.model, layout))
+    saved_sums = read_checksums(where.parent) if prefix else None
+    damage = (checksums.first_mismatch(saved_sums, params, "/".join(prefix) + "/")
+              if saved_sums else None)
+    if damage:
+        raise UserError(f"checkpoint step {step} in {where.parent.parent} is damaged ({damage}); "
+                        f"move {where.parent} aside to use the previous checkpoint")
+    return params, step
 
 
 def params_location(cfg: Config, step: int | None) -> tuple[Path, tuple[str, ...], int]:

@@ -172,8 +172,8 @@ def _resume_or_init(cfg: Config, ckpts: Checkpoints, loader: Loader, abstract_st
                         "set train.resume=true to continue that run or choose another train.run_dir")
     restored = ckpts.restore(abstract_state, loader, cfg)
     if restored is None:
-        raise UserError(f"no readable checkpoint is left in {ckpts.directory} (unreadable ones "
-                        "were moved aside); choose another train.run_dir to start afresh")
+        raise UserError(f"no readable checkpoint is left in {ckpts.directory} (unreadable or "
+                        "damaged ones were moved aside); choose another train.run_dir to start afresh")
     state, step = restored
     info(f"resumed from step {step} of {ckpts.directory}")
     return state
@@ -220,6 +220,32 @@ def _init_from(cfg: Config, abstract_state, layout: Layout, tx) -> TrainState:
     return state
 
 
+# A loss that turns non-finite within this many steps of a resume points at the checkpoint
+# resumed from (its run had finite losses up to it), not at the learning rate.
+SUSPECT_STEPS = 10
+
+
+def non_finite_message(bad_step: int, resumed_step: int | None, saved_steps: list[int],
+                       directory: Path) -> str:
+    """The one-line error for a non-finite loss at `bad_step` in a run that resumed from
+    `resumed_step` (None for a fresh run), with checkpoints `saved_steps` in `directory`."""
+    head = f"the training loss was not finite at step {bad_step}"
+    if resumed_step is not None and bad_step - resumed_step <= SUSPECT_STEPS:
+        suspect = [s for s in saved_steps if s >= resumed_step] or [resumed_step]
+        earlier = [s for s in saved_steps if s < resumed_step]
+        names = "step" + "s" * (len(suspect) > 1) + " " + ", ".join(map(str, suspect))
+        fix = (f"move {names} out of {directory} (or set checkpoint.directory to a copy "
+               f"without {'them' if len(suspect) > 1 else 'it'}) to resume from step {max(earlier)}"
+               if earlier else "no earlier checkpoint is kept: choose another train.run_dir "
+               "to start afresh")
+        after = bad_step - resumed_step
+        return (f"{head}, {after} step{'s' * (after != 1)} after resuming from checkpoint step "
+                f"{resumed_step} in {directory}: that checkpoint may be damaged; {fix}")
+    kept = f"the last good checkpoint is step {max(saved_steps)} in {directory}; " if saved_steps else ""
+    return (f"{head}; {kept}lower optimizer.lr, raise optimizer.warmup_steps, or allow skipping "
+            "with train.max_bad_steps")
+
+
 def _loop(cfg: Config, state, train_step, run_eval, loader: Loader, log: MetricsLog,
           ckpts: Checkpoints, stop: StopRequest) -> dict:
     """Dispatch steps ahead of reading their metrics; read them at log intervals, before
@@ -257,13 +283,8 @@ def _loop(cfg: Config, state, train_step, run_eval, loader: Loader, log: Metrics
         finite = [math.isfinite(float(m["loss"])) for m in host]
         bad_steps += finite.count(False)
         if bad_steps > cfg.train.max_bad_steps:
-            bad = steps[finite.index(False)]
-            kept = ckpts.latest_step()
-            raise UserError(f"the training loss was not finite at step {bad}; "
-                            + (f"the last good checkpoint is step {kept} in {ckpts.directory}; "
-                               if kept is not None else "")
-                            + "lower optimizer.lr, raise optimizer.warmup_steps, or allow "
-                            "skipping with train.max_bad_steps")
+            raise UserError(non_finite_message(steps[finite.index(False)], first or None,
+                                               ckpts.all_steps(), ckpts.directory))
         if not log_it:
             return
         now = time.perf_counter()
