@@ -20,6 +20,12 @@ def _metrics(loss: float) -> dict:
             "tokens": jnp.float32(10)}
 
 
+def _checkpoints(tmp_path):
+    from pjit_llm.checkpoint.manager import Checkpoints
+    from pjit_llm.config import CheckpointConfig
+    return Checkpoints(tmp_path / "checkpoints", CheckpointConfig())
+
+
 def _records(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -27,7 +33,7 @@ def _records(run_dir) -> list[dict]:
 def test_metrics_are_read_only_when_asked_and_averaged_over_the_interval(tmp_path):
     log = MetricsLog(tmp_path)
     reader = MetricsReader(tiny_config(), log, flops_per_step=1e9, tokens_per_step=512,
-                           first_step=0, last_checkpoint=lambda: None)
+                           first_step=0, ckpts=_checkpoints(tmp_path))
     for step, loss in ((1, 4.0), (2, 2.0)):
         reader.add(step, _metrics(loss))
     reader.read(log_it=False)  # read (checked for non-finite losses) but not logged
@@ -42,20 +48,20 @@ def test_metrics_are_read_only_when_asked_and_averaged_over_the_interval(tmp_pat
     assert reader.last == record
 
 
-def test_a_non_finite_loss_stops_naming_the_last_checkpoint(tmp_path):
+def test_a_non_finite_loss_stops_the_run_with_one_line(tmp_path):
     log = MetricsLog(tmp_path)
-    reader = MetricsReader(tiny_config(), log, 1e9, 512, 0, lambda: (tmp_path / "ckpts", 20))
+    reader = MetricsReader(tiny_config(), log, 1e9, 512, 0, _checkpoints(tmp_path))
     reader.add(21, _metrics(3.0))
     reader.add(22, _metrics(float("nan")))
-    with pytest.raises(UserError, match="not finite at step 22; the last good checkpoint is step 20"):
+    with pytest.raises(UserError, match="not finite at step 22; lower optimizer.lr"):
         reader.read(log_it=False)
     log.close()
     skipping = MetricsReader(tiny_config("train.max_bad_steps=1"), MetricsLog(tmp_path), 1e9,
-                             512, 0, lambda: None)
+                             512, 0, _checkpoints(tmp_path))
     skipping.add(1, _metrics(float("inf")))
     skipping.read(log_it=True)  # one bad step allowed: logged, with the count
     assert skipping.last["skipped_steps"] == 1 and skipping.last["loss"] == float("inf")
-    assert "lower optimizer.lr" in non_finite_message(5, None)
+    assert "lower optimizer.lr" in non_finite_message(5, None, [], tmp_path)
 
 
 def test_in_flight_steps_are_bounded_and_the_stop_margin_exceeds_the_bound():

@@ -22,6 +22,8 @@ from pjit_llm.config import CheckpointConfig, MeshConfig
 from pjit_llm.parallel.layout import Layout
 from pjit_llm.parallel.mesh import make_mesh
 from pjit_llm.training.build import build
+from pjit_llm.checkpoint import checksums
+from pjit_llm.training.actions import non_finite_message
 
 RUN = [*TINY, "train.log_every=1", "train.eval_every=0", "data.num_workers=2"]
 
@@ -144,6 +146,76 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path):
     assert steps_on_disk(run) == [2, 4, 6]  # step 4 written again from the good state
 
 
+def flip_bytes_in_largest_data_file(step_dir, count=64):
+    """Bit rot after a clean save: invert `count` bytes in the middle of the largest OCDBT
+    data file (the `d/` folders) of a checkpoint's state, leaving its size unchanged."""
+    data = [f for f in (step_dir / "state").rglob("*") if f.is_file() and f.parent.name == "d"]
+    largest = max(data, key=lambda f: f.stat().st_size)
+    raw = bytearray(largest.read_bytes())
+    middle = len(raw) // 2
+    raw[middle:middle + count] = bytes(b ^ 0xFF for b in raw[middle:middle + count])
+    largest.write_bytes(bytes(raw))
+
+
+def test_flipped_bytes_in_the_latest_checkpoint_fall_back_to_the_previous(tmp_path):
+    assert cli(tmp_path, "train.steps=6", "checkpoint.every=2").returncode == 0
+    run = tmp_path / "run"
+    uninterrupted = losses(run)
+    flip_bytes_in_largest_data_file(run / "checkpoints" / "6")
+    again = cli(tmp_path, "train.steps=6", "checkpoint.every=2")  # the same command, restarted
+    assert again.returncode == 0, again.stderr
+    warnings = [line for line in again.stderr.splitlines() if "damaged" in line]
+    assert len(warnings) == 1 and "checkpoint step 6" in warnings[0], again.stderr
+    assert "differs from its checksum at save" in warnings[0]
+    assert "resumed from step 4" in again.stdout
+    assert any(p.name.startswith("6.damaged-") for p in (run / "checkpoints").iterdir())
+    assert steps_on_disk(run) == [2, 4, 6]  # step 6 written again from the good state
+    logged = losses(run)
+    for step in (5, 6):  # retrained from step 4: the uninterrupted run's losses, bit for bit
+        assert logged[step] == uninterrupted[step] * 2, (step, logged[step])
+
+
+def test_checksums_are_mesh_independent_and_catch_one_changed_element():
+    state = _setup((8, 1, 1))[0].init_state()
+    # bfloat16 copies exercise the 16-bit path beside the float32 and int32 arrays.
+    tree = {"state": state, "bf16": jax.tree.map(lambda p: p.astype(jax.numpy.bfloat16), state.params)}
+    shardings = _setup((1, 2, 4))[0].shardings
+    other = jax.tree.map(lambda a, s: jax.device_put(np.asarray(a), s), tree,
+                         {"state": shardings, "bf16": shardings.params})
+    wq = other["bf16"]["blocks"]["attn"]["wq"]
+    assert wq[...].sharding != tree["bf16"]["blocks"]["attn"]["wq"][...].sharding
+    saved = checksums.compute(tree)
+    assert saved == checksums.compute(other) and checksums.first_mismatch(saved, other) is None
+    # One element changed by one bit (the lowest of a bfloat16 element) is caught and named.
+    value = wq[...]
+    bits = jax.lax.bitcast_convert_type(value[1, 5, 3, 2], jax.numpy.uint16) ^ 1
+    wq.set_value(value.at[1, 5, 3, 2].set(jax.lax.bitcast_convert_type(bits, jax.numpy.bfloat16)))
+    changed = checksums.compute(other)["arrays"]
+    assert [k for k in changed if changed[k] != saved["arrays"][k]] == ["bf16/blocks/attn/wq/value"]
+    assert checksums.first_mismatch(saved, other) == \
+        "bf16/blocks/attn/wq/value differs from its checksum at save"
+
+
+def test_non_finite_message_suspects_a_just_resumed_checkpoint(tmp_path):
+    # The fault drill: resumed from step 30 (damaged), non-finite at step 32.
+    line = non_finite_message(32, 30, [20, 25, 30], tmp_path)
+    assert line == (f"the training loss was not finite at step 32, 2 steps after resuming from "
+                    f"checkpoint step 30 in {tmp_path}: that checkpoint may be damaged; move step "
+                    f"30 out of {tmp_path} (or set checkpoint.directory to a copy without it) to "
+                    "resume from step 25")
+    assert "lower optimizer.lr" not in line
+    # Checkpoints saved since the resume come from the suspect state too.
+    assert "move steps 30, 31 out of" in non_finite_message(33, 30, [25, 30, 31], tmp_path)
+    assert "no earlier checkpoint is kept" in non_finite_message(31, 30, [30], tmp_path)
+    # Long after a resume, or in a fresh run, the learning rate is the suspect.
+    for resumed, bad in ((30, 100), (None, 3)):
+        line = non_finite_message(bad, resumed, [25, 30], tmp_path)
+        assert f"the last good checkpoint is step 30 in {tmp_path}; lower optimizer.lr" in line
+    assert non_finite_message(3, None, [], tmp_path) == (
+        "the training loss was not finite at step 3; lower optimizer.lr, raise "
+        "optimizer.warmup_steps, or allow skipping with train.max_bad_steps")
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     result = cli(tmp_path, "train.steps=20", "checkpoint.every=1", "optimizer.lr=1e30",
                  "optimizer.clip_norm=0", "data.num_workers=0")
@@ -214,6 +286,11 @@ def test_restore_onto_other_meshes_and_device_counts(tmp_path):
             np.testing.assert_array_equal(np.asarray(a), b)
         _, metrics = parts.train_step(restored, put(_batch()))
         np.testing.assert_allclose(float(metrics["loss"]), next_loss, rtol=2e-5)
+    # A checkpoint saved before checksums existed restores unchecked.
+    shutil.rmtree(tmp_path / "1" / checksums.ITEM)
+    restored, step = Checkpoints(tmp_path, CheckpointConfig()).restore(
+        parts.abstract_state, target_iter, parts.cfg)
+    assert step == 1
 
 
 def test_skipping_a_non_finite_step_leaves_the_state_unchanged():

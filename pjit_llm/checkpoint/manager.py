@@ -3,7 +3,9 @@
 Saves are asynchronous (the loop goes on while the write finishes) and atomic (Orbax writes
 a temporary directory and renames it), so a process killed mid-save leaves the previous
 checkpoint intact. Restoring goes straight into the target shardings of whatever mesh the
-run has now. A checkpoint that cannot be read is moved aside and the next older one is used.
+run has now. Each save records a checksum per array (checksums.py) and each restore
+verifies them. A checkpoint that cannot be read, or whose arrays no longer match their
+checksums, is moved aside and the next older one is used.
 Every process takes part in every save and restore.
 """
 
@@ -15,6 +17,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from pjit_llm.checkpoint import checksums
 from pjit_llm.config import CheckpointConfig, Config
 from pjit_llm.errors import UserError, first_line
 
@@ -45,16 +48,22 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
     def save(self, step: int, state, data_position: dict, config: Config) -> None:
         """Start saving; returns once the arrays are copied off the device (async).
 
         `data_position` is the iterator state taken when `state` was: the write may happen
-        later, after the iterator has moved on."""
+        later, after the iterator has moved on. The state's checksums are computed on the
+        device first (one pass over the state) and saved beside it."""
         import grain
+        sums = checksums.compute(state)
         self.manager.save(step, force=True, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(_Position(data_position)),
-            config=ocp.args.JsonSave(config.to_dict())))
+            config=ocp.args.JsonSave(config.to_dict()),
+            **{checksums.ITEM: ocp.args.JsonSave(sums)}))
 
     def saved_config(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(
@@ -63,31 +72,40 @@ class Checkpoints:
     def restore(self, abstract_state, loader, config: Config):
         """(state, step) from the newest readable checkpoint, or None when there is none.
 
-        A checkpoint that fails to restore is reported in one line, renamed to
-        `<step>.unreadable` (kept for inspection) and the next older one is tried.
+        A checkpoint that fails to restore, or whose arrays differ from the checksums saved
+        with them, is reported in one line, renamed to `<step>.unreadable-<time>` or
+        `<step>.damaged-<time>` (kept for inspection) and the next older one is tried. A
+        checkpoint saved without checksums is restored unchecked.
         """
         import grain
         while (step := self.latest_step()) is not None:
             try:
                 check_compatible(self.saved_config(step), config, self.directory, step)
+                saved_sums = read_checksums(self.directory / str(step))
                 restored = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state),
                     data=grain.checkpoint.CheckpointRestore(_PositionTarget(loader))))
-                return restored.state, step
+                damage = checksums.first_mismatch(saved_sums, restored.state) if saved_sums else None
+                if not damage:
+                    return restored.state, step
+                del restored  # free the damaged state before restoring an older one
+                print(f"warning: checkpoint step {step} in {self.directory} is damaged "
+                      f"({damage}); moved aside, trying the previous one", file=sys.stderr)
+                self._set_aside(step, "damaged")
             except UserError:
                 raise
             except Exception as e:  # Orbax/TensorStore raise many types for damaged files
                 reason = first_line(e)
                 print(f"warning: checkpoint step {step} in {self.directory} is unreadable "
                       f"({reason}); moved aside, trying the previous one", file=sys.stderr)
-                self._set_aside(step)
+                self._set_aside(step, "unreadable")
         return None
 
-    def _set_aside(self, step: int) -> None:
+    def _set_aside(self, step: int, why: str) -> None:
         from jax.experimental import multihost_utils
         if jax.process_index() == 0:
             path = self.directory / str(step)
-            path.rename(path.with_name(f"{step}.unreadable-{int(time.time())}"))
+            path.rename(path.with_name(f"{step}.{why}-{int(time.time())}"))
         multihost_utils.sync_global_devices(f"pjit_llm set aside checkpoint {step}")
         self.manager.reload()
 
@@ -96,6 +114,14 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def read_checksums(step_dir: Path) -> dict | None:
+    """The checksums saved in a checkpoint step directory; None for one saved without."""
+    item = step_dir / checksums.ITEM
+    if not item.is_dir():
+        return None
+    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(item, args=ocp.args.JsonRestore())
 
 
 class _Position:

@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from pjit_llm.checkpoint.manager import Checkpoints, checkpoint_dir
+from pjit_llm.checkpoint import checksums
+from pjit_llm.checkpoint.manager import Checkpoints, checkpoint_dir, read_checksums
 from pjit_llm.config import Config, load_config
 from pjit_llm.errors import UserError, first_line
 from pjit_llm.models.llama.config import ModelConfig
@@ -37,9 +38,17 @@ def run_config(run_dir: Path, overrides=(), emulate_devices: int = 0) -> Config:
 def restore_params(cfg: Config, layout: Layout, step: int | None):
     """(params, step) of a run, restored straight into `layout`'s shardings and without the
     optimizer state: from a training checkpoint (the latest when `step` is None) or, in a run
-    holding parameters alone (imported by pjit_llm.convert, not trained since), as step 0."""
+    holding parameters alone (imported by pjit_llm.convert, not trained since), as step 0.
+    The parameters of a training checkpoint are checked against the checksums saved with it."""
     where, prefix, step = params_location(cfg, step)
-    return restore_partial(where, prefix, params_target(cfg.model, layout)), step
+    params = restore_partial(where, prefix, params_target(cfg.model, layout))
+    saved_sums = read_checksums(where.parent) if prefix else None
+    damage = (checksums.first_mismatch(saved_sums, params, "/".join(prefix) + "/")
+              if saved_sums else None)
+    if damage:
+        raise UserError(f"checkpoint step {step} in {where.parent.parent} is damaged ({damage}); "
+                        f"move {where.parent} aside to use the previous checkpoint")
+    return params, step
 
 
 def params_location(cfg: Config, step: int | None) -> tuple[Path, tuple[str, ...], int]:

@@ -25,10 +25,10 @@ class MetricsReader:
     non-finite state is never saved) and at the end. Too many non-finite losses stop the run."""
 
     def __init__(self, cfg: Config, log: MetricsLog, flops_per_step: float, tokens_per_step: int,
-                 first_step: int, last_checkpoint):
-        self.cfg, self.log = cfg, log
+                 first_step: int, ckpts):
+        self.cfg, self.log, self.ckpts = cfg, log, ckpts
         self.flops_per_step, self.tokens_per_step = flops_per_step, tokens_per_step
-        self.last_checkpoint = last_checkpoint  # () -> the newest saved step, or None
+        self.resumed_step = first_step or None
         self.peak = perf.peak_flops(jax.devices()[0].device_kind, cfg.train.peak_tflops)
         self.unread: list[tuple[int, dict]] = []
         self.bad_steps = 0
@@ -52,7 +52,8 @@ class MetricsReader:
         finite = [math.isfinite(float(m["loss"])) for m in host]
         self.bad_steps += finite.count(False)
         if self.bad_steps > self.cfg.train.max_bad_steps:
-            raise UserError(non_finite_message(steps[finite.index(False)], self.last_checkpoint()))
+            raise UserError(non_finite_message(steps[finite.index(False)], self.resumed_step,
+                                               self.ckpts.all_steps(), self.ckpts.directory))
         if log_it:
             self._log(steps, host, finite)
 
@@ -80,12 +81,30 @@ class MetricsReader:
         self.last.update(record)
 
 
-def non_finite_message(bad_step: int, kept: tuple | None) -> str:
-    """What to say when the loss is not finite at `bad_step`; `kept` is (directory, step) of
-    the newest checkpoint, or None."""
-    where = (f"the last good checkpoint is step {kept[1]} in {kept[0]}; " if kept else "")
-    return (f"the training loss was not finite at step {bad_step}; {where}lower optimizer.lr, "
-            "raise optimizer.warmup_steps, or allow skipping with train.max_bad_steps")
+# A loss that turns non-finite within this many steps of a resume points at the checkpoint
+# resumed from (its run had finite losses up to it), not at the learning rate.
+SUSPECT_STEPS = 10
+
+
+def non_finite_message(bad_step: int, resumed_step: int | None, saved_steps: list[int],
+                       directory: Path) -> str:
+    """The one-line error for a non-finite loss at `bad_step` in a run that resumed from
+    `resumed_step` (None for a fresh run), with checkpoints `saved_steps` in `directory`."""
+    head = f"the training loss was not finite at step {bad_step}"
+    if resumed_step is not None and bad_step - resumed_step <= SUSPECT_STEPS:
+        suspect = [s for s in saved_steps if s >= resumed_step] or [resumed_step]
+        earlier = [s for s in saved_steps if s < resumed_step]
+        names = "step" + "s" * (len(suspect) > 1) + " " + ", ".join(map(str, suspect))
+        fix = (f"move {names} out of {directory} (or set checkpoint.directory to a copy "
+               f"without {'them' if len(suspect) > 1 else 'it'}) to resume from step {max(earlier)}"
+               if earlier else "no earlier checkpoint is kept: choose another train.run_dir "
+               "to start afresh")
+        after = bad_step - resumed_step
+        return (f"{head}, {after} step{'s' * (after != 1)} after resuming from checkpoint step "
+                f"{resumed_step} in {directory}: that checkpoint may be damaged; {fix}")
+    kept = f"the last good checkpoint is step {max(saved_steps)} in {directory}; " if saved_steps else ""
+    return (f"{head}; {kept}lower optimizer.lr, raise optimizer.warmup_steps, or allow skipping "
+            "with train.max_bad_steps")
 
 
 class InFlight:

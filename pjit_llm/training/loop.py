@@ -85,8 +85,7 @@ def run_loop(parts: Components, state: TrainState, loader, log: MetricsLog,
     train_step = parts.train_step.lower(state, batch).compile()
     report_compiled(train_step, time.perf_counter() - start, parts.flops_per_step)
 
-    reader = MetricsReader(cfg, log, parts.flops_per_step, parts.tokens_per_step, first,
-                           lambda: _newest(ckpts))
+    reader = MetricsReader(cfg, log, parts.flops_per_step, parts.tokens_per_step, first, ckpts)
     in_flight = InFlight(jax.default_backend() == "cpu" or jax.process_count() > 1)
     profiler = Profiler(cfg.train.profile_steps, cfg.train.run_dir)
 
@@ -129,11 +128,6 @@ def run_loop(parts: Components, state: TrainState, loader, log: MetricsLog,
     return reader.last
 
 
-def _newest(ckpts: Checkpoints) -> tuple | None:
-    step = ckpts.latest_step()
-    return None if step is None else (ckpts.directory, step)
-
-
 def report_compiled(compiled, seconds: float, model_flops: float) -> None:
     """Print the compiled step's per-device memory and FLOPs; refuse a step that cannot fit."""
     memory, flops = perf.compiled_memory(compiled), perf.compiled_flops(compiled)
@@ -167,8 +161,8 @@ def _resume_or_init(parts: Components, ckpts: Checkpoints, loader: Loader) -> Tr
                         "set train.resume=true to continue that run or choose another train.run_dir")
     restored = ckpts.restore(parts.abstract_state, loader, cfg)
     if restored is None:
-        raise UserError(f"no readable checkpoint is left in {ckpts.directory} (unreadable ones "
-                        "were moved aside); choose another train.run_dir to start afresh")
+        raise UserError(f"no readable checkpoint is left in {ckpts.directory} (unreadable or "
+                        "damaged ones were moved aside); choose another train.run_dir to start afresh")
     state, step = restored
     info(f"resumed from step {step} of {ckpts.directory}")
     return state
