@@ -107,7 +107,7 @@ def train(cfg: Config, dataset: Dataset, tokenizer: Tokenizer) -> dict:
              f"global batch {cfg.data.batch_size} x {cfg.data.seq_len}")
         log = MetricsLog(run_dir, append=int(state.step) > 0, total_steps=cfg.train.steps,
                          first_step=int(state.step))
-        generator = Generator(graphdef, cfg.model, layout, Sampling())  # compiled once, reused
+        generator = sample_generator(cfg, graphdef, layout)  # compiled once, reused
 
         def run_eval(params, step):
             result = evaluate(eval_step, params, val_batches, isinstance(tokenizer, ByteTokenizer))
@@ -126,9 +126,17 @@ def train(cfg: Config, dataset: Dataset, tokenizer: Tokenizer) -> dict:
         loader.close()
 
 
+def sample_generator(cfg: Config, graphdef, layout: Layout) -> Generator:
+    """The generator of the in-training samples: train.sample_temperature and sample_top_p,
+    seeded by train.seed, so every evaluation of a run draws from the same random stream."""
+    sampling = Sampling(temperature=cfg.train.sample_temperature, top_p=cfg.train.sample_top_p,
+                        seed=cfg.train.seed)
+    return Generator(graphdef, cfg.model, layout, sampling)
+
+
 def write_samples(cfg: Config, generator: Generator, params, tokenizer, log: MetricsLog,
                   step: int) -> None:
-    """Greedy continuations of the fixed prompts: to the console and TensorBoard's text tab."""
+    """Continuations of the fixed prompts: to the console and TensorBoard's text tab."""
     prompts = list(cfg.train.sample_prompts)
     new = min(cfg.train.sample_tokens, cfg.model.max_len - max(len(tokenizer.encode(p)) for p in prompts))
     if new < 1:
