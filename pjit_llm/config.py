@@ -170,17 +170,23 @@ class TrainConfig:
     run_dir: str = "runs/default"
     peak_tflops: float = 0.0  # per device, for MFU; 0: from the known accelerators
     profile_steps: tuple[int, ...] = ()  # [first, last]: a jax.profiler trace of those steps
-    sample_prompts: tuple[str, ...] = ("def ", "The ")  # continued greedily at each evaluation
+    sample_prompts: tuple[str, ...] = ("def ", "The ")  # continued at each evaluation
     sample_tokens: int = 48  # new tokens per sample; 0: no samples
+    sample_temperature: float = 0.8  # 0: greedy (a small model greedily repeats itself)
+    sample_top_p: float = 0.95  # nucleus; the samples' random seed is train.seed
     resume: bool = True  # continue from the run directory's latest checkpoint
     init_from: str = ""  # a run directory (imported or trained): start from its parameters
     max_bad_steps: int = 0  # steps with a non-finite loss to skip before stopping
 
     def validate(self) -> None:
         require_positive(self, "train", "steps", "grad_accum", "log_every", "eval_batches")
-        for name in ("eval_every", "max_bad_steps", "peak_tflops", "sample_tokens"):
+        for name in ("eval_every", "max_bad_steps", "peak_tflops", "sample_tokens",
+                     "sample_temperature"):
             if getattr(self, name) < 0:
                 raise UserError(f"train.{name} must be >= 0")
+        if not 0 < self.sample_top_p <= 1:
+            raise UserError(f"train.sample_top_p={self.sample_top_p} must lie in (0, 1]; "
+                            "1 samples from all tokens")
         if not self.run_dir:
             raise UserError("train.run_dir must not be empty")
         if self.profile_steps and (len(self.profile_steps) != 2 or

@@ -82,6 +82,8 @@ def test_round_trip_through_dict(tmp_path):
     (["mesh.rules.rows=data"], "unknown config key mesh.rules.rows"),
     (["data.seq_len=4096"], "data.seq_len=4096 exceeds model.max_len=2048"),
     (["train.grad_accum=3"], "train.grad_accum=3 must divide data.batch_size=16"),
+    (["train.sample_temperature=-1"], "train.sample_temperature must be >= 0"),
+    (["train.sample_top_p=0"], "train.sample_top_p=0.0 must lie in (0, 1]"),
     (["model"], "override 'model' is not of the form key.sub=value"),
     (["model=3"], "config section model must be a mapping"),
     (["model.num_layers.x=3"], "model.num_layers must be an integer"),

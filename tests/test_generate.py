@@ -16,6 +16,7 @@ from pjit_llm.inference.generator import Generator, Sampling
 from pjit_llm.models.llama.model import Transformer
 from pjit_llm.parallel.layout import Layout, param_shardings
 from pjit_llm.parallel.mesh import make_mesh
+from pjit_llm.training.actions import sample_generator
 
 PROMPTS = [np.array([10, 11, 12], np.int32), np.array([40, 41, 42, 43, 44, 45, 46], np.int32),
            np.array([200], np.int32)]
@@ -79,6 +80,19 @@ def test_sampling_is_reproducible_from_the_seed(trained):
     assert top1 == Generator(graphdef, cfg.model, layout, Sampling()).generate(placed, PROMPTS, 16, None)
     nucleus = run(5, top_p=1e-6)  # a vanishing nucleus keeps only the top token
     assert nucleus == top1
+
+
+def test_training_samples_follow_the_sample_keys_and_the_seed(trained):
+    cfg, _, params = trained
+    layout, graphdef, placed = _on(cfg, params, (1, 2, 4))
+    run = lambda *keys: sample_generator(tiny_config(*keys), graphdef, layout).generate(  # noqa: E731
+        placed, PROMPTS, 16, eos_id=None)
+    greedy = Generator(graphdef, cfg.model, layout, Sampling()).generate(placed, PROMPTS, 16, None)
+    assert run("train.sample_temperature=0", "train.seed=1") == greedy
+    hot = ("train.sample_temperature=1.5", "train.sample_top_p=1")
+    assert run(*hot, "train.seed=1") == run(*hot, "train.seed=1")
+    assert run(*hot, "train.seed=1") != run(*hot, "train.seed=2") != greedy
+    assert run(*hot, "train.sample_top_p=1e-6", "train.seed=1") == greedy  # top_p reaches it
 
 
 def test_generation_stops_at_the_end_token(trained):

@@ -14,8 +14,9 @@ from pjit_llm import perf
 from pjit_llm.config import Config
 from pjit_llm.errors import UserError
 from pjit_llm.inference.evaluation import evaluate
-from pjit_llm.inference.generator import Generator
+from pjit_llm.inference.generator import Generator, Sampling
 from pjit_llm.metrics import MetricsLog, info
+from pjit_llm.parallel.layout import Layout
 from pjit_llm.training.preemption import MAX_IN_FLIGHT
 
 
@@ -124,7 +125,7 @@ class InFlight:
 
 
 class Evaluation:
-    """The held-out loss at train.eval_every and at the end, with sampled continuations of
+    """The held-out loss at train.eval_every and at the end, with continuations of
     train.sample_prompts (to the console and TensorBoard's text tab)."""
 
     def __init__(self, cfg: Config, eval_step, val_batches: list, tokenizer, log: MetricsLog,
@@ -156,6 +157,14 @@ class Evaluation:
             text = prompt + tokenizer.decode(ids)
             info(f"sample {i} at step {step}: {text!r}")
             self.log.text(f"samples/{i}", text, step)
+
+
+def sample_generator(cfg: Config, graphdef, layout: Layout) -> Generator:
+    """The generator of the in-training samples: train.sample_temperature and sample_top_p,
+    seeded by train.seed, so every evaluation of a run draws from the same random stream."""
+    sampling = Sampling(temperature=cfg.train.sample_temperature, top_p=cfg.train.sample_top_p,
+                        seed=cfg.train.seed)
+    return Generator(graphdef, cfg.model, layout, sampling)
 
 
 class Profiler:

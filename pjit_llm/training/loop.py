@@ -21,11 +21,11 @@ from pjit_llm.data.loader import Loader, eval_batches
 from pjit_llm.data.sources import Dataset
 from pjit_llm.data.tokenizer import ByteTokenizer, Tokenizer
 from pjit_llm.errors import UserError
-from pjit_llm.inference.generator import Generator, Sampling
 from pjit_llm.metrics import MetricsLog, human_bytes, human_count, info
 from pjit_llm.parallel.layout import bytes_per_device
 from pjit_llm.parallel.mesh import describe
-from pjit_llm.training.actions import Evaluation, InFlight, MetricsReader, Profiler
+from pjit_llm.training.actions import (Evaluation, InFlight, MetricsReader, Profiler,
+                                       sample_generator)
 from pjit_llm.training.build import Components, build
 from pjit_llm.training.preemption import StopRequest
 from pjit_llm.training.step import TrainState
@@ -58,8 +58,7 @@ def train(cfg: Config, dataset: Dataset, tokenizer: Tokenizer) -> dict:
         log = MetricsLog(run_dir, append=int(state.step) > 0, total_steps=cfg.train.steps,
                          first_step=int(state.step))
         sampled = cfg.train.sample_tokens and cfg.train.sample_prompts
-        generator = Generator(parts.graphdef, parts.model, parts.layout,
-                              Sampling()) if sampled else None  # compiled once, reused
+        generator = sample_generator(cfg, parts.graphdef, parts.layout) if sampled else None
         evaluation = Evaluation(cfg, parts.eval_step, val_batches, tokenizer, log, generator,
                                 isinstance(tokenizer, ByteTokenizer))
         try:

@@ -11,7 +11,7 @@ DType = Literal["float32", "bfloat16"]
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 0  # 0: the tokenizer's vocabulary, rounded up to a multiple of 128
-    num_layers: int = 4
+    num_layers: int = 2
     embed_dim: int = 256
     num_heads: int = 8
     num_kv_heads: int = 4
