@@ -8,15 +8,20 @@ A watchdog thread then keeps a heartbeat in the coordinator's key-value store: w
 process stops beating (killed, crashed, out of memory) or the coordinator cannot be reached,
 this process prints one line naming the lost process and exits with status 3 instead of
 waiting forever in a collective.
+
+An entry point leaves through `shutdown()` (or `shutdown_on_exit()`) after its last collective
+and checkpoint wait: the watchdog stops first, then the runtime shuts down in order. A daemon
+thread still inside the runtime's client at interpreter exit aborts the process (SIGABRT).
 """
 
+import contextlib
 import os
 import re
 import socket
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from pjit_llm.config import DistributedConfig
@@ -24,6 +29,10 @@ from pjit_llm.errors import UserError, first_line
 
 DEFAULT_PORT = 12345
 LOST_PROCESS_EXIT = 3
+# A process's heartbeat value once it has left a finished run: the others stop watching it.
+FINISHED = "finished"
+
+_watchdog: "Watchdog | None" = None
 
 
 @dataclass(frozen=True)
@@ -96,8 +105,40 @@ def initialize(cfg: DistributedConfig) -> Topology | None:
                         f"{topology.process_id} of {topology.num_processes} within "
                         f"{cfg.init_timeout_s}s ({first}); check that every process is started "
                         "and the coordinator's host and port are reachable") from None
-    Watchdog(topology, cfg.heartbeat_timeout_s).start()
+    global _watchdog
+    _watchdog = Watchdog(topology, cfg.heartbeat_timeout_s)
+    _watchdog.start()
     return topology
+
+
+def shutdown(finished: bool = True) -> None:
+    """Leave the distributed run: stop the heartbeat, then shut the runtime down (a barrier
+    with the other processes; process 0 stops the coordinator last). Call it after the last
+    collective and checkpoint wait. `finished`: this process completed its work, so the others
+    stop watching it; after a failure its silence makes the others exit as for a lost process.
+    Does nothing in a single-process run or when called twice."""
+    global _watchdog
+    watchdog, _watchdog = _watchdog, None
+    if watchdog is None:
+        return
+    import jax
+    watchdog.stop(finished)
+    try:
+        jax.distributed.shutdown()
+    except Exception as e:  # the coordinator or another process is gone: leave anyway
+        print(f"warning: the distributed runtime did not shut down cleanly ({first_line(e)})",
+              file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def shutdown_on_exit() -> Iterator[None]:
+    """Run the block, then `shutdown()`: finished unless an exception leaves the block."""
+    try:
+        yield
+    except BaseException:
+        shutdown(finished=False)
+        raise
+    shutdown(finished=True)
 
 
 def _wait_for_coordinator(topology: Topology, timeout_s: int) -> None:
@@ -132,6 +173,21 @@ class Watchdog(threading.Thread):
         super().__init__(name="pjit_llm-watchdog", daemon=True)
         self.topology, self.timeout_s = topology, timeout_s
         self.interval = max(0.5, timeout_s / 10)
+        self._stopping = threading.Event()
+
+    def stop(self, finished: bool) -> None:
+        """Stop beating and wait for the thread to leave the runtime's client; when
+        `finished`, tell the others this process is done rather than lost."""
+        self._stopping.set()
+        self.join(self.timeout_s)  # one beat's calls, or their failure, take far less
+        if finished:
+            with contextlib.suppress(Exception):  # the coordinator is gone: nobody waits for us
+                kv_client().key_value_set(self._key(self.topology.process_id), FINISHED,
+                                          allow_overwrite=True)
+
+    @staticmethod
+    def _key(process: int) -> str:
+        return f"pjit_llm/heartbeat/{process}"
 
     def run(self):
         client = kv_client()
@@ -139,13 +195,15 @@ class Watchdog(threading.Thread):
         last_seen = {p: (None, time.monotonic()) for p in range(n) if p != me}
         beat = 0
         unreachable_since = None
-        while True:
+        while not self._stopping.is_set():
             beat += 1
             try:
-                client.key_value_set(f"pjit_llm/heartbeat/{me}", str(beat), allow_overwrite=True)
-                for p in last_seen:
-                    value = kv_try_get(client, f"pjit_llm/heartbeat/{p}")
-                    if value != last_seen[p][0]:
+                client.key_value_set(self._key(me), str(beat), allow_overwrite=True)
+                for p in list(last_seen):
+                    value = kv_try_get(client, self._key(p))
+                    if value == FINISHED:
+                        del last_seen[p]
+                    elif value != last_seen[p][0]:
                         last_seen[p] = (value, time.monotonic())
                 unreachable_since = None
             except Exception:  # the coordinator (process 0's host) is gone
@@ -156,19 +214,27 @@ class Watchdog(threading.Thread):
             for p, (_, seen) in last_seen.items():
                 if now - seen > self.timeout_s:
                     self._lost(p, f"no heartbeat for {now - seen:.0f}s")
-            time.sleep(self.interval)
+            self._stopping.wait(self.interval)
 
     def _lost(self, process: int, why: str):
-        print(f"error: lost process {process} of {self.topology.num_processes} ({why}); "
-              "stopping this process too. Restart all processes to resume from the last "
-              "checkpoint", file=sys.stderr, flush=True)
-        os._exit(LOST_PROCESS_EXIT)
+        exit_lost(process, self.topology.num_processes, why)
+
+
+def exit_lost(process: int, num_processes: int, why: str):
+    """Print one line naming the lost process and leave at once with LOST_PROCESS_EXIT (a
+    clean exit would wait in collectives and barriers that can no longer complete)."""
+    print(f"error: lost process {process} of {num_processes} ({why}); stopping this process "
+          "too. Restart all processes to resume from the last checkpoint",
+          file=sys.stderr, flush=True)
+    os._exit(LOST_PROCESS_EXIT)
 
 
 def kv_client():
     """The distributed runtime's key-value store client (process 0 hosts the store)."""
-    from jax._src import distributed
-    return distributed.global_state.client
+    # jax 0.10 has no public accessor for the client (jax.distributed offers only initialize,
+    # is_initialized and shutdown), so this is the one place that reads the private state.
+    from jax._src.distributed import global_state
+    return global_state.client
 
 
 def kv_try_get(client, key: str) -> str | None:
@@ -177,4 +243,16 @@ def kv_try_get(client, key: str) -> str | None:
     except Exception as e:  # not written yet
         if "NOT_FOUND" in str(e) or "not found" in str(e).lower():
             return None
+        raise
+
+
+def kv_set_once(client, key: str, value: str) -> bool:
+    """Store `value` unless `key` holds one already; False when another process was first.
+    Any other failure (the coordinator gone) is raised."""
+    try:
+        client.key_value_set(key, value)  # without overwrite
+        return True
+    except Exception as e:  # the runtime's bare JaxRuntimeError; the status code leads
+        if "ALREADY_EXISTS" in first_line(e):
+            return False
         raise

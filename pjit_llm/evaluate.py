@@ -52,20 +52,21 @@ def main(argv=None) -> None:
 
     cfg = run_config(args.run, args.overrides, args.emulate_devices)
     use_emulated_devices(cfg.mesh.emulate_devices)
-    distributed.initialize(cfg.distributed)
     if args.batches is not None and args.batches < 1:
         raise UserError("--batches must be at least 1")
-    dataset = prepare_shared(cfg.data)
-    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path, dataset.directory)
-    layout = Layout(make_mesh(cfg.mesh), cfg.mesh.rules)
-    info(describe(layout.mesh))
-    params, step = restore_params(cfg, layout, args.step)
-    graphdef, _ = abstract_model(resolve_attention(cfg.model, cfg.data.seq_len), layout)
-    batch_sharding = layout.sharding(("batch", "length"))
-    eval_step = jax.jit(make_eval_step(graphdef), out_shardings=layout.replicated())
-    batches = eval_batches(dataset, tokenizer, cfg.data, batch_sharding,
-                           args.batches or cfg.train.eval_batches)
-    result = evaluate(eval_step, params, batches, isinstance(tokenizer, ByteTokenizer))
+    distributed.initialize(cfg.distributed)
+    with distributed.shutdown_on_exit():
+        dataset = prepare_shared(cfg.data)
+        tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path, dataset.directory)
+        layout = Layout(make_mesh(cfg.mesh), cfg.mesh.rules)
+        info(describe(layout.mesh))
+        params, step = restore_params(cfg, layout, args.step)
+        graphdef, _ = abstract_model(resolve_attention(cfg.model, cfg.data.seq_len), layout)
+        batch_sharding = layout.sharding(("batch", "length"))
+        eval_step = jax.jit(make_eval_step(graphdef), out_shardings=layout.replicated())
+        batches = eval_batches(dataset, tokenizer, cfg.data, batch_sharding,
+                               args.batches or cfg.train.eval_batches)
+        result = evaluate(eval_step, params, batches, isinstance(tokenizer, ByteTokenizer))
     info(json.dumps({"step": step, **result}))
 
 

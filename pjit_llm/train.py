@@ -30,12 +30,9 @@ from pjit_llm.mesh import describe, make_mesh, use_emulated_devices
 from pjit_llm.metrics import MetricsLog, human_bytes, human_count, info
 from pjit_llm.model import padded_vocab
 from pjit_llm.optim import make_optimizer, make_schedule
-from pjit_llm.preemption import StopRequest
+from pjit_llm.preemption import MAX_IN_FLIGHT, StopRequest
 from pjit_llm.sharding import Layout, bytes_per_device, check_batch
 from pjit_llm.train_step import TrainState, compile_steps, init_state, plan_state
-
-# Steps dispatched and not yet finished, at most (on CPU and across processes).
-MAX_IN_FLIGHT = 16
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,11 +62,12 @@ def main(argv=None) -> None:
     cfg = load_config(args.config, overrides)
     use_emulated_devices(cfg.mesh.emulate_devices)
     topology = distributed.initialize(cfg.distributed)
-    info(distributed.describe(topology))
-    dataset = prepare_shared(cfg.data)
-    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path, dataset.directory)
-    cfg = resolve(cfg, tokenizer)
-    train(cfg, dataset, tokenizer)
+    with distributed.shutdown_on_exit():  # after train() has closed checkpoints and data
+        info(distributed.describe(topology))
+        dataset = prepare_shared(cfg.data)
+        tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path, dataset.directory)
+        cfg = resolve(cfg, tokenizer)
+        train(cfg, dataset, tokenizer)
 
 
 def train(cfg: Config, dataset: Dataset, tokenizer: Tokenizer) -> dict:
