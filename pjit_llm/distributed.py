@@ -9,19 +9,18 @@ process stops beating (killed, crashed, out of memory) or the coordinator cannot
 this process prints one line naming the lost process and exits with status 3 instead of
 waiting forever in a collective.
 
-An entry point leaves through `shutdown()` (or `shutdown_on_exit()`) after its last collective
-and checkpoint wait: the watchdog stops first, then the runtime shuts down in order. A daemon
-thread still inside the runtime's client at interpreter exit aborts the process (SIGABRT).
+An entry point calls `shutdown()` after its last collective and checkpoint wait: the runtime's
+shutdown barrier, then the watchdog stops. A daemon thread still inside the runtime's client
+at interpreter exit aborts the process (SIGABRT), so the thread must be gone by then.
 """
 
-import contextlib
 import os
 import re
 import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pjit_llm.config import DistributedConfig
@@ -29,9 +28,6 @@ from pjit_llm.errors import UserError, first_line
 
 DEFAULT_PORT = 12345
 LOST_PROCESS_EXIT = 3
-# A process's heartbeat value once it has left a finished run: the others stop watching it.
-FINISHED = "finished"
-
 _watchdog: "Watchdog | None" = None
 
 
@@ -111,34 +107,24 @@ def initialize(cfg: DistributedConfig) -> Topology | None:
     return topology
 
 
-def shutdown(finished: bool = True) -> None:
-    """Leave the distributed run: stop the heartbeat, then shut the runtime down (a barrier
-    with the other processes; process 0 stops the coordinator last). Call it after the last
-    collective and checkpoint wait. `finished`: this process completed its work, so the others
-    stop watching it; after a failure its silence makes the others exit as for a lost process.
-    Does nothing in a single-process run or when called twice."""
+def shutdown() -> None:
+    """Leave the distributed run after the last collective and checkpoint wait: the runtime's
+    shutdown barrier with the other processes (process 0 stops the coordinator last), then the
+    watchdog stops. It beats until then: while this process waits in the barrier the others
+    do not count it lost, and a process that dies meanwhile still makes this one exit with
+    LOST_PROCESS_EXIT instead of hanging. Does nothing in a single-process run or when repeated."""
     global _watchdog
     watchdog, _watchdog = _watchdog, None
     if watchdog is None:
         return
     import jax
-    watchdog.stop(finished)
     try:
         jax.distributed.shutdown()
-    except Exception as e:  # the coordinator or another process is gone: leave anyway
+    except Exception as e:  # the coordinator is gone: leave anyway
         print(f"warning: the distributed runtime did not shut down cleanly ({first_line(e)})",
               file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def shutdown_on_exit() -> Iterator[None]:
-    """Run the block, then `shutdown()`: finished unless an exception leaves the block."""
-    try:
-        yield
-    except BaseException:
-        shutdown(finished=False)
-        raise
-    shutdown(finished=True)
+    finally:
+        watchdog.stop()
 
 
 def _wait_for_coordinator(topology: Topology, timeout_s: int) -> None:
@@ -175,15 +161,10 @@ class Watchdog(threading.Thread):
         self.interval = max(0.5, timeout_s / 10)
         self._stopping = threading.Event()
 
-    def stop(self, finished: bool) -> None:
-        """Stop beating and wait for the thread to leave the runtime's client; when
-        `finished`, tell the others this process is done rather than lost."""
+    def stop(self) -> None:
+        """Stop beating and wait until the thread has left the runtime's client."""
         self._stopping.set()
         self.join(self.timeout_s)  # one beat's calls, or their failure, take far less
-        if finished:
-            with contextlib.suppress(Exception):  # the coordinator is gone: nobody waits for us
-                kv_client().key_value_set(self._key(self.topology.process_id), FINISHED,
-                                          allow_overwrite=True)
 
     @staticmethod
     def _key(process: int) -> str:
@@ -199,11 +180,9 @@ class Watchdog(threading.Thread):
             beat += 1
             try:
                 client.key_value_set(self._key(me), str(beat), allow_overwrite=True)
-                for p in list(last_seen):
+                for p in last_seen:
                     value = kv_try_get(client, self._key(p))
-                    if value == FINISHED:
-                        del last_seen[p]
-                    elif value != last_seen[p][0]:
+                    if value != last_seen[p][0]:
                         last_seen[p] = (value, time.monotonic())
                 unreachable_since = None
             except Exception:  # the coordinator (process 0's host) is gone

@@ -55,7 +55,7 @@ def main(argv=None) -> None:
     if args.batches is not None and args.batches < 1:
         raise UserError("--batches must be at least 1")
     distributed.initialize(cfg.distributed)
-    with distributed.shutdown_on_exit():
+    try:
         dataset = prepare_shared(cfg.data)
         tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path, dataset.directory)
         layout = Layout(make_mesh(cfg.mesh), cfg.mesh.rules)
@@ -67,6 +67,8 @@ def main(argv=None) -> None:
         batches = eval_batches(dataset, tokenizer, cfg.data, batch_sharding,
                                args.batches or cfg.train.eval_batches)
         result = evaluate(eval_step, params, batches, isinstance(tokenizer, ByteTokenizer))
+    finally:
+        distributed.shutdown()
     info(json.dumps({"step": step, **result}))
 
 

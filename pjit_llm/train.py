@@ -62,12 +62,14 @@ def main(argv=None) -> None:
     cfg = load_config(args.config, overrides)
     use_emulated_devices(cfg.mesh.emulate_devices)
     topology = distributed.initialize(cfg.distributed)
-    with distributed.shutdown_on_exit():  # after train() has closed checkpoints and data
+    try:
         info(distributed.describe(topology))
         dataset = prepare_shared(cfg.data)
         tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path, dataset.directory)
         cfg = resolve(cfg, tokenizer)
         train(cfg, dataset, tokenizer)
+    finally:
+        distributed.shutdown()  # train() has closed the checkpoints and the data
 
 
 def train(cfg: Config, dataset: Dataset, tokenizer: Tokenizer) -> dict:
