@@ -104,10 +104,14 @@ def bench_step(args) -> list[dict]:
     use_emulated_devices(configs[0][1].mesh.emulate_devices)
     distributed.initialize(configs[0][1].distributed)
     rows = []
-    for i, (name, cfg) in enumerate(configs):
-        for r in range(args.repeats):
-            trace = args.profile and r == 0 and str(Path(args.profile, f"row{i}"))
-            rows.append({"variant": name or "base", **measure(cfg, args.steps, args.warmup, trace)})
+    try:
+        for i, (name, cfg) in enumerate(configs):
+            for r in range(args.repeats):
+                trace = args.profile and r == 0 and str(Path(args.profile, f"row{i}"))
+                rows.append({"variant": name or "base",
+                             **measure(cfg, args.steps, args.warmup, trace)})
+    finally:
+        distributed.shutdown()
     return rows
 
 

@@ -36,9 +36,12 @@ def main(argv=None) -> None:
     cfg = load_config(args.config, overrides)
     use_emulated_devices(cfg.mesh.emulate_devices)
     topology = distributed.initialize(cfg.distributed)
-    info(distributed.describe(topology))
-    dataset, tokenizer = open_data(cfg)
-    train(cfg, dataset, tokenizer)
+    try:
+        info(distributed.describe(topology))
+        dataset, tokenizer = open_data(cfg)
+        train(cfg, dataset, tokenizer)
+    finally:
+        distributed.shutdown()  # train() has closed the checkpoints and the data
 
 
 def cli() -> None:

@@ -33,10 +33,13 @@ def evaluate_run(run: Path, step: int | None = None, batches: int | None = None,
     cfg = run_config(run, overrides, emulate_devices)
     use_emulated_devices(cfg.mesh.emulate_devices)
     distributed.initialize(cfg.distributed)
-    dataset, tokenizer = open_data(cfg)
-    parts = build(cfg, tokenizer.vocab_size)
-    info(describe(parts.mesh))
-    params, step = restore_params(parts.cfg, parts.layout, step)
-    val = eval_batches(dataset, tokenizer, cfg.data, parts.batch_sharding,
-                       batches or cfg.train.eval_batches)
-    return step, evaluate(parts.eval_step, params, val, isinstance(tokenizer, ByteTokenizer))
+    try:
+        dataset, tokenizer = open_data(cfg)
+        parts = build(cfg, tokenizer.vocab_size)
+        info(describe(parts.mesh))
+        params, step = restore_params(parts.cfg, parts.layout, step)
+        val = eval_batches(dataset, tokenizer, cfg.data, parts.batch_sharding,
+                           batches or cfg.train.eval_batches)
+        return step, evaluate(parts.eval_step, params, val, isinstance(tokenizer, ByteTokenizer))
+    finally:
+        distributed.shutdown()

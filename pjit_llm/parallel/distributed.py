@@ -8,6 +8,10 @@ A watchdog thread then keeps a heartbeat in the coordinator's key-value store: w
 process stops beating (killed, crashed, out of memory) or the coordinator cannot be reached,
 this process prints one line naming the lost process and exits with status 3 instead of
 waiting forever in a collective.
+
+An entry point calls `shutdown()` after its last collective and checkpoint wait: the runtime's
+shutdown barrier, then the watchdog stops. A daemon thread still inside the runtime's client
+at interpreter exit aborts the process (SIGABRT), so the thread must be gone by then.
 """
 
 import os
@@ -24,6 +28,7 @@ from pjit_llm.errors import UserError, first_line
 
 DEFAULT_PORT = 12345
 LOST_PROCESS_EXIT = 3
+_watchdog: "Watchdog | None" = None
 
 
 @dataclass(frozen=True)
@@ -96,8 +101,30 @@ def initialize(cfg: DistributedConfig) -> Topology | None:
                         f"{topology.process_id} of {topology.num_processes} within "
                         f"{cfg.init_timeout_s}s ({first}); check that every process is started "
                         "and the coordinator's host and port are reachable") from None
-    Watchdog(topology, cfg.heartbeat_timeout_s).start()
+    global _watchdog
+    _watchdog = Watchdog(topology, cfg.heartbeat_timeout_s)
+    _watchdog.start()
     return topology
+
+
+def shutdown() -> None:
+    """Leave the distributed run after the last collective and checkpoint wait: the runtime's
+    shutdown barrier with the other processes (process 0 stops the coordinator last), then the
+    watchdog stops. It beats until then: while this process waits in the barrier the others
+    do not count it lost, and a process that dies meanwhile still makes this one exit with
+    LOST_PROCESS_EXIT instead of hanging. Does nothing in a single-process run or when repeated."""
+    global _watchdog
+    watchdog, _watchdog = _watchdog, None
+    if watchdog is None:
+        return
+    import jax
+    try:
+        jax.distributed.shutdown()
+    except Exception as e:  # the coordinator is gone: leave anyway
+        print(f"warning: the distributed runtime did not shut down cleanly ({first_line(e)})",
+              file=sys.stderr, flush=True)
+    finally:
+        watchdog.stop()
 
 
 def _wait_for_coordinator(topology: Topology, timeout_s: int) -> None:
@@ -132,6 +159,16 @@ class Watchdog(threading.Thread):
         super().__init__(name="pjit_llm-watchdog", daemon=True)
         self.topology, self.timeout_s = topology, timeout_s
         self.interval = max(0.5, timeout_s / 10)
+        self._stopping = threading.Event()
+
+    def stop(self) -> None:
+        """Stop beating and wait until the thread has left the runtime's client."""
+        self._stopping.set()
+        self.join(self.timeout_s)  # one beat's calls, or their failure, take far less
+
+    @staticmethod
+    def _key(process: int) -> str:
+        return f"pjit_llm/heartbeat/{process}"
 
     def run(self):
         client = kv_client()
@@ -139,12 +176,12 @@ class Watchdog(threading.Thread):
         last_seen = {p: (None, time.monotonic()) for p in range(n) if p != me}
         beat = 0
         unreachable_since = None
-        while True:
+        while not self._stopping.is_set():
             beat += 1
             try:
-                client.key_value_set(f"pjit_llm/heartbeat/{me}", str(beat), allow_overwrite=True)
+                client.key_value_set(self._key(me), str(beat), allow_overwrite=True)
                 for p in last_seen:
-                    value = kv_try_get(client, f"pjit_llm/heartbeat/{p}")
+                    value = kv_try_get(client, self._key(p))
                     if value != last_seen[p][0]:
                         last_seen[p] = (value, time.monotonic())
                 unreachable_since = None
@@ -156,19 +193,27 @@ class Watchdog(threading.Thread):
             for p, (_, seen) in last_seen.items():
                 if now - seen > self.timeout_s:
                     self._lost(p, f"no heartbeat for {now - seen:.0f}s")
-            time.sleep(self.interval)
+            self._stopping.wait(self.interval)
 
     def _lost(self, process: int, why: str):
-        print(f"error: lost process {process} of {self.topology.num_processes} ({why}); "
-              "stopping this process too. Restart all processes to resume from the last "
-              "checkpoint", file=sys.stderr, flush=True)
-        os._exit(LOST_PROCESS_EXIT)
+        exit_lost(process, self.topology.num_processes, why)
+
+
+def exit_lost(process: int, num_processes: int, why: str):
+    """Print one line naming the lost process and leave at once with LOST_PROCESS_EXIT (a
+    clean exit would wait in collectives and barriers that can no longer complete)."""
+    print(f"error: lost process {process} of {num_processes} ({why}); stopping this process "
+          "too. Restart all processes to resume from the last checkpoint",
+          file=sys.stderr, flush=True)
+    os._exit(LOST_PROCESS_EXIT)
 
 
 def kv_client():
     """The distributed runtime's key-value store client (process 0 hosts the store)."""
-    from jax._src import distributed
-    return distributed.global_state.client
+    # jax 0.10 has no public accessor for the client (jax.distributed offers only initialize,
+    # is_initialized and shutdown), so this is the one place that reads the private state.
+    from jax._src.distributed import global_state
+    return global_state.client
 
 
 def kv_try_get(client, key: str) -> str | None:
@@ -177,4 +222,16 @@ def kv_try_get(client, key: str) -> str | None:
     except Exception as e:  # not written yet
         if "NOT_FOUND" in str(e) or "not found" in str(e).lower():
             return None
+        raise
+
+
+def kv_set_once(client, key: str, value: str) -> bool:
+    """Store `value` unless `key` holds one already; False when another process was first.
+    Any other failure (the coordinator gone) is raised."""
+    try:
+        client.key_value_set(key, value)  # without overwrite
+        return True
+    except Exception as e:  # the runtime's bare JaxRuntimeError; the status code leads
+        if "ALREADY_EXISTS" in first_line(e):
+            return False
         raise

@@ -11,11 +11,11 @@ import sys
 
 import jax
 
-# Steps the loop dispatches ahead of the device at most (actions.InFlight), on CPU and across
-# processes.
+from pjit_llm.errors import first_line
+
+# Steps dispatched and not yet finished, at most (on CPU and across processes).
 MAX_IN_FLIGHT = 16
-# Steps ahead of the asking process's step at which all processes stop. It must exceed how
-# far apart the processes' host loops can be, which the in-flight bound limits.
+# Steps past the asker's step where all stop: loops drift at most MAX_IN_FLIGHT steps apart.
 STOP_MARGIN = 2 * MAX_IN_FLIGHT
 _STOP_KEY = "pjit_llm/stop_after_step"
 
@@ -35,18 +35,11 @@ class StopRequest:
         """Whether to stop after `step`, agreed across processes."""
         if jax.process_count() == 1:
             return self.requested
-        from pjit_llm.parallel.distributed import kv_client, kv_try_get
-        client = kv_client()
-        target = kv_try_get(client, _STOP_KEY)
-        if target is None and self.requested:
-            try:  # without overwrite: the first process to ask sets the step
-                client.key_value_set(_STOP_KEY, str(step + STOP_MARGIN))
-            except Exception:  # another process was first
-                pass
-            target = kv_try_get(client, _STOP_KEY)
+        from pjit_llm.parallel.distributed import kv_client
+        target = agreed_stop_step(kv_client(), step + STOP_MARGIN if self.requested else None)
         if target is not None and self.signal_name is None:
             self.signal_name = "another process's stop request"
-        return target is not None and step >= int(target)
+        return target is not None and step >= target
 
     def __enter__(self):
         for sig in self.SIGNALS:
@@ -65,3 +58,18 @@ class StopRequest:
         self.signal_name = signal.Signals(signum).name
         print(f"{self.signal_name} received: stopping after this step and saving a checkpoint "
               "(send it again to exit at once)", file=sys.stderr, flush=True)
+
+
+def agreed_stop_step(client, proposed: int | None) -> int | None:
+    """The step all processes stop after: the one in the coordinator's key-value store, else
+    `proposed` when given (the first process to write it wins), else None."""
+    from pjit_llm.parallel.distributed import exit_lost, kv_set_once, kv_try_get
+    try:
+        target = kv_try_get(client, _STOP_KEY)
+        if target is None and proposed is not None:
+            kv_set_once(client, _STOP_KEY, str(proposed))
+            target = kv_try_get(client, _STOP_KEY)
+    except Exception as e:  # a swallowed failure would lose the request: this process trains on
+        exit_lost(0, jax.process_count(), f"the coordinator's key-value store failed: "
+                  f"{first_line(e)}")
+    return None if target is None else int(target)
