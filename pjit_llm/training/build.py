@@ -3,8 +3,9 @@
 config -> mesh -> layout -> vocabulary (from the tokenizer) -> optimizer and schedule -> state
 plan (shapes, dtypes and shardings; nothing allocated) -> the jitted train and eval steps.
 Training, evaluation, generation, conversion and the benchmarks all build through `build`,
-so they agree on every one of these choices. Nothing here reads data or allocates the model
-(`Components.init_state` does, when asked); jitted steps compile on first use.
+so they agree on every one of these choices. `build` reads no data and allocates nothing
+(`Components.init_state` does, when asked); jitted steps compile on first use. `open_data`
+opens the dataset and tokenizer that the vocabulary follows.
 """
 
 import dataclasses
