@@ -15,28 +15,9 @@ import contextlib
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 from pjit_llm.errors import UserError, run_cli
-
-
-def data_throughput(dataset, tokenizer, cfg, workers: int, batches: int, warmup: int) -> float:
-    """Tokens per second (padding excluded) over `batches` batches after `warmup` batches."""
-    from pjit_llm.data.pipeline import packed_batches
-
-    it = iter(packed_batches(dataset.train, tokenizer, dataset.text_field, cfg, cfg.batch_size,
-                             0, 1, train=True, num_workers=workers))
-    try:
-        for _ in range(warmup):
-            next(it)
-        start, tokens = time.perf_counter(), 0
-        for _ in range(batches):
-            tokens += int((next(it)["segment_ids"] > 0).sum())
-        return tokens / (time.perf_counter() - start)
-    finally:
-        if hasattr(it, "close"):
-            it.close()
 
 
 def bench_data(args) -> list[dict]:
@@ -44,6 +25,7 @@ def bench_data(args) -> list[dict]:
 
     from pjit_llm.config import load_config
     from pjit_llm.training.build import open_data
+    from pjit_llm.training.measure import data_throughput
 
     cfg = load_config(args.config, args.overrides)
     dataset, tokenizer = open_data(cfg)
@@ -62,33 +44,14 @@ def bench_data(args) -> list[dict]:
 def bench_save(args) -> list[dict]:
     import tempfile
 
-    import jax
-
-    from pjit_llm.checkpoint.manager import Checkpoints
-    from pjit_llm.config import CheckpointConfig, load_config
+    from pjit_llm.config import load_config
     from pjit_llm.training.build import build
+    from pjit_llm.training.measure import save_times
 
     parts = build(load_config(args.config, args.overrides))
-    cfg = parts.cfg
-    state = parts.init_state(seed=0)
-    n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
-    rows = []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        for mode in ("async", "sync"):
-            ckpts = Checkpoints(Path(tmp, mode), CheckpointConfig(async_save=mode == "async", keep=2))
-            blocked, total = [], []
-            for i in range(args.repeats):
-                start = time.perf_counter()
-                ckpts.save(i + 1, state, {}, cfg)
-                blocked.append(time.perf_counter() - start)
-                ckpts.wait()
-                total.append(time.perf_counter() - start)
-            ckpts.close()
-            rows.append({"params": n_params, "state_bytes": state_bytes, "mode": mode,
-                         "blocked_s": statistics.median(blocked), "write_s": statistics.median(total),
-                         "repeats": args.repeats})
-    return rows
+        return [save_times(parts, Path(tmp, mode), mode == "async", args.repeats)
+                for mode in ("async", "sync")]
 
 
 def bench_step(args) -> list[dict]:

@@ -1,14 +1,17 @@
-"""How fast the training step runs: the real compiled step on synthetic tokens.
+"""What the benchmarks (pjit_llm.bench) measure.
 
-The model, optimizer, shardings and step are the ones `train` compiles; only the batches are
-random tokens (one document per row), so a benchmark needs no dataset, tokenizer or data
-packages. Each timed step is synchronised with the device, so the figures are the step's own
-time, without the training loop around it.
+`measure`: the real compiled training step on synthetic tokens. The model, optimizer,
+shardings and step are the ones `train` compiles; only the batches are random tokens (one
+document per row), so it needs no dataset, tokenizer or data packages. Each timed step is
+synchronised with the device, so the figures are the step's own time, without the loop.
+`data_throughput`: tokens per second from the input pipeline. `save_times`: how long a
+checkpoint save holds the training loop.
 """
 
 import gc
 import statistics
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -16,7 +19,7 @@ import numpy as np
 from pjit_llm import perf
 from pjit_llm.config import Config
 from pjit_llm.parallel.layout import Layout, bytes_per_device
-from pjit_llm.training.build import build
+from pjit_llm.training.build import Components, build
 
 
 def synthetic_batch(cfg: Config, layout: Layout, seed: int = 0) -> dict:
@@ -78,3 +81,45 @@ def measure(cfg: Config, steps: int, warmup: int, profile_dir: str | None = None
     del state, batch, compiled
     gc.collect()
     return row
+
+
+def data_throughput(dataset, tokenizer, cfg, workers: int, batches: int, warmup: int) -> float:
+    """Tokens per second (padding excluded) the pipeline delivers with `workers` worker
+    processes, over `batches` batches after `warmup` batches (which cover starting them)."""
+    from pjit_llm.data.pipeline import packed_batches  # Grain: only this benchmark needs it
+
+    it = iter(packed_batches(dataset.train, tokenizer, dataset.text_field, cfg, cfg.batch_size,
+                             0, 1, train=True, num_workers=workers))
+    try:
+        for _ in range(warmup):
+            next(it)
+        start, tokens = time.perf_counter(), 0
+        for _ in range(batches):
+            tokens += int((next(it)["segment_ids"] > 0).sum())
+        return tokens / (time.perf_counter() - start)
+    finally:
+        if hasattr(it, "close"):
+            it.close()
+
+
+def save_times(parts: Components, directory: Path, async_save: bool, repeats: int) -> dict:
+    """Median seconds a checkpoint save of a fresh state holds the loop, and until written."""
+    from pjit_llm.checkpoint.manager import Checkpoints
+    from pjit_llm.config import CheckpointConfig
+
+    state = parts.init_state(seed=0)
+    ckpts = Checkpoints(directory, CheckpointConfig(async_save=async_save, keep=2))
+    blocked, total = [], []
+    try:
+        for i in range(repeats):
+            start = time.perf_counter()
+            ckpts.save(i + 1, state, {}, parts.cfg)
+            blocked.append(time.perf_counter() - start)
+            ckpts.wait()
+            total.append(time.perf_counter() - start)
+    finally:
+        ckpts.close()
+    return {"params": sum(x.size for x in jax.tree.leaves(state.params)),
+            "state_bytes": sum(x.nbytes for x in jax.tree.leaves(state)),
+            "mode": "async" if async_save else "sync", "blocked_s": statistics.median(blocked),
+            "write_s": statistics.median(total), "repeats": repeats}
