@@ -1,6 +1,9 @@
-"""Shared set-up. Every test sees 8 emulated CPU devices (set before JAX initialises a backend),
-and TFDS's default data directory is a temporary one for the session, inherited by every
-process a test starts, so no test writes under ~/tensorflow_datasets.
+"""Shared set-up. Every test sees 8 emulated CPU devices (set before JAX initialises a backend).
+
+A temporary directory for the session (one per pytest process; gone at its end), inherited
+by every process a test starts, holds TFDS's default data directory, so no test writes under
+~/tensorflow_datasets, and JAX's persistent compilation cache, so the many runs of the same
+tiny model compile each step once rather than once per process.
 
 Tests under tests/e2e start real processes (`run_module`) and are marked `slow`; everything
 else runs in this process."""
@@ -15,9 +18,10 @@ import tempfile
 from pathlib import Path
 
 os.environ["JAX_PLATFORMS"] = "cpu"
-# TFDS reads its default data directory once, when it is first imported: set it first.
-TFDS_DATA_DIR = tempfile.mkdtemp(prefix="pjit-llm-tests-tfds-")
-os.environ["TFDS_DATA_DIR"] = TFDS_DATA_DIR
+SESSION_DIR = Path(tempfile.mkdtemp(prefix="pjit-llm-tests-"))
+# Both are read once, when TFDS or JAX is first imported: set them first.
+os.environ["TFDS_DATA_DIR"] = str(SESSION_DIR / "tensorflow_datasets")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = str(SESSION_DIR / "jax_compilation_cache")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -38,7 +42,7 @@ E2E = Path(__file__).parent / "e2e"
 
 
 def pytest_unconfigure(config):
-    shutil.rmtree(TFDS_DATA_DIR, ignore_errors=True)
+    shutil.rmtree(SESSION_DIR, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
