@@ -6,6 +6,7 @@ end-of-document token or after `max_new_tokens`. Parameters and cache live on th
 (heads over `tensor`, prompts over `data`), so a model that only fits sharded still generates.
 """
 
+import contextlib
 import dataclasses
 import sys
 from collections.abc import Callable
@@ -128,7 +129,8 @@ def generate_texts(run: Path, prompts: list[str], max_new_tokens: int, sampling:
     cfg = run_config(run, overrides, emulate_devices)
     use_emulated_devices(cfg.mesh.emulate_devices)
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path, _dataset_dir(cfg))
-    parts = build(cfg, tokenizer.vocab_size)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the generated text alone
+        parts = build(cfg, tokenizer.vocab_size)
     params, _ = restore_params(parts.cfg, parts.layout, step)
     generator = Generator(parts.graphdef, parts.model, parts.layout, sampling)
     ids = [tokenizer.encode(p) for p in prompts]
