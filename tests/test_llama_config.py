@@ -16,7 +16,8 @@ def test_the_defaults_are_valid_and_head_dim_follows():
 
 @pytest.mark.parametrize("change, message", [
     ({"embed_dim": 40, "num_heads": 8}, "head dimension embed_dim/num_heads=5 must be even"),
-    ({"rope_scaling": "llama3", "rope_high_freq_factor": 1.0}, "must exceed model.rope_low_freq_factor"),
+    ({"rope_scaling": "llama3", "rope_high_freq_factor": 1.0},
+     "must exceed model.rope_low_freq_factor"),
     ({"attention": "cudnn"}, "model.attention=cudnn needs model.dtype=bfloat16"),
     ({"vocab_size": -1}, "model.vocab_size must be >= 0 (0: follow the tokenizer)"),
     ({"loss_chunk": -2}, "model.loss_chunk must be >= 0 (0: no chunks)"),

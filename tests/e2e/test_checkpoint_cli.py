@@ -81,7 +81,8 @@ def test_refusals_on_resume(tmp_path, copied_run):
     fresh = cli(tmp_path, "train.steps=12", "train.resume=false")
     assert fresh.returncode == 2 and "already holds checkpoints (latest step 10)" in fresh.stderr
     # A change that can resume (schedule length, logging, mesh) does.
-    more = cli(tmp_path, "train.steps=12", "--emulate-devices", "4", "mesh.data=2", "mesh.fsdp=2")
+    more = run_cli(*BASE, "train.steps=12", "--emulate-devices", "4", "mesh.data=2",
+                   "mesh.fsdp=2", "train.run_dir=run", cwd=tmp_path)
     assert more.returncode == 0, more.stderr
     assert "resumed from step 10" in more.stdout and steps_on_disk(copied_run) == [4, 8, 10, 12]
 

@@ -12,6 +12,6 @@ def test_generate_cli_streams_text(trained_run):
     assert one.stdout.startswith("import os")
     two = run_module("pjit_llm.generate", "--run", run, "--prompt", "a", "--prompt", "bb",
                      "--max-new-tokens", "4", "--emulate-devices", "4", "mesh.data=2",
-                     "mesh.tensor=2")
+                     "mesh.fsdp=1", "mesh.tensor=2")
     assert two.returncode == 0, two.stderr
     assert "=== a\n" in two.stdout and "=== bb\n" in two.stdout
