@@ -1,11 +1,27 @@
-"""Every test sees 8 emulated CPU devices; set before JAX initialises a backend."""
+"""Shared set-up. Every test sees 8 emulated CPU devices (set before JAX initialises a backend).
+
+A temporary directory for the session (one per pytest process; gone at its end), inherited
+by every process a test starts, holds TFDS's default data directory, so no test writes under
+~/tensorflow_datasets, and JAX's persistent compilation cache, so the many runs of the same
+tiny model compile each step once rather than once per process.
+
+Tests under tests/e2e start real processes (`run_module`) and are marked `slow`; everything
+else runs in this process."""
 
 import dataclasses
+import math
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 os.environ["JAX_PLATFORMS"] = "cpu"
+SESSION_DIR = Path(tempfile.mkdtemp(prefix="pjit-llm-tests-"))
+# Both are read once, when TFDS or JAX is first imported: set them first.
+os.environ["TFDS_DATA_DIR"] = str(SESSION_DIR / "tensorflow_datasets")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = str(SESSION_DIR / "jax_compilation_cache")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -22,6 +38,19 @@ TINY = ["model.num_layers=2", "model.embed_dim=64", "model.num_heads=8", "model.
         "model.mlp_dim=128", "model.vocab_size=384", "data.seq_len=32", "data.batch_size=16",
         "optimizer.warmup_steps=1", "train.steps=10"]
 
+E2E = Path(__file__).parent / "e2e"
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(SESSION_DIR, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`slow` means exactly "starts real processes": every test under tests/e2e."""
+    for item in items:
+        if E2E in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.slow)
+
 
 def tiny_config(*overrides: str):
     return load_config(None, TINY + list(overrides))
@@ -29,19 +58,82 @@ def tiny_config(*overrides: str):
 
 def build_on(cfg, mesh: tuple[int, ...] | None = None) -> Components:
     """The builder's components for `cfg` on a mesh of these sizes (in AXIS_NAMES order) over
-    all 8 devices, or on one device when `mesh` is None."""
-    sizes = dict(zip(AXIS_NAMES, mesh or (1,) * len(AXIS_NAMES)))
-    cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, **sizes))
-    return build(cfg, devices=jax.devices()[:1] if mesh is None else None)
+    the first devices (as many as the sizes multiply to), or on one device when `mesh` is None."""
+    sizes = mesh or (1,) * len(AXIS_NAMES)
+    cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, **dict(zip(AXIS_NAMES, sizes))))
+    return build(cfg, devices=jax.devices()[:math.prod(sizes)])
 
 
-def run_cli(*args: str, cwd=None, timeout=300) -> subprocess.CompletedProcess:
-    """`python -m pjit_llm.train ARGS` in a fresh process (its own JAX, its own devices)."""
+def process_env(extra: dict | None = None) -> dict:
+    """This process's environment for a child, without the JAX platform and XLA flags set for
+    this process (the child picks its own devices), plus `extra`."""
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
-    return subprocess.run([sys.executable, "-m", "pjit_llm.train", *args], cwd=cwd, env=env,
+    return {**env, **(extra or {})}
+
+
+def run_module(module: str | None, *args: str, cwd=None, env: dict | None = None, code=None,
+               timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` (or `python -c CODE ARGS`) in a fresh process, its output
+    captured; `env` is added to `process_env()`. The one way tests run a command."""
+    command = ["-c", code] if code is not None else ["-m", module]
+    return subprocess.run([sys.executable, *command, *args], cwd=cwd, env=process_env(env),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def start_module(module: str, *args: str, cwd=None, env: dict | None = None,
+                 **popen) -> subprocess.Popen:
+    """`python -m MODULE ARGS` started in the background: the caller signals it and waits
+    for it with a timeout (`communicate(timeout=)` / `wait(timeout=)`)."""
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd,
+                            env=process_env(env), **popen)
+
+
+def run_cli(*args: str, cwd=None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m pjit_llm.train ARGS` in a fresh process (its own JAX, its own devices)."""
+    return run_module("pjit_llm.train", *args, cwd=cwd, timeout=timeout)
+
+
+def assert_refused(result: subprocess.CompletedProcess, message: str) -> None:
+    """A command refused with exit status 2 and one line on stderr that holds `message`."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert message in lines[0], lines[0]
+
+
+@pytest.fixture(autouse=True)
+def _keep_xla_flags():
+    """Commands called in this process set XLA's GPU defaults in os.environ: put it back."""
+    before = os.environ.get("XLA_FLAGS")
+    yield
+    if before is None:
+        os.environ.pop("XLA_FLAGS", None)
+    else:
+        os.environ["XLA_FLAGS"] = before
 
 
 @pytest.fixture
 def tiny():
     return tiny_config
+
+
+# One short training run for the session, through the real command on a hybrid mesh, that
+# the tests of the commands reading a run directory share (evaluate, generate, export) and
+# the tests of what a run writes inspect. Read it; never write into it.
+TRAINED_RUN = ["--emulate-devices", "8", *TINY, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
+               "train.steps=6", "train.log_every=2", "train.eval_every=3", "train.eval_batches=2",
+               "train.peak_tflops=0.5", "train.profile_steps=[2,3]", "data.num_workers=0"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+    directory: Path  # the run directory
+    result: subprocess.CompletedProcess  # the training command's output
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> TrainedRun:
+    where = tmp_path_factory.mktemp("trained")
+    result = run_cli(*TRAINED_RUN, "train.run_dir=run", cwd=where)
+    assert result.returncode == 0, result.stderr
+    return TrainedRun(where / "run", result)

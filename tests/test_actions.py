@@ -1,5 +1,5 @@
-"""The training loop's periodic actions, each alone: metrics reading, the in-flight bound,
-evaluation with samples, profiling."""
+"""The training loop's periodic actions, each alone: metrics reading, the non-finite loss
+message, the in-flight bound, evaluation with samples, profiling."""
 
 import json
 
@@ -112,3 +112,24 @@ def test_evaluation_writes_the_held_out_loss_and_samples(tmp_path):
     assert result["eval_loss"] == pytest.approx(np.log(384), rel=0.05)  # a fresh model: uniform
     assert _records(tmp_path) == [{"step": 7, **result}]
     assert (tmp_path / "tensorboard").is_dir()
+
+
+def test_non_finite_message_suspects_a_just_resumed_checkpoint(tmp_path):
+    # The fault drill: resumed from step 30 (damaged), non-finite at step 32.
+    line = non_finite_message(32, 30, [20, 25, 30], tmp_path)
+    assert line == (f"the training loss was not finite at step 32, 2 steps after resuming from "
+                    f"checkpoint step 30 in {tmp_path}: that checkpoint may be damaged; move step "
+                    f"30 out of {tmp_path} (or set checkpoint.directory to a copy without it) to "
+                    "resume from step 25")
+    assert "lower optimizer.lr" not in line
+    # Checkpoints saved since the resume come from the suspect state too.
+    assert "move steps 30, 31 out of" in non_finite_message(33, 30, [25, 30, 31], tmp_path)
+    assert "no earlier checkpoint is kept" in non_finite_message(31, 30, [30], tmp_path)
+    # Long after a resume, or in a fresh run, the learning rate is the suspect.
+    for resumed, bad in ((30, 100), (None, 3)):
+        line = non_finite_message(bad, resumed, [25, 30], tmp_path)
+        assert f"the last good checkpoint is step 30 in {tmp_path}; lower optimizer.lr" in line
+    assert non_finite_message(3, None, [], tmp_path) == (
+        "the training loss was not finite at step 3; lower optimizer.lr, raise "
+        "optimizer.warmup_steps, or allow skipping with train.max_bad_steps")
+

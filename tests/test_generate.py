@@ -1,126 +1,18 @@
-"""Generation with a key/value cache: equal to full recomputation, sharded or not."""
+"""The generation command's arguments, checked before anything is loaded."""
 
-import os
-import subprocess
-import sys
-
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
-from flax import nnx
 
-from conftest import TINY, build_on, run_cli, tiny_config
-from pjit_llm.config import MeshConfig
-from pjit_llm.inference.generator import Generator, Sampling
-from pjit_llm.models.llama.model import Transformer
-from pjit_llm.parallel.layout import Layout, param_shardings
-from pjit_llm.parallel.mesh import make_mesh
-from pjit_llm.training.actions import sample_generator
-
-PROMPTS = [np.array([10, 11, 12], np.int32), np.array([40, 41, 42, 43, 44, 45, 46], np.int32),
-           np.array([200], np.int32)]
+from pjit_llm.errors import UserError
+from pjit_llm.generate import main
 
 
-@pytest.fixture(scope="module")
-def trained():
-    """A tiny model trained for 40 steps to continue counting sequences (t, t+1, ...)."""
-    cfg = tiny_config("optimizer.lr=1e-2", "train.steps=40")
-    parts = build_on(cfg, (2, 2, 2))
-    graphdef, state, step = parts.graphdef, parts.init_state(), parts.train_step
-    rng = np.random.default_rng(0)
-    for _ in range(40):
-        starts = rng.integers(0, 200, (16, 1))
-        batch = {"tokens": (starts + np.arange(32)).astype(np.int32),
-                 "segment_ids": np.ones((16, 32), np.int32),
-                 "positions": np.tile(np.arange(32, dtype=np.int32), (16, 1))}
-        state, metrics = step(state, jax.device_put(batch, parts.batch_sharding))
-    assert float(metrics["loss"]) < 2.0
-    return cfg, graphdef, jax.device_get(state.params)
+def test_a_prompt_is_required(tmp_path):
+    with pytest.raises(UserError, match="give a --prompt"):
+        main(["--run", str(tmp_path)])
 
 
-def _on(cfg, params, shape, devices=None):
-    layout = Layout(make_mesh(MeshConfig(*shape), devices), cfg.mesh.rules)
-    graphdef, abstract = nnx.split(nnx.eval_shape(
-        lambda: Transformer(cfg.model, layout, nnx.Rngs(0))))
-    shardings = param_shardings(layout, abstract)
-    return layout, graphdef, jax.tree.map(lambda p, s: jax.device_put(p, s), params, shardings)
-
-
-def greedy_without_cache(graphdef, params, prompt, n):
-    """Reference: recompute the whole sequence for every new token."""
-    model = nnx.merge(graphdef, params)
-    seq = list(prompt)
-    for _ in range(n):
-        t = jnp.asarray([seq], jnp.int32)
-        logits = model(t, jnp.ones_like(t), jnp.arange(len(seq))[None])
-        seq.append(int(jnp.argmax(logits[0, -1])))
-    return seq[len(prompt):]
-
-
-def test_cached_greedy_equals_full_recompute_sharded_and_on_one_device(trained):
-    cfg, _, params = trained
-    _, graphdef1, params1 = _on(cfg, params, (1, 1, 1), jax.devices()[:1])
-    expected = [greedy_without_cache(graphdef1, params1, p, 12) for p in PROMPTS]
-    assert expected[0][:4] == [13, 14, 15, 16]  # it learned to count: the test means something
-    for shape, devices in (((1, 1, 1), jax.devices()[:1]), ((1, 2, 4), None), ((2, 1, 4), None)):
-        layout, graphdef, placed = _on(cfg, params, shape, devices)
-        out = Generator(graphdef, cfg.model, layout, Sampling()).generate(placed, PROMPTS, 12, eos_id=None)
-        assert out == expected, shape
-
-
-def test_sampling_is_reproducible_from_the_seed(trained):
-    cfg, _, params = trained
-    layout, graphdef, placed = _on(cfg, params, (1, 2, 4))
-    run = lambda seed, **kw: Generator(graphdef, cfg.model, layout, Sampling(  # noqa: E731
-        temperature=1.5, seed=seed, **kw)).generate(placed, PROMPTS, 16, eos_id=None)
-    assert run(3) == run(3)
-    assert run(3) != run(4)
-    top1 = run(5, top_k=1)  # top-k of 1 is greedy whatever the temperature
-    assert top1 == Generator(graphdef, cfg.model, layout, Sampling()).generate(placed, PROMPTS, 16, None)
-    nucleus = run(5, top_p=1e-6)  # a vanishing nucleus keeps only the top token
-    assert nucleus == top1
-
-
-def test_training_samples_follow_the_sample_keys_and_the_seed(trained):
-    cfg, _, params = trained
-    layout, graphdef, placed = _on(cfg, params, (1, 2, 4))
-    run = lambda *keys: sample_generator(tiny_config(*keys), graphdef, layout).generate(  # noqa: E731
-        placed, PROMPTS, 16, eos_id=None)
-    greedy = Generator(graphdef, cfg.model, layout, Sampling()).generate(placed, PROMPTS, 16, None)
-    assert run("train.sample_temperature=0", "train.seed=1") == greedy
-    hot = ("train.sample_temperature=1.5", "train.sample_top_p=1")
-    assert run(*hot, "train.seed=1") == run(*hot, "train.seed=1")
-    assert run(*hot, "train.seed=1") != run(*hot, "train.seed=2") != greedy
-    assert run(*hot, "train.sample_top_p=1e-6", "train.seed=1") == greedy  # top_p reaches it
-
-
-def test_generation_stops_at_the_end_token(trained):
-    cfg, _, params = trained
-    layout, graphdef, placed = _on(cfg, params, (1, 1, 1), jax.devices()[:1])
-    free = Generator(graphdef, cfg.model, layout, Sampling()).generate(placed, PROMPTS[:1], 8, None)
-    stop_at = free[0][3]
-    out = Generator(graphdef, cfg.model, layout, Sampling()).generate(placed, PROMPTS[:1], 8, stop_at)
-    assert out == [free[0][:3]]
-
-
-@pytest.mark.slow
-def test_generate_cli_streams_text(tmp_path):
-    trained = run_cli(*TINY, "train.steps=3", "train.eval_every=0", "data.num_workers=0",
-                      "train.run_dir=run", f"data.data_dir={tmp_path}", cwd=tmp_path)
-    assert trained.returncode == 0, trained.stderr
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
-    one = subprocess.run([sys.executable, "-m", "pjit_llm.generate", "--run", "run", "--prompt",
-                          "import os", "--max-new-tokens", "5", "--temperature", "0.8"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr
-    assert one.stdout.startswith("import os")
-    two = subprocess.run([sys.executable, "-m", "pjit_llm.generate", "--run", "run", "--prompt", "a",
-                          "--prompt", "bb", "--max-new-tokens", "4", "--emulate-devices", "4",
-                          "mesh.data=2", "mesh.tensor=2"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr
-    assert "=== a\n" in two.stdout and "=== bb\n" in two.stdout
-    bad = subprocess.run([sys.executable, "-m", "pjit_llm.generate", "--run", "run"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "give a --prompt" in bad.stderr
+@pytest.mark.parametrize("option", [["--max-new-tokens", "0"], ["--top-p", "0"],
+                                    ["--temperature", "-1"]])
+def test_sampling_settings_are_checked(tmp_path, option):
+    with pytest.raises(UserError, match="need --max-new-tokens >= 1"):
+        main(["--run", str(tmp_path), "--prompt", "a", *option])

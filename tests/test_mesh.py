@@ -1,3 +1,6 @@
+"""The device mesh: -1 fills the remaining devices, impossible meshes are refused, hybrid
+(across-process) sizes are checked."""
+
 import jax
 import pytest
 
@@ -30,3 +33,11 @@ def test_mesh_axes_and_devices():
     assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in jax.devices())
     single = make_mesh(MeshConfig(), devices=jax.devices()[:1])
     assert single.devices.size == 1
+
+
+def test_hybrid_mesh_checks():
+    with pytest.raises(UserError, match="needs 2 processes but 1 are available"):
+        make_mesh(MeshConfig(data=2, fsdp=2, tensor=2, dcn_data=2))
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2, dcn_data=-1))
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+

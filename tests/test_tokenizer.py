@@ -1,15 +1,14 @@
-"""Byte, SentencePiece (trained by our command) and Hugging Face tokenizers."""
+"""Byte, SentencePiece (trained by our command) and Hugging Face tokenizers. (The command in a
+real process: e2e/test_tokenizer_cli.py.)"""
 
 import json
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from pjit_llm.data.tokenizer import (SENTENCEPIECE_FILE, ByteTokenizer, HFTokenizer,
-                                     SentencePieceTokenizer, load_tokenizer)
+from pjit_llm.data.tokenizer import (ByteTokenizer, HFTokenizer, SentencePieceTokenizer,
+                                     load_tokenizer, main)
 from pjit_llm.errors import UserError
 
 TEXT = "def f(x):\n    return x ** 2  # naïve — ok 🙂\n"
@@ -22,41 +21,17 @@ def test_byte_tokenizer_round_trip():
     assert tok.decode(list(ids) + [tok.eos_id]) == TEXT
 
 
-@pytest.mark.slow
-def test_sentencepiece_trained_by_the_command_round_trips(tmp_path):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("".join(f"The {w} sat on the mat number {i}.\n"
-                              for i, w in enumerate(["cat", "dog", "bird", "fish"] * 300)))
-    result = subprocess.run(
-        [sys.executable, "-m", "pjit_llm.data.tokenizer", "train", "--vocab-size", "400",
-         "data.source=local", f"data.paths=[{corpus}]", f"data.data_dir={tmp_path / 'data'}"],
-        capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    model = next((tmp_path / "data").rglob(SENTENCEPIECE_FILE))
-    assert f"wrote {model}" in result.stdout
-    tok = load_tokenizer("sentencepiece", "", model.parent)  # found beside the data
-    assert 259 < tok.vocab_size <= 400 and tok.eos_id is not None
-    for text in (TEXT, "The cat sat on the mat number 7.", "  spaces\tand\ttabs  \n"):
-        assert tok.decode(tok.encode(text)) == text
-    assert len(tok.encode("The cat sat on the mat.")) < len("The cat sat on the mat.") / 2
-    clone = pickle.loads(pickle.dumps(tok))  # as Grain ships it to a worker
-    np.testing.assert_array_equal(clone.encode(TEXT), tok.encode(TEXT))
-
-
-def test_tokenizer_command_reads_a_local_jsonl_by_its_configured_field(tmp_path):
+def test_tokenizer_command_reads_a_local_jsonl_by_its_configured_field(tmp_path, capsys):
     """Prepared local corpora store the text as `text`, whatever field the JSONL used; --out
     may name a directory that does not exist yet."""
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"content": f"The {w} sat on mat {i}.", "id": i}) + "\n"
                               for i, w in enumerate(["cat", "dog", "bird", "fish"] * 50)))
-    result = subprocess.run(
-        [sys.executable, "-m", "pjit_llm.data.tokenizer", "train", "--vocab-size", "300",
-         "--out", str(tmp_path / "models/code.model"), "data.source=local",
-         "data.text_field=content", f"data.paths=[{corpus}]", f"data.data_dir={tmp_path / 'data'}"],
-        capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+    main(["train", "--vocab-size", "300", "--out", str(tmp_path / "models/code.model"),
+          "data.source=local", "data.text_field=content", f"data.paths=[{corpus}]",
+          f"data.data_dir={tmp_path / 'data'}"])
     model = tmp_path / "models/code.model"
-    assert f"wrote {model} (" in result.stdout
+    assert f"wrote {model} (" in capsys.readouterr().out
     tok = SentencePieceTokenizer(str(model))
     assert tok.decode(tok.encode("The cat sat on mat 7.")) == "The cat sat on mat 7."
 

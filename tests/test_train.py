@@ -1,24 +1,13 @@
-"""The real CLI in fresh processes: errors exit 2 with one line, a short run writes its run dir."""
-
-import json
-import math
+"""The training command in this process: every config and data error is refused with one line
+and nothing written. (One of each kind through a real process: e2e/test_train_cli.py.)"""
 
 import pytest
-import yaml
 
-from conftest import TINY, run_cli
+from pjit_llm.errors import UserError
+from pjit_llm.train import main
 
-pytestmark = pytest.mark.slow
-
-
-def assert_refused(result, message):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert message in lines[0], lines[0]
-
-
-@pytest.mark.parametrize("args, message", [
+# This process already has the 8 devices that --emulate-devices 8 asks for.
+CONFIG_ERRORS = [
     (["model.num_layer=3"], "unknown config key model.num_layer; did you mean model.num_layers?"),
     (["model.num_layers=four"], "model.num_layers must be an integer, got 'four'"),
     (["model.num_heads=5"], "model.num_heads=5 does not divide model.embed_dim=256"),
@@ -31,11 +20,19 @@ def assert_refused(result, message):
     (["model.attention=cudnn", "model.dtype=bfloat16"],
      "model.attention=cudnn cannot be used: it needs a GPU and the backend is cpu"),
     (["model.loss_chunk=48"], "model.loss_chunk=48 must divide data.seq_len=128"),
-])
-def test_config_errors_exit_2_with_one_line(tmp_path, args, message):
-    result = run_cli(*args, f"train.run_dir={tmp_path / 'run'}", f"data.data_dir={tmp_path / 'data'}",
-                     cwd=tmp_path)
-    assert_refused(result, message)
+]
+
+
+def assert_refused(args, message):
+    with pytest.raises(UserError) as e:
+        main(args)
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("args, message", CONFIG_ERRORS)
+def test_config_errors_are_refused_with_one_line(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert_refused([*args, "train.run_dir=run"], message)
     assert not (tmp_path / "run").exists()  # nothing written
 
 
@@ -51,44 +48,11 @@ def test_config_errors_exit_2_with_one_line(tmp_path, args, message):
     ({}, ["data.source=tfds"], "data.source=tfds needs data.name"),
     ({}, ["data.seq_len=4096"], "data.seq_len=4096 exceeds model.max_len=2048"),
 ])
-def test_data_errors_exit_2_with_one_line(tmp_path, files, args, message):
+def test_data_errors_are_refused_with_one_line(tmp_path, monkeypatch, files, args, message):
     for name, text in files.items():
         (tmp_path / name).write_text(text)
-    result = run_cli(*args, "train.run_dir=run", "data.data_dir=data", cwd=tmp_path)
-    assert_refused(result, message)
+    monkeypatch.chdir(tmp_path)
+    assert_refused([*args, "train.run_dir=run", "data.data_dir=data"], message)
     assert not (tmp_path / "run").exists()
     # Nothing half-written: no dataset left in TFDS's temporary preparation directories.
     assert not [p for p in tmp_path.rglob("*") if "incomplete" in p.name]
-
-
-def test_local_jsonl_run_skips_bad_records_with_a_count(tmp_path):
-    lines = [json.dumps({"text": f"record {i}: " + "the quick brown fox " * 8}) for i in range(60)]
-    lines[5] = "{broken"
-    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
-    result = run_cli(*TINY, "train.steps=4", "train.log_every=2", "data.source=local",
-                     "data.paths=[c.jsonl]", "data.num_workers=2", "train.run_dir=run",
-                     "data.data_dir=data", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "warning: skipped 1 bad records (1 not JSON)" in result.stderr
-    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
-    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "loss" in r] == [2, 4]
-
-
-def test_short_run_on_a_hybrid_mesh_writes_its_run_directory(tmp_path):
-    run = tmp_path / "run"
-    result = run_cli("--emulate-devices", "8", *TINY, "mesh.data=2", "mesh.fsdp=2",
-                     "mesh.tensor=2", "train.steps=6", "train.log_every=2", "train.eval_every=3",
-                     "train.eval_batches=2", f"train.run_dir={run}", f"data.data_dir={tmp_path}",
-                     cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "mesh data=2 x fsdp=2 x tensor=2 over 8 cpu device(s)" in result.stdout
-    config = yaml.safe_load((run / "config.yaml").read_text())
-    assert config["mesh"]["data"] == 2 and config["model"]["vocab_size"] == 384
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if "loss" in r]
-    evals = [r for r in records if "eval_loss" in r]
-    assert [r["step"] for r in train] == [2, 4, 6] and [r["step"] for r in evals] == [0, 3, 6]
-    assert all(r["tokens_per_s"] > 0 and r["loss"] > 0 for r in train)
-    assert evals[0]["eval_loss"] > 0.8 * math.log(384)  # a fresh model knows next to nothing
-    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]

@@ -1,12 +1,13 @@
-"""The transformer: packed sequences stay apart, positions are relative, the loss masks right."""
+"""The Llama model: packed sequences stay apart, attention is causal, positions are relative,
+rope scaling changes the function, grouped-query and untied shapes, bfloat16 compute."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pjit_llm.models.llama.config import ModelConfig
 from pjit_llm.models.llama.model import Transformer, apply_rope, padded_vocab, rope_angles
-from pjit_llm.training.step import loss_terms
 
 L = 32
 
@@ -78,22 +79,6 @@ def test_rope_preserves_norm_and_depends_on_relative_position():
     np.testing.assert_allclose(jnp.linalg.norm(rotated), jnp.linalg.norm(x), rtol=1e-5)
 
 
-def test_loss_counts_only_targets_inside_a_segment(tiny):
-    cfg = tiny()
-    model = make_model(cfg)
-    graphdef, params = nnx.split(model)
-    tokens, seg, pos = packed_row(split=12)
-    seg = seg.copy()
-    seg[-4:] = 0  # padding at the end of the row
-    batch = {"tokens": jnp.asarray(tokens)[None], "segment_ids": jnp.asarray(seg)[None],
-             "positions": jnp.asarray(pos)[None]}
-    loss_sum, count = loss_terms(graphdef, params, batch)
-    # 11 targets in the first document, 32-12-4-1 = 15 in the second, none in the padding.
-    assert float(count) == 11 + 15
-    # At initialisation the mean loss is close to ln(vocabulary).
-    assert abs(float(loss_sum / count) - np.log(cfg.model.vocab_size)) < 0.1
-
-
 def test_grouped_query_attention_and_untied_shapes(tiny):
     model = make_model(tiny("model.num_kv_heads=2", "model.tie_embeddings=false"))
     assert model.blocks.attn.wk.shape == (2, 64, 2, 8)
@@ -112,3 +97,14 @@ def test_bfloat16_compute_keeps_float32_params(tiny):
     tokens, seg, pos = packed_row()
     out = model(jnp.asarray(tokens)[None], jnp.asarray(seg)[None], jnp.asarray(pos)[None])
     assert out.dtype == jnp.bfloat16
+
+
+def test_rope_scaling_changes_the_function():
+    """The scaled-rope imports of test_interop_hf.py would pass with scaling ignored if it
+    changed nothing."""
+    pos = jnp.arange(40)[None]
+    plain = rope_angles(pos, 8, 500.0)[0]
+    llama3 = ModelConfig(embed_dim=64, rope_theta=500.0, rope_scaling="llama3", rope_factor=8.0,
+                         rope_original_max_len=16)
+    assert np.abs(rope_angles(pos, 8, 500.0, llama3)[0] - plain).max() > 0.1
+

@@ -1,10 +1,15 @@
-"""The compiled step: identical results on every mesh, scan == unrolled, accumulation == big batch."""
+"""The pure steps: identical results on every mesh, scan == unrolled, remat, chunked loss and
+accumulation change nothing, the loss masks right, a non-finite step can be skipped."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from conftest import build_on
+from conftest import build_on, tiny_config
+from pjit_llm.models.llama.model import Transformer
+from pjit_llm.training.step import loss_terms
 
 MESHES = {"one device": None, "dp": (8, 1, 1), "fsdp": (1, 8, 1), "tensor": (1, 2, 4),
           "hybrid": (2, 2, 2)}
@@ -40,7 +45,6 @@ def run_steps(cfg, mesh_shape, steps=3):
 
 @pytest.fixture(scope="module")
 def reference():
-    from conftest import tiny_config
     return run_steps(tiny_config(), None)
 
 
@@ -129,3 +133,37 @@ def test_remat_and_chunked_loss_save_the_memory_they_promise(tiny):
     assert temp["full"] < temp["proj"] < temp["none"]
     chunked = step_temporaries(tiny(*big_vocab, "model.remat=full", "model.loss_chunk=32"))
     assert temp["full"] - chunked >= 0.75 * 8 * 256 * 8192 * 4
+
+
+def test_loss_counts_only_targets_inside_a_segment(tiny):
+    cfg = tiny()
+    graphdef, params = nnx.split(Transformer(cfg.model, None, nnx.Rngs(params=0)))
+    L, split = cfg.data.seq_len, 12
+    tokens = np.random.default_rng(0).integers(0, 256, L).astype(np.int32)
+    seg = np.where(np.arange(L) < split, 1, 2).astype(np.int32)
+    pos = np.where(seg == 1, np.arange(L), np.arange(L) - split).astype(np.int32)
+    seg[-4:] = 0  # padding at the end of the row
+    batch = {"tokens": jnp.asarray(tokens)[None], "segment_ids": jnp.asarray(seg)[None],
+             "positions": jnp.asarray(pos)[None]}
+    loss_sum, count = loss_terms(graphdef, params, batch)
+    # 11 targets in the first document, 32-12-4-1 = 15 in the second, none in the padding.
+    assert float(count) == 11 + 15
+    # At initialisation the mean loss is close to ln(vocabulary).
+    assert abs(float(loss_sum / count) - np.log(cfg.model.vocab_size)) < 0.1
+
+
+def test_skipping_a_non_finite_step_leaves_the_state_unchanged(tiny):
+    parts = build_on(tiny("train.max_bad_steps=1"), (2, 2, 2))  # skips non-finite steps
+    state = parts.init_state()
+    scale = state.params["final_norm"]["scale"]
+    scale.set_value(jax.device_put(scale[...].at[0].set(np.inf), scale[...].sharding))
+    before = jax.tree.map(np.asarray, (state.params, state.opt_state))
+    batch = jax.device_put({"tokens": np.zeros((16, 32), np.int32),
+                            "segment_ids": np.ones((16, 32), np.int32),
+                            "positions": np.tile(np.arange(32, dtype=np.int32), (16, 1))},
+                           parts.batch_sharding)
+    after, metrics = parts.train_step(state, batch)
+    assert not np.isfinite(float(metrics["loss"]))
+    assert int(after.step) == 1
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b),
+                 (after.params, after.opt_state), before)

@@ -1,4 +1,5 @@
-"""Parameters and optimizer moments carry exactly the shardings the rule table implies."""
+"""Logical axes to shardings: parameters and optimizer moments carry exactly the shardings the
+rule table implies, activation specs use each mesh axis once."""
 
 import jax
 import pytest

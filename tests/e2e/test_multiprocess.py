@@ -1,0 +1,124 @@
+"""Multi-process runs on 127.0.0.1: real jax.distributed processes with CPU collectives."""
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import TINY, run_module, start_module
+from pjit_llm.launch import free_port
+from pjit_llm.parallel.distributed import LOST_PROCESS_EXIT
+
+MESH = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "data.shards=2"]
+RUN = [*TINY, *MESH, "train.log_every=1", "train.eval_every=0", "data.num_workers=0",
+       "train.sample_tokens=0", "train.eval_batches=1", "distributed.heartbeat_timeout_s=10"]
+
+
+def _env(pid: int, port: int, n: int = 2) -> dict:
+    return dict(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", NUM_PROCESSES=str(n),
+                PROCESS_ID=str(pid))
+
+
+def _losses(path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines())
+            if "loss" in r}
+
+
+def test_two_processes_through_the_launcher_match_one_process(tmp_path, monkeypatch):
+    args = [*RUN, "train.steps=5"]
+    launched = run_module("pjit_llm.launch", "--processes", "2", "--emulate-devices", "4",
+                          "--", *args, "mesh.dcn_data=2", "train.run_dir=multi", cwd=tmp_path)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert "process 0 of 2 (from environment" in launched.stdout
+    assert "mesh data=2 x fsdp=2 x tensor=2 over 8 cpu device(s)" in launched.stdout
+    # The same run in one process of 8 devices: this one.
+    from pjit_llm.train import main as train
+    monkeypatch.chdir(tmp_path)
+    train(["--emulate-devices", "8", *args, "train.run_dir=single"])
+    multi, one = _losses(tmp_path / "multi/metrics.jsonl"), _losses(tmp_path / "single/metrics.jsonl")
+    assert sorted(multi) == [1, 2, 3, 4, 5]
+    for step in multi:
+        assert multi[step] == pytest.approx(one[step], rel=1e-5), step
+    # Both processes wrote their part of the checkpoint, and its data position.
+    data = tmp_path / "multi/checkpoints/5/data"
+    assert sorted(p.name for p in data.glob("*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+def test_a_killed_process_stops_the_other_and_a_restart_resumes(tmp_path):
+    port = free_port()
+    args = ["--emulate-devices", "4", *RUN, "train.steps=100000", "checkpoint.every=5",
+            "train.run_dir=run"]
+    procs = [start_module("pjit_llm.train", *args, cwd=tmp_path, env=_env(i, port),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    try:
+        ckpts = tmp_path / "run" / "checkpoints"
+        deadline = time.time() + 180
+        while time.time() < deadline and not (ckpts.exists() and
+                                               any(p.name == "10" for p in ckpts.iterdir())):
+            time.sleep(0.2)
+        assert (ckpts / "10").exists()
+        procs[1].send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        _, err = procs[0].communicate(timeout=60)
+        waited = time.monotonic() - killed_at
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate(timeout=60)
+    assert procs[0].returncode == LOST_PROCESS_EXIT
+    assert waited < 10 + 8  # the heartbeat timeout, plus a beat interval and exit
+    assert "error: lost process 1 of 2 (no heartbeat for" in err
+    # Restart both: they resume from the newest complete checkpoint.
+    port = free_port()
+    args[args.index("train.steps=100000")] = "train.steps=12"
+    procs = [start_module("pjit_llm.train", *args, cwd=tmp_path, env=_env(i, port),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate(timeout=60)
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:]
+    assert "resumed from step " in outs[0][0]
+
+
+def test_an_unreachable_coordinator_fails_within_the_timeout(tmp_path):
+    start = time.monotonic()
+    result = run_module("pjit_llm.train", *TINY, "distributed.init_timeout_s=5", cwd=tmp_path,
+                        env=_env(1, free_port()), timeout=120)
+    assert time.monotonic() - start < 60
+    assert result.returncode == 2, result.stderr
+    assert "could not reach the coordinator 127.0.0.1:" in result.stderr
+    assert "(process 0) from process 1 within 5s" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_sigterm_stops_every_process_after_the_same_step(tmp_path):
+    launcher = start_module("pjit_llm.launch", "--processes", "2", "--emulate-devices", "4",
+                            "--", *RUN, "train.steps=100000", "checkpoint.every=0",
+                            "train.run_dir=run", cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("loss") >= 3):
+            time.sleep(0.2)
+        launcher.send_signal(signal.SIGTERM)  # passed on to both processes
+        out, err = launcher.communicate(timeout=180)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.communicate(timeout=60)
+    assert launcher.returncode == 0, err[-3000:]
+    saved = [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1, saved
+    assert f"after step {saved[0].name}; checkpoint saved" in out
+    assert sorted(p.name for p in (saved[0] / "data").glob("*.json")) == \
+        ["process_0-of-2.json", "process_1-of-2.json"]

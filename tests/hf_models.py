@@ -1,0 +1,82 @@
+"""Small Llama models in Hugging Face's format for the conversion tests: random ones saved by
+transformers itself (the `hf` extra), or written by our own safetensors writer (no torch),
+and the logits of both sides."""
+
+import copy
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import build_on
+from pjit_llm.checkpoint.runs import restore_params, run_config
+from pjit_llm.interop import hf as convert
+from pjit_llm.interop import safetensors_io
+from pjit_llm.models.llama import hf as hf_config
+
+WORDS = ["[UNK]", "the", "cat", "sat", "on", "a", "mat", "dog", "ran", "to", "red", "big",
+         "and", "of", "in", "it", "is", "was", "def", "return"]
+WORDS += [f"w{i}" for i in range(len(WORDS), 300)]  # every id of the model is a word
+TOKENS = np.random.default_rng(0).integers(0, 300, (2, 48)).astype(np.int32)
+
+
+def hf_llama(directory: Path, seed=0, dtype=None, **overrides):
+    """A small random LlamaForCausalLM saved (in `dtype`, default float32) with a word-level
+    tokenizer.json beside it."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    settings = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256,
+                    initializer_range=0.1, rms_norm_eps=1e-5, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    settings = copy.deepcopy({**settings, **overrides})  # transformers edits rope dicts in place
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**settings)).eval()
+    if dtype:
+        model = model.to(getattr(torch, dtype))
+    model.save_pretrained(directory)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(directory / "tokenizer.json"))
+    return model
+
+
+def hf_logits(model, tokens):
+    import torch
+    with torch.no_grad():
+        return model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+
+
+def our_logits(run: Path, tokens, mesh=None):
+    """Our logits for `tokens` from the run directory's latest parameters, restored onto a
+    mesh of these sizes (None: one device)."""
+    parts = build_on(run_config(run), mesh)
+    params, _ = restore_params(parts.cfg, parts.layout, None)
+    graphdef = parts.graphdef
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    forward = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t, jnp.ones_like(t), positions))
+    return np.asarray(forward(params, jnp.asarray(tokens)), np.float32)
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+LLAMA = {"architectures": ["LlamaForCausalLM"], "vocab_size": 300, "hidden_size": 64,
+         "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 8,
+         "num_key_value_heads": 4, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
+
+
+def write_hf(directory: Path, config: dict, drop=(), reshape=None):
+    """A Llama directory written with our own writer (no torch), optionally damaged."""
+    directory.mkdir()
+    model, _ = hf_config.model_config(config, "x")
+    specs = [(n, np.float32, reshape if n == "model.norm.weight" and reshape else s)
+             for n, *_, s in convert.hf_tensors(model) if n not in drop]
+    rng = np.random.default_rng(0)
+    safetensors_io.write_dir(directory, specs, lambda n: rng.standard_normal(
+        dict((a, c) for a, _, c in specs)[n], np.float32), shard_bytes=10**9)
+    (directory / "config.json").write_text(json.dumps(config))
+
