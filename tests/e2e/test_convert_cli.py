@@ -26,6 +26,7 @@ MEASURE = """
 import sys
 import jax
 from pjit_llm import convert
+import pjit_llm.interop.hf  # the command imports its libraries lazily: load them before the baseline
 def status(key):
     line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))
     return int(line.split()[1]) * 1024
