@@ -35,3 +35,13 @@ def test_export_reads_back_on_another_mesh_in_its_dtype(tmp_path):
         write_export(parts.cfg, parts.layout, out, None, "float32")
     with pytest.raises(UserError, match="is not an export"):
         export_model(run)
+
+
+def test_an_export_model_config_is_checked_like_any_config(tmp_path):
+    (tmp_path / "model.yaml").write_text("num_layer: 2\n")
+    with pytest.raises(UserError, match="unknown config key model.num_layer; did you mean "
+                                        "model.num_layers"):
+        export_model(tmp_path)
+    (tmp_path / "model.yaml").write_text("num_layers: 0\n")
+    with pytest.raises(UserError, match="model.num_layers=0 must be positive"):
+        export_model(tmp_path)
