@@ -30,7 +30,7 @@ class Rules:
     activations whose batch already uses `fsdp`.
     """
 
-    batch: tuple[str, ...] = ("data", "fsdp")
+    batch: tuple[str, ...] = ("data", "stage", "fsdp")
     length: tuple[str, ...] = ()
     embed: tuple[str, ...] = ("fsdp",)
     heads: tuple[str, ...] = ("tensor",)
@@ -38,7 +38,7 @@ class Rules:
     head_dim: tuple[str, ...] = ()
     mlp: tuple[str, ...] = ("tensor",)
     vocab: tuple[str, ...] = ("tensor",)
-    layers: tuple[str, ...] = ()
+    layers: tuple[str, ...] = ("stage",)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
@@ -164,6 +164,8 @@ class TrainConfig:
     steps: int = 300
     seed: int = 0
     grad_accum: int = 1  # micro-batches per step, accumulated inside the compiled step
+    microbatches: int = 0  # with mesh.stage > 1: pipeline micro-batches each of those is cut into; 0: one per stage
+    pipeline_repeats: int = 1  # rounds through the stages: 1 is GPipe, more the circular schedule
     log_every: int = 25
     eval_every: int = 100  # 0: only at the end
     eval_batches: int = 4
@@ -179,8 +181,9 @@ class TrainConfig:
     max_bad_steps: int = 0  # steps with a non-finite loss to skip before stopping
 
     def validate(self) -> None:
-        require_positive(self, "train", "steps", "grad_accum", "log_every", "eval_batches")
-        for name in ("eval_every", "max_bad_steps", "peak_tflops", "sample_tokens",
+        require_positive(self, "train", "steps", "grad_accum", "log_every", "eval_batches",
+                         "pipeline_repeats")
+        for name in ("microbatches", "eval_every", "max_bad_steps", "peak_tflops", "sample_tokens",
                      "sample_temperature"):
             if getattr(self, name) < 0:
                 raise UserError(f"train.{name} must be >= 0")

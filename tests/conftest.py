@@ -56,12 +56,15 @@ def tiny_config(*overrides: str):
     return load_config(None, TINY + list(overrides))
 
 
-def build_on(cfg, mesh: tuple[int, ...] | None = None) -> Components:
-    """The builder's components for `cfg` on a mesh of these sizes (in AXIS_NAMES order) over
-    the first devices (as many as the sizes multiply to), or on one device when `mesh` is None."""
-    sizes = mesh or (1,) * len(AXIS_NAMES)
-    cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, **dict(zip(AXIS_NAMES, sizes))))
-    return build(cfg, devices=jax.devices()[:math.prod(sizes)])
+def build_on(cfg, mesh: dict[str, int] | None = None, **sizes: int) -> Components:
+    """The builder's components for `cfg` on a mesh of these axis sizes (a dict or keywords;
+    axes not named have size 1) over the first devices (as many as the sizes multiply to), or
+    on one device when none are given."""
+    sizes = {**(mesh or {}), **sizes}
+    assert set(sizes) <= set(AXIS_NAMES), sizes
+    full = {name: sizes.get(name, 1) for name in AXIS_NAMES}
+    cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, **full))
+    return build(cfg, devices=jax.devices()[:math.prod(full.values())])
 
 
 def process_env(extra: dict | None = None) -> dict:

@@ -22,10 +22,10 @@ def test_vocabulary_follows_the_tokenizer_and_is_refused_when_too_small():
 
 
 @pytest.mark.parametrize("overrides, mesh, message", [
-    (["data.batch_size=12"], (8, 1, 1), "micro-batch of 12 sequences (data.batch_size / "
+    (["data.batch_size=12"], {"data": 8}, "micro-batch of 12 sequences (data.batch_size / "
      "train.grad_accum) is not divisible by the 8 batch shards (data); use a batch size that "
      "is a multiple of 8 x train.grad_accum"),
-    (["train.grad_accum=4"], (2, 4, 1), "micro-batch of 4 sequences (data.batch_size / "
+    (["train.grad_accum=4"], {"data": 2, "fsdp": 4}, "micro-batch of 4 sequences (data.batch_size / "
      "train.grad_accum) is not divisible by the 8 batch shards (dataxfsdp)"),
 ])
 def test_a_batch_that_does_not_split_over_the_mesh_is_refused_in_one_line(overrides, mesh, message):
@@ -33,7 +33,7 @@ def test_a_batch_that_does_not_split_over_the_mesh_is_refused_in_one_line(overri
         build_on(tiny_config(*overrides), mesh)
     assert message in str(e.value) and "\n" not in str(e.value)
     # A batch split over tensor-parallel devices alone needs no such division.
-    assert build_on(tiny_config(*overrides), (1, 1, 4)).mesh.devices.size == 4
+    assert build_on(tiny_config(*overrides), tensor=4).mesh.devices.size == 4
 
 
 def test_attention_is_resolved_but_the_config_keeps_what_was_asked(capsys):
@@ -51,7 +51,7 @@ def test_conversion_build_places_fsdp_over_the_devices_the_width_divides(width, 
     cfg = tiny_config(f"model.embed_dim={width}", f"model.num_heads={heads}",
                       f"model.num_kv_heads={kv_heads}", "data.batch_size=3")  # no batch is fed
     parts = conversion_build(cfg)
-    assert dict(parts.mesh.shape) == {"data": 1, "fsdp": fsdp, "tensor": 1}
+    assert dict(parts.mesh.shape) == {"data": 1, "stage": 1, "fsdp": fsdp, "tensor": 1}
     assert list(parts.mesh.devices.flat) == jax.devices()[:fsdp]
     assert parts.model.attention == "xla"
     embed = parts.abstract_state.params["embed"]

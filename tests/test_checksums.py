@@ -8,10 +8,10 @@ from pjit_llm.checkpoint import checksums
 
 
 def test_checksums_are_mesh_independent_and_catch_one_changed_element():
-    state = build_on(tiny_config(), (8, 1, 1)).init_state()
+    state = build_on(tiny_config(), data=8).init_state()
     # bfloat16 copies exercise the 16-bit path beside the float32 and int32 arrays.
     tree = {"state": state, "bf16": jax.tree.map(lambda p: p.astype(jax.numpy.bfloat16), state.params)}
-    shardings = build_on(tiny_config(), (1, 2, 4)).shardings
+    shardings = build_on(tiny_config(), fsdp=2, tensor=4).shardings
     other = jax.tree.map(lambda a, s: jax.device_put(np.asarray(a), s), tree,
                          {"state": shardings, "bf16": shardings.params})
     wq = other["bf16"]["blocks"]["attn"]["wq"]

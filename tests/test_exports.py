@@ -15,7 +15,7 @@ from pjit_llm.errors import UserError
 
 def test_export_reads_back_on_another_mesh_in_its_dtype(tmp_path):
     run = tmp_path / "run"
-    parts = build_on(tiny_config(f"train.run_dir={run}"), (2, 2, 2))
+    parts = build_on(tiny_config(f"train.run_dir={run}"), data=2, fsdp=2, tensor=2)
     state = parts.init_state()
     ckpts = Checkpoints(run / "checkpoints", CheckpointConfig())
     ckpts.save(5, state, {}, parts.cfg)
@@ -23,7 +23,7 @@ def test_export_reads_back_on_another_mesh_in_its_dtype(tmp_path):
     out, step = write_export(parts.cfg, parts.layout, None, None, "bfloat16")
     assert (out, step) == (run / "export" / "step_5-bfloat16", 5)
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary left beside it
-    layout = build_on(tiny_config(), (1, 4, 2)).layout
+    layout = build_on(tiny_config(), fsdp=4, tensor=2).layout
     model, params = load_params(out, layout)
     assert model == parts.cfg.model.__class__(**{**parts.cfg.model.__dict__, "param_dtype": "bfloat16"})
     expected = jax.tree.map(lambda a: np.asarray(a).astype(ml_dtypes.bfloat16),

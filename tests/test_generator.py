@@ -18,7 +18,7 @@ PROMPTS = [np.array([10, 11, 12], np.int32), np.array([40, 41, 42, 43, 44, 45, 4
 def trained():
     """A tiny model trained for 40 steps to continue counting sequences (t, t+1, ...)."""
     cfg = tiny_config("optimizer.lr=1e-2", "train.steps=40")
-    parts = build_on(cfg, (2, 2, 2))
+    parts = build_on(cfg, data=2, fsdp=2, tensor=2)
     graphdef, state, step = parts.graphdef, parts.init_state(), parts.train_step
     rng = np.random.default_rng(0)
     for _ in range(40):
@@ -60,7 +60,7 @@ def test_cached_greedy_equals_full_recompute_sharded_and_on_one_device(trained):
     _, graphdef1, params1 = _on(cfg, params, None)
     expected = greedy_without_cache(graphdef1, params1, PROMPTS, 12)
     assert expected[0][:4] == [13, 14, 15, 16]  # it learned to count: the test means something
-    for shape in (None, (1, 2, 4), (2, 1, 4)):
+    for shape in (None, {"fsdp": 2, "tensor": 4}, {"data": 2, "tensor": 4}):
         layout, graphdef, placed = _on(cfg, params, shape)
         out = Generator(graphdef, cfg.model, layout, Sampling()).generate(placed, PROMPTS, 12, eos_id=None)
         assert out == expected, shape
@@ -68,7 +68,7 @@ def test_cached_greedy_equals_full_recompute_sharded_and_on_one_device(trained):
 
 def test_sampling_is_reproducible_from_the_seed(trained):
     cfg, _, params = trained
-    layout, graphdef, placed = _on(cfg, params, (1, 2, 4))
+    layout, graphdef, placed = _on(cfg, params, {"fsdp": 2, "tensor": 4})
     run = lambda seed, **kw: Generator(graphdef, cfg.model, layout, Sampling(  # noqa: E731
         temperature=1.5, seed=seed, **kw)).generate(placed, PROMPTS, 16, eos_id=None)
     assert run(3) == run(3)
@@ -91,7 +91,7 @@ def test_generation_stops_at_the_end_token(trained):
 def test_training_samples_follow_the_sample_keys_and_the_seed(trained):
     from pjit_llm.training.actions import sample_generator
     cfg, _, params = trained
-    layout, graphdef, placed = _on(cfg, params, (1, 2, 4))
+    layout, graphdef, placed = _on(cfg, params, {"fsdp": 2, "tensor": 4})
     run = lambda *keys: sample_generator(tiny_config(*keys), graphdef, layout).generate(  # noqa: E731
         placed, PROMPTS, 16, eos_id=None)
     greedy = Generator(graphdef, cfg.model, layout, Sampling()).generate(placed, PROMPTS, 16, None)

@@ -25,8 +25,8 @@ from pjit_llm.models.llama import hf as hf_config
 @pytest.mark.parametrize("overrides, mesh", [
     ({}, None),  # multi-head attention, tied embeddings
     ({"num_key_value_heads": 2, "tie_word_embeddings": False, "rope_theta": 500.0,
-      "rope_scaling": LLAMA3_ROPE}, (2, 2, 2)),  # grouped-query, untied, Llama 3.1 rope
-    ({"num_key_value_heads": 4, "rope_scaling": {"rope_type": "linear", "factor": 4.0}}, (1, 4, 2)),
+      "rope_scaling": LLAMA3_ROPE}, {"data": 2, "fsdp": 2, "tensor": 2}),  # grouped-query, untied, Llama 3.1 rope
+    ({"num_key_value_heads": 4, "rope_scaling": {"rope_type": "linear", "factor": 4.0}}, {"fsdp": 4, "tensor": 2}),
 ], ids=["mha-tied", "gqa-untied-llama3-rope", "gqa-linear-rope"])
 def test_imported_model_gives_the_logits_of_transformers(tmp_path, overrides, mesh):
     model = hf_llama(tmp_path / "hf", **overrides)

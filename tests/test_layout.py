@@ -42,7 +42,7 @@ def _by_name(tree) -> dict:
 
 
 def _build(cfg):
-    parts = build_on(cfg, cfg.mesh.shape)
+    parts = build_on(cfg, cfg.mesh.sizes())
     return parts.layout, parts.init_state()
 
 
@@ -85,7 +85,7 @@ def test_changing_strategy_is_a_config_edit(tiny):
 
 def test_activation_specs_skip_a_mesh_axis_already_used(tiny):
     cfg = tiny("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
-    layout = build_on(cfg, cfg.mesh.shape).layout
+    layout = build_on(cfg, cfg.mesh.sizes()).layout
     assert layout.spec(("batch", "length", "embed")) == P(("data", "fsdp"), None, None)
     assert layout.spec(("batch", "length", "heads", "head_dim")) == P(("data", "fsdp"), None, "tensor", None)
     assert layout.spec(("embed", "mlp")) == P("fsdp", "tensor")

@@ -22,8 +22,8 @@ def docs_source(n=60, seed=0):
     return [{"text": f"<{i}>" + "abcdefgh"[i % 8] * int(rng.integers(1, 90))} for i in range(n)]
 
 
-def _loader(cfg, mesh_shape=(2, 2, 2)):
-    mesh = make_mesh(MeshConfig(*mesh_shape))
+def _loader(cfg, **mesh_sizes):
+    mesh = make_mesh(MeshConfig(**(mesh_sizes or {"data": 2, "fsdp": 2, "tensor": 2})))
     sharding = NamedSharding(mesh, P(("data", "fsdp"), None))
     dataset = Dataset(docs_source(200), docs_source(10, seed=1), None, "text")
     return Loader(dataset, TOK, cfg, sharding), dataset, sharding
@@ -71,7 +71,7 @@ def test_evaluation_batches_are_fixed_and_padded():
 
 
 def test_each_process_feeds_the_rows_its_devices_hold():
-    mesh = make_mesh(MeshConfig(2, 2, 2))
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     assert local_rows(NamedSharding(mesh, P(("data", "fsdp"), None)), 8, 16) == 8
     assert jax.process_count() == 1
 

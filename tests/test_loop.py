@@ -27,7 +27,7 @@ def test_init_from_restores_the_parameters_with_a_fresh_optimizer(tmp_path):
     write_hf(tmp_path / "hf", LLAMA)  # an imported model: parameters alone, as step 0
     base = convert.import_hf(tmp_path / "hf", tmp_path / "base")
     cfg = run_config(base, [f"train.init_from={base}", "train.run_dir=elsewhere"])
-    parts = build_on(cfg, (2, 2, 2))
+    parts = build_on(cfg, data=2, fsdp=2, tensor=2)
     abstract_state = parts.abstract_state
     state = _init_from(parts)
     imported, _ = restore_params(run_config(base), parts.layout, None)
@@ -38,7 +38,7 @@ def test_init_from_restores_the_parameters_with_a_fresh_optimizer(tmp_path):
     assert all(not np.asarray(m).any() for m in jax.tree.leaves(state.opt_state))
     other = run_config(base, [f"train.init_from={base}", "model.num_layers=3"])
     with pytest.raises(UserError, match="has model.num_layers=2 but this run has 3"):
-        _init_from(build_on(other, (2, 2, 2)))
+        _init_from(build_on(other, data=2, fsdp=2, tensor=2))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -24,7 +24,7 @@ def _batch():
 
 
 def test_restore_onto_other_meshes_and_device_counts(tmp_path):
-    parts = build_on(tiny_config(), (2, 2, 2))
+    parts = build_on(tiny_config(), data=2, fsdp=2, tensor=2)
     put = lambda b: jax.device_put(b, parts.batch_sharding)  # noqa: E731
     cfg = parts.cfg
     state, _ = parts.train_step(parts.init_state(), put(_batch()))
@@ -36,7 +36,7 @@ def test_restore_onto_other_meshes_and_device_counts(tmp_path):
     saved = jax.tree.map(np.asarray, state)
     _, metrics = parts.train_step(state, put(_batch()))  # donates `state`
     next_loss = float(metrics["loss"])
-    for shape in ((1, 4, 1), (1, 1, 1)):  # on 4 devices, on 1
+    for shape in ({"fsdp": 4}, None):  # on 4 devices, on 1
         parts = build_on(tiny_config(), shape)
         put = lambda b: jax.device_put(b, parts.batch_sharding)  # noqa: E731
         target_iter = iter(grain.MapDataset.range(100).to_iter_dataset())

@@ -18,7 +18,7 @@ def saved_run(tmp_path_factory):
     """A run directory holding the initial state as checkpoints 1 and 3 (no training)."""
     run = tmp_path_factory.mktemp("runs") / "run"
     cfg = tiny_config(f"train.run_dir={run}")
-    parts = build_on(cfg, (2, 2, 2))
+    parts = build_on(cfg, data=2, fsdp=2, tensor=2)
     state = parts.init_state()
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump(parts.cfg.to_dict()))
@@ -33,7 +33,7 @@ def test_parameters_restore_into_another_layout_without_the_optimizer(saved_run)
     run, params = saved_run
     cfg = run_config(run)
     assert cfg.train.run_dir == str(run)
-    layout = build_on(cfg, (1, 2, 4)).layout
+    layout = build_on(cfg, fsdp=2, tensor=4).layout
     restored, step = restore_params(cfg, layout, None)
     assert step == 3  # the latest
     wq = restored["blocks"]["attn"]["wq"]

@@ -11,8 +11,8 @@ from conftest import build_on, tiny_config
 from pjit_llm.models.llama.model import Transformer
 from pjit_llm.training.step import loss_terms
 
-MESHES = {"one device": None, "dp": (8, 1, 1), "fsdp": (1, 8, 1), "tensor": (1, 2, 4),
-          "hybrid": (2, 2, 2)}
+MESHES = {"one device": None, "dp": {"data": 8}, "fsdp": {"fsdp": 8}, "tensor": {"fsdp": 2, "tensor": 4},
+          "hybrid": {"data": 2, "fsdp": 2, "tensor": 2}}
 
 
 def random_rows(cfg, n_rows=64, seed=0) -> dict:
@@ -67,21 +67,21 @@ def test_scan_and_unrolled_layers_agree(tiny, reference):
 
 @pytest.mark.parametrize("policy", ["full", "dots", "proj", "proj_offload"])
 def test_remat_policies_do_not_change_the_result(tiny, reference, policy):
-    losses, params = run_steps(tiny(f"model.remat={policy}"), (2, 2, 2))
+    losses, params = run_steps(tiny(f"model.remat={policy}"), {"data": 2, "fsdp": 2, "tensor": 2})
     np.testing.assert_allclose(losses, reference[0], rtol=2e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), params,
                  reference[1])
 
 
 def test_chunked_cross_entropy_equals_the_full_one(tiny, reference):
-    losses, params = run_steps(tiny("model.loss_chunk=8"), (1, 2, 4))
+    losses, params = run_steps(tiny("model.loss_chunk=8"), {"fsdp": 2, "tensor": 4})
     np.testing.assert_allclose(losses, reference[0], rtol=2e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), params,
                  reference[1])
 
 
 def test_gradient_accumulation_equals_one_big_batch(tiny, reference):
-    losses, params = run_steps(tiny("train.grad_accum=4", "data.batch_size=16"), (2, 2, 2))
+    losses, params = run_steps(tiny("train.grad_accum=4", "data.batch_size=16"), {"data": 2, "fsdp": 2, "tensor": 2})
     np.testing.assert_allclose(losses, reference[0], rtol=2e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), params,
                  reference[1])
@@ -93,7 +93,7 @@ def test_different_seed_gives_different_parameters(tiny, reference):
 
 
 def test_bfloat16_compute_tracks_float32(tiny, reference):
-    losses, params = run_steps(tiny("model.dtype=bfloat16"), (2, 2, 2))
+    losses, params = run_steps(tiny("model.dtype=bfloat16"), {"data": 2, "fsdp": 2, "tensor": 2})
     np.testing.assert_allclose(losses, reference[0], rtol=2e-2)
     assert params["embed"].dtype == np.float32  # float32 master weights
 
@@ -102,7 +102,7 @@ def test_the_fast_path_together_tracks_float32(tiny, reference):
     """bfloat16 parameters and compute, chunked loss, projections remat, accumulation."""
     losses, params = run_steps(tiny("model.dtype=bfloat16", "model.param_dtype=bfloat16",
                                     "model.loss_chunk=16", "model.remat=proj",
-                                    "train.grad_accum=2"), (1, 8, 1))
+                                    "train.grad_accum=2"), {"fsdp": 8})
     np.testing.assert_allclose(losses, reference[0], rtol=3e-2)
     assert losses[-1] < losses[0]
     assert params["embed"].dtype == jax.numpy.bfloat16
@@ -153,7 +153,7 @@ def test_loss_counts_only_targets_inside_a_segment(tiny):
 
 
 def test_skipping_a_non_finite_step_leaves_the_state_unchanged(tiny):
-    parts = build_on(tiny("train.max_bad_steps=1"), (2, 2, 2))  # skips non-finite steps
+    parts = build_on(tiny("train.max_bad_steps=1"), data=2, fsdp=2, tensor=2)  # skips non-finite steps
     state = parts.init_state()
     scale = state.params["final_norm"]["scale"]
     scale.set_value(jax.device_put(scale[...].at[0].set(np.inf), scale[...].sharding))

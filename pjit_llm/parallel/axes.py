@@ -18,6 +18,7 @@ class MeshAxis:
 
 MESH_AXES: tuple[MeshAxis, ...] = (
     MeshAxis("data", -1, "batch rows; parameters replicated"),
+    MeshAxis("stage", 1, "the stacked layers, in contiguous blocks run as pipeline stages"),
     MeshAxis("fsdp", 1, "batch rows, and parameters with optimizer state"),
     MeshAxis("tensor", 1, "attention heads, MLP and vocabulary dimensions"),
 )

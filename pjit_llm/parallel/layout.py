@@ -6,6 +6,7 @@ logical axis to mesh axes. A mesh axis of size 1 is left out of specs, and a mes
 at most once per array (the first dimension that asks for it wins).
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -21,12 +22,18 @@ from pjit_llm.errors import UserError
 class Layout:
     mesh: Mesh
     rules: Rules
+    excluded: frozenset[str] = frozenset()  # mesh axes this layout never shards over
+
+    def without(self, axis: str) -> "Layout":
+        """The same rules with `axis` left out: for code that runs inside a transform that
+        owns that axis (the pipeline's stages)."""
+        return dataclasses.replace(self, excluded=self.excluded | {axis})
 
     def mesh_axes(self, logical: str | None, taken: set[str] = frozenset()) -> tuple[str, ...]:
         if logical is None:
             return ()
         return tuple(a for a in getattr(self.rules, logical)
-                     if self.mesh.shape[a] > 1 and a not in taken)
+                     if self.mesh.shape[a] > 1 and a not in taken and a not in self.excluded)
 
     def spec(self, logical_axes: tuple[str | None, ...]) -> PartitionSpec:
         taken: set[str] = set()

@@ -26,6 +26,7 @@ from pjit_llm.models.llama.config import ModelConfig
 from pjit_llm.models.llama.model import padded_vocab
 from pjit_llm.parallel.layout import Layout, check_batch, conversion_mesh
 from pjit_llm.parallel.mesh import make_mesh
+from pjit_llm.parallel.stages import STAGE_AXIS, Pipeline
 from pjit_llm.training.optim import make_optimizer, make_schedule
 from pjit_llm.training.step import TrainState, compile_steps, init_state, plan_state
 
@@ -43,6 +44,23 @@ class Components:
     shardings: TrainState
     train_step: Callable  # jitted (state, batch) -> (state, metrics); donates the state
     eval_step: Callable  # jitted (params, batch) -> {"loss_sum", "tokens"}
+    pipeline: Pipeline | None  # the schedule of the layers' stages; None without mesh.stage
+
+    def to_checkpoint(self, state):
+        """The state (or parameters) with the stacked layers in model order, as checkpoints and
+        the generator hold them; `state` itself is left as it is."""
+        return self._reorder(state, to_model=True)
+
+    def from_checkpoint(self, state):
+        """The inverse of `to_checkpoint`: the stacked layers in this run's order."""
+        return self._reorder(state, to_model=False)
+
+    def _reorder(self, state, to_model: bool):
+        if self.pipeline is None or not self.pipeline.circular:
+            return state
+        permute = self.pipeline.to_model if to_model else self.pipeline.to_stage_order
+        shardings = jax.tree.map(lambda a: a.sharding, state)
+        return jax.jit(permute, out_shardings=shardings)(state)
 
     @property
     def batch_sharding(self) -> NamedSharding:
@@ -59,7 +77,7 @@ class Components:
     def init_state(self, seed: int | None = None) -> TrainState:
         """A fresh state, created directly in its shardings (default seed: train.seed)."""
         seed = self.cfg.train.seed if seed is None else seed
-        return init_state(self.model, self.layout, self.tx, seed)[1]
+        return init_state(self.model, self.layout, self.tx, seed, self.pipeline)[1]
 
 
 def resolve_vocab(cfg: Config, tokenizer_vocab: int) -> Config:
@@ -81,14 +99,30 @@ def build(cfg: Config, tokenizer_vocab: int = ByteTokenizer.vocab_size,
     layout = Layout(mesh, cfg.mesh.rules)
     if batches:
         check_batch(layout, cfg.data.batch_size // cfg.train.grad_accum)
+    pipeline = plan_pipeline(cfg, layout, batches)
     schedule = make_schedule(cfg.optimizer, cfg.train.steps)
     tx = make_optimizer(cfg.optimizer, schedule)
     model = resolve_attention(cfg.model, cfg.data.seq_len)
-    graphdef, abstract_state, shardings = plan_state(model, layout, tx)
+    graphdef, abstract_state, shardings = plan_state(model, layout, tx, pipeline)
     train_step, eval_step = compile_steps(graphdef, tx, schedule, cfg.train.grad_accum, layout,
                                           shardings, skip_nonfinite=cfg.train.max_bad_steps > 0)
     return Components(cfg, model, mesh, layout, schedule, tx, graphdef, abstract_state, shardings,
-                      train_step, eval_step)
+                      train_step, eval_step, pipeline)
+
+
+def plan_pipeline(cfg: Config, layout: Layout, batches: bool = True) -> Pipeline | None:
+    """The pipeline schedule when the mesh has stages (None without), checked against the
+    model and, with `batches`, against the batch it must cut into micro-batches."""
+    stages = layout.mesh.shape[STAGE_AXIS]
+    if stages == 1:
+        return None
+    if layout.mesh_axes("layers") != (STAGE_AXIS,):
+        raise UserError(f"mesh.{STAGE_AXIS}={stages} runs the layers as pipeline stages, which "
+                        f"needs mesh.rules.layers=[{STAGE_AXIS}]")
+    pipeline = Pipeline(stages, cfg.train.microbatches or stages, cfg.train.pipeline_repeats)
+    pipeline.check(cfg.model.num_layers, cfg.data.batch_size // cfg.train.grad_accum
+                   if batches else None, layout.without(STAGE_AXIS).shards("batch"))
+    return pipeline
 
 
 def conversion_build(cfg: Config) -> Components:

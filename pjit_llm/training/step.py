@@ -15,6 +15,7 @@ from flax import nnx
 from pjit_llm.models.llama.config import ModelConfig
 from pjit_llm.models.llama.model import Transformer, abstract_model
 from pjit_llm.parallel.layout import Layout, check_divisible, param_shardings
+from pjit_llm.parallel.stages import Pipeline, split_microbatches
 
 Batch = dict[str, jax.Array]
 
@@ -36,12 +37,13 @@ def state_shardings(layout: Layout, tx: optax.GradientTransformation, abstract_p
     return TrainState(step=layout.replicated(), params=params, opt_state=opt_state)
 
 
-def plan_state(cfg: ModelConfig, layout: Layout, tx: optax.GradientTransformation):
+def plan_state(cfg: ModelConfig, layout: Layout, tx: optax.GradientTransformation,
+               pipeline: Pipeline | None = None):
     """(graphdef, abstract state, shardings): shapes, dtypes and layout, nothing allocated.
 
     The abstract state's leaves carry their shardings, so it is also the target for
     restoring a checkpoint straight into this mesh."""
-    graphdef, abstract_params = abstract_model(cfg, layout)
+    graphdef, abstract_params = abstract_model(cfg, layout, pipeline)
     check_divisible(layout, abstract_params)
     shardings = state_shardings(layout, tx, abstract_params)
     shapes = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
@@ -51,15 +53,19 @@ def plan_state(cfg: ModelConfig, layout: Layout, tx: optax.GradientTransformatio
     return graphdef, abstract, shardings
 
 
-def init_state(cfg: ModelConfig, layout: Layout, tx: optax.GradientTransformation, seed: int):
+def init_state(cfg: ModelConfig, layout: Layout, tx: optax.GradientTransformation, seed: int,
+               pipeline: Pipeline | None = None):
     """Create parameters and optimizer state directly in their shardings (no full host copy).
+    The same seed gives the same model on every mesh and pipeline schedule.
 
     Returns (graphdef, state, shardings).
     """
-    graphdef, _, shardings = plan_state(cfg, layout, tx)
+    graphdef, _, shardings = plan_state(cfg, layout, tx, pipeline)
 
     def init(key):
-        params = nnx.split(Transformer(cfg, layout, nnx.Rngs(params=key)))[1]
+        params = nnx.split(Transformer(cfg, layout, nnx.Rngs(params=key), pipeline))[1]
+        if pipeline is not None:
+            params = pipeline.to_stage_order(params)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
@@ -107,10 +113,8 @@ def loss_terms(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch):
 def _micro_batches(batch: Batch, k: int, layout: Layout) -> Batch:
     """(B, L) -> (k, B/k, L), micro-batch j holding rows j, j+k, ... so that every device keeps
     its own rows and splitting moves no data."""
-    def split(x):
-        x = jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
-        return layout.constrain(x, (None, "batch", "length"))
-    return jax.tree.map(split, batch)
+    return jax.tree.map(lambda x: layout.constrain(split_microbatches(x, k), (None, "batch", "length")),
+                        batch)
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule,

@@ -19,7 +19,7 @@ def test_export_writes_parameters_only_and_restores_without_the_optimizer(traine
     assert result.returncode == 0, result.stderr
     out = run / "export" / "step_6-bfloat16"
     assert f"wrote parameters of step 6 in bfloat16 to {out}" in result.stdout
-    layout = build_on(tiny_config(), (1, 4, 2)).layout
+    layout = build_on(tiny_config(), fsdp=4, tensor=2).layout
     model, params = load_params(out, layout)
     assert model.num_layers == 2 and model.param_dtype == "bfloat16"
     wq = params["blocks"]["attn"]["wq"]

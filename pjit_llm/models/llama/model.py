@@ -16,6 +16,7 @@ from flax import nnx
 from pjit_llm.models.llama.config import ModelConfig
 from pjit_llm.models.matmul import matmul
 from pjit_llm.parallel.layout import Layout
+from pjit_llm.parallel.stages import STAGE_AXIS, Pipeline, merge_microbatches, split_microbatches
 
 Axes = tuple[str | None, ...]
 
@@ -157,23 +158,31 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layout: Layout | None, rngs: nnx.Rngs):
+    """With `pipeline`, training and evaluation run the layers as pipeline stages along the
+    `stage` mesh axis (parallel/pipeline.py); the stacked layers are then in its stage order.
+    Decoding with a cache always runs them one after another."""
+
+    def __init__(self, cfg: ModelConfig, layout: Layout | None, rngs: nnx.Rngs,
+                 pipeline: Pipeline | None = None):
         if cfg.vocab_size <= 0:
             raise ValueError("resolve model.vocab_size from the tokenizer before building the model")
         D, V, pd = cfg.embed_dim, cfg.vocab_size, cfg.param_dtype
         self.embed = _param(rngs, cfg.init_std, (V, D), ("vocab", "embed"), pd)
+        # Inside the layers `stage` belongs to the pipeline (or to the stacked weights alone),
+        # so their activations are sharded over the other axes only.
+        block_layout = None if layout is None else layout.without(STAGE_AXIS)
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=0, out_axes=0,
                   transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"})
         def make_blocks(rngs: nnx.Rngs) -> Block:
-            return Block(cfg, layout, rngs)
+            return Block(cfg, block_layout, rngs)
 
         self.blocks = make_blocks(rngs)
         self.final_norm = RMSNorm(D, cfg.norm_eps, pd)
         if not cfg.tie_embeddings:
             self.unembed = _param(rngs, cfg.init_std, (D, V), ("embed", "vocab"), pd)
-        self.cfg, self.layout = cfg, layout
+        self.cfg, self.layout, self.block_layout, self.pipeline = cfg, layout, block_layout, pipeline
 
     def __call__(self, tokens_BL, segment_ids_BL, positions_BL) -> jax.Array:
         """Logits (B, L, V) in the compute dtype."""
@@ -182,10 +191,18 @@ class Transformer(nnx.Module):
     def hidden(self, tokens_BL, segment_ids_BL, positions_BL) -> jax.Array:
         """The final normalised hidden states (B, L, D), which `logits` projects onto the
         vocabulary. Tokens attend only within their segment unless model.segment_mask is off."""
-        mask_B1LL = None
-        if self.cfg.segment_mask:
-            mask_B1LL = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
-        return self._forward(tokens_BL, positions_BL, mask_B1LL, None)[0]
+        x_BLD = self._embed(tokens_BL)
+        if self.pipeline is None:
+            sin, cos = rope_angles(positions_BL, self.cfg.head_dim, self.cfg.rope_theta, self.cfg)
+            x_BLD, _ = self._run_blocks(x_BLD, sin, cos, self._segment_mask(segment_ids_BL))
+        else:
+            x_BLD = self._run_pipeline(x_BLD, segment_ids_BL, positions_BL)
+        return self.final_norm(x_BLD)
+
+    def _segment_mask(self, segment_ids_BL):
+        if not self.cfg.segment_mask:
+            return None
+        return segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
 
     def logits(self, x_BLD: jax.Array) -> jax.Array:
         return self.project(x_BLD, self.output_weights())
@@ -205,34 +222,36 @@ class Transformer(nnx.Module):
         cache {"k", "v": (layers, B, S, G, K)} of the earlier ones; returns (logits, cache)."""
         slots_S = jnp.arange(cache["k"].shape[2])
         mask_B1LS = slots_S[None, None, None, :] <= positions_BL[:, None, :, None]
-        x_BLD, cache = self._forward(tokens_BL, positions_BL, mask_B1LS, cache)
-        return self.logits(x_BLD), cache
+        cfg = self.cfg
+        sin, cos = rope_angles(positions_BL, cfg.head_dim, cfg.rope_theta, cfg)
+        x_BLD, cache = self._run_blocks(self._embed(tokens_BL), sin, cos, mask_B1LS, cache,
+                                        positions_BL[:, 0])
+        return self.logits(self.final_norm(x_BLD)), cache
 
     def init_cache(self, batch: int, length: int) -> dict:
         cfg = self.cfg
         shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
         return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
 
-    def _forward(self, tokens_BL, positions_BL, mask_B1LS, cache):
-        cfg, dt = self.cfg, self.cfg.dtype
+    def _embed(self, tokens_BL):
         # Gather the table's FSDP shards first (as FSDP does for every weight): a lookup into a
         # table sharded on `embed` cannot produce activations sharded on `batch` efficiently.
         table_VD = _constrain(self.layout, self.embed[...], ("vocab", None))
-        x_BLD = jnp.take(table_VD, tokens_BL, axis=0).astype(dt)
-        x_BLD = _constrain(self.layout, x_BLD, ("batch", "length", "embed"))
-        sin, cos = rope_angles(positions_BL, cfg.head_dim, cfg.rope_theta, cfg)
-        x_BLD, cache = self._run_blocks(x_BLD, sin, cos, mask_B1LS, cache, positions_BL[:, 0])
-        return self.final_norm(x_BLD), cache
+        x_BLD = jnp.take(table_VD, tokens_BL, axis=0).astype(self.cfg.dtype)
+        return _constrain(self.layout, x_BLD, ("batch", "length", "embed"))
 
-    def _run_blocks(self, x_BLD, sin, cos, mask_B1LS, cache, start_B):
-        """The stacked layers, scanned or unrolled; each reads and writes its cache slice."""
-        graphdef, stacked = nnx.split(self.blocks)
+    def _run_blocks(self, x_BLD, sin, cos, mask_B1LS, cache=None, start_B=None, stacked=None):
+        """The stacked layers (all, or the block `stacked`), scanned or unrolled; each reads
+        and writes its cache slice."""
+        graphdef, all_layers = nnx.split(self.blocks)
+        stacked = all_layers if stacked is None else stacked
         cache_axes = ("batch", "length", "kv_heads", "head_dim")
+        layout = self.block_layout
 
         def apply(x, layer):
             layer_state, k, v = layer
-            kv = None if k is None else (_constrain(self.layout, k, cache_axes),
-                                         _constrain(self.layout, v, cache_axes), start_B)
+            kv = None if k is None else (_constrain(layout, k, cache_axes),
+                                         _constrain(layout, v, cache_axes), start_B)
             x, kv = nnx.merge(graphdef, layer_state)(x, sin, cos, mask_B1LS, kv)
             return x, (None, None) if kv is None else kv
 
@@ -244,12 +263,29 @@ class Transformer(nnx.Module):
             x_BLD, (k, v) = jax.lax.scan(apply, x_BLD, layers)
         else:
             outs = []
-            for i in range(self.cfg.num_layers):
+            for i in range(jax.tree.leaves(stacked)[0].shape[0]):
                 x_BLD, kv = apply(x_BLD, jax.tree.map(partial(_index, i=i), layers))
                 outs.append(kv)
             k, v = (None, None) if cache is None else (jnp.stack([o[0] for o in outs]),
                                                        jnp.stack([o[1] for o in outs]))
         return x_BLD, None if cache is None else {"k": k, "v": v}
+
+    def _run_pipeline(self, x_BLD, segment_ids_BL, positions_BL):
+        """The layers as pipeline stages over micro-batches of the batch."""
+        cfg, M = self.cfg, self.pipeline.microbatches
+        activation_axes = ("batch", "length", "embed")
+        x_MbLD = _constrain(self.block_layout, split_microbatches(x_BLD, M), (None, *activation_axes))
+
+        def stage(layers, x_bLD, extras):
+            segment_ids_bL, positions_bL = extras
+            sin, cos = rope_angles(positions_bL, cfg.head_dim, cfg.rope_theta, cfg)
+            return self._run_blocks(x_bLD, sin, cos, self._segment_mask(segment_ids_bL),
+                                    stacked=layers)[0]
+
+        extras = (split_microbatches(segment_ids_BL, M), split_microbatches(positions_BL, M))
+        y_MbLD = self.pipeline.run(stage, nnx.split(self.blocks)[1], x_MbLD, extras,
+                                   self.layout.mesh, self.block_layout.spec(activation_axes))
+        return _constrain(self.layout, merge_microbatches(y_MbLD), activation_axes)
 
 
 def _index(a: jax.Array, i: int) -> jax.Array:
@@ -260,7 +296,8 @@ def _constrain(layout: Layout | None, x: jax.Array, axes: Axes) -> jax.Array:
     return x if layout is None else layout.constrain(x, axes)
 
 
-def abstract_model(cfg: ModelConfig, layout: Layout | None) -> tuple[nnx.GraphDef, nnx.State]:
+def abstract_model(cfg: ModelConfig, layout: Layout | None,
+                   pipeline: Pipeline | None = None) -> tuple[nnx.GraphDef, nnx.State]:
     """The model's graph and parameter shapes (with logical axes), without allocating."""
-    model = nnx.eval_shape(lambda: Transformer(cfg, layout, nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: Transformer(cfg, layout, nnx.Rngs(0), pipeline))
     return nnx.split(model)

@@ -1,0 +1,187 @@
+"""Layer-wise (pipeline) parallelism: the stacked layers cut into stages along the `stage` mesh
+axis, micro-batches flowing through them inside the one compiled step.
+
+The schedule is one SPMD program. The batch is cut into M micro-batches; a scan over
+M·R + S − 1 iterations runs every stage at once (a vmap over stages whose axis is sharded
+over `stage`), and a `ppermute` on `stage` hands each stage's output to the next, the last
+stage's back to the first. Stage 0 takes a fresh micro-batch while there are any, then those
+that came round from the last stage, R times in all (R = 1 is GPipe; R > 1 the circular
+schedule, where each stage holds R non-contiguous blocks of layers and the idle fraction of the
+iterations, the bubble, falls from (S−1)/(M+S−1) to (S−1)/(M·R+S−1)). Each iteration keeps
+only its input for the backward pass; the stage's layers are recomputed from it.
+
+For the circular schedule the training state holds the stacked layers in stage order (all of
+stage 0's blocks, then stage 1's…), so that `stage` shards them in contiguous pieces;
+checkpoints hold them in model order (`to_model` / `to_stage_order`), so a run restores onto
+any mesh, with or without stages.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from pjit_llm.errors import UserError
+
+STAGE_AXIS = "stage"  # the mesh axis the stages lie along (parallel/axes.py)
+STACKED = "blocks"  # the model's stacked layers: tree keys under it carry a leading layers axis
+
+
+def split_microbatches(x: jax.Array, count: int) -> jax.Array:
+    """(B, ...) -> (count, B/count, ...), micro-batch j holding rows j, j+count, ... so that a
+    batch sharded over devices splits without moving rows between them."""
+    return jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1)
+
+
+def merge_microbatches(x: jax.Array) -> jax.Array:
+    """The inverse of `split_microbatches`."""
+    return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    stages: int  # S
+    microbatches: int  # M
+    repeats: int = 1  # R: 1 is GPipe, more is the circular schedule
+
+    @property
+    def iterations(self) -> int:
+        return self.microbatches * self.repeats + self.stages - 1
+
+    @property
+    def bubble(self) -> float:
+        """The share of iterations in which a stage waits: (S−1)/(M·R+S−1)."""
+        return (self.stages - 1) / self.iterations
+
+    @property
+    def circular(self) -> bool:
+        return self.repeats > 1
+
+    def describe(self) -> str:
+        kind = f"circular x{self.repeats}" if self.circular else "GPipe"
+        return (f"pipeline {kind}: {self.stages} stages, {self.microbatches} micro-batches, "
+                f"{self.iterations} iterations, bubble {self.bubble:.1%}")
+
+    def check(self, num_layers: int, batch: int | None, batch_shards: int) -> None:
+        """Refuse a schedule the model or the batch (None: none to check) cannot be cut into,
+        in one line each."""
+        S, M, R = self.stages, self.microbatches, self.repeats
+        if num_layers % (S * R):
+            raise UserError(f"model.num_layers={num_layers} is not divisible by mesh.stage={S} x "
+                            f"train.pipeline_repeats={R}; choose layers, stages and repeats so "
+                            "that each stage holds whole blocks of layers")
+        if M < S:
+            raise UserError(f"train.microbatches={M} is fewer than mesh.stage={S}; use at least "
+                            f"{S} micro-batches (more shrink the pipeline bubble)")
+        if batch is None:
+            return
+        if batch % M:
+            raise UserError(f"a batch of {batch} sequences (data.batch_size / train.grad_accum) "
+                            f"cannot be cut into train.microbatches={M}; use a multiple of {M}")
+        if (batch // M) % batch_shards:
+            raise UserError(f"a pipeline micro-batch of {batch // M} sequences is not divisible "
+                            f"by its {batch_shards} batch shards; use a batch size that is a "
+                            f"multiple of {M * batch_shards} x train.grad_accum")
+
+    # -- layer order ---------------------------------------------------------------------------
+
+    def layer_order(self, num_layers: int) -> np.ndarray:
+        """The model layer held at each index of the stage-ordered stack. Stage s, block r holds
+        the layers that micro-batches pass through on their r-th round: (r·S + s)·K + k."""
+        S, R = self.stages, self.repeats
+        K = num_layers // (S * R)
+        s, r, k = np.meshgrid(np.arange(S), np.arange(R), np.arange(K), indexing="ij")
+        return ((r * S + s) * K + k).reshape(-1)
+
+    def to_stage_order(self, tree):
+        """Model-ordered stacked layers (every leaf under `blocks`) into stage order."""
+        return self._permute(tree, lambda n: self.layer_order(n))
+
+    def to_model(self, tree):
+        """The inverse of `to_stage_order`."""
+        return self._permute(tree, lambda n: np.argsort(self.layer_order(n)))
+
+    def _permute(self, tree, order: Callable[[int], np.ndarray]):
+        if not self.circular:
+            return tree
+
+        def permute(path, a):
+            if not any(getattr(k, "key", None) == STACKED for k in path):
+                return a
+            return a[order(a.shape[0])]
+
+        return jax.tree_util.tree_map_with_path(permute, tree)
+
+    # -- the schedule --------------------------------------------------------------------------
+
+    def run(self, stage_fn: Callable, stacked, x_MbLD: jax.Array, extras_M, mesh: Mesh,
+            activation_spec: PartitionSpec) -> jax.Array:
+        """Run all micro-batches through all layers.
+
+        stage_fn(layers, x, extras) -> x runs one block of layers (a tree with a leading axis of
+        K layers) on one micro-batch; `extras` is the micro-batch's slice of `extras_M` (its
+        positions and segment ids, say). `stacked` holds every layer in stage order, `x_MbLD`
+        the micro-batches, `activation_spec` how one micro-batch's activations are sharded
+        over the other mesh axes. Returns the last layer's output for every micro-batch."""
+        S, M, R = self.stages, self.microbatches, self.repeats
+        stage_S = jnp.arange(S)
+        blocks = jax.tree.map(lambda a: a.reshape(S, R, a.shape[0] // (S * R), *a.shape[1:]),
+                              stacked)
+        along = NamedSharding(mesh, PartitionSpec(STAGE_AXIS, *activation_spec))
+        banked = NamedSharding(mesh, PartitionSpec(STAGE_AXIS, None, *activation_spec))
+        ring = [(s, (s + 1) % S) for s in range(S)]
+        by_stage = PartitionSpec(STAGE_AXIS)
+
+        def per_stage(f):  # f sees its own stage's slice; the other axes stay automatic
+            return jax.shard_map(f, mesh=mesh, in_specs=by_stage, out_specs=by_stage,
+                                 axis_names={STAGE_AXIS})
+
+        shift = per_stage(lambda y: jax.lax.ppermute(y, STAGE_AXIS, ring))
+
+        def stage(blocks_R, x, r, extras):
+            return stage_fn(jax.tree.map(lambda a: a[r], blocks_R), x, extras)
+
+        # Only the stage's input is saved per iteration; its layers are recomputed backward.
+        stages = jax.vmap(jax.checkpoint(stage), spmd_axis_name=STAGE_AXIS)
+
+        def bank_and_take(t, bank_SM, recv_S):
+            """Stage 0 banks what came round from the last stage (micro-batch t − S, done with a
+            round) and takes micro-batch t mod M (fresh for t < M: the bank starts as the
+            input); the other stages take what their predecessor sent."""
+            def local(bank_1M, recv_1):
+                first = jax.lax.axis_index(STAGE_AXIS) == 0
+                slot = (t - S) % M
+                arrived = first & (t >= S)
+                bank_1M = bank_1M.at[0, slot].set(jnp.where(arrived, recv_1[0], bank_1M[0, slot]))
+                return bank_1M, jnp.where(first, bank_1M[:, t % M], recv_1)
+            return jax.shard_map(local, mesh=mesh, in_specs=(by_stage, by_stage),
+                                 out_specs=(by_stage, by_stage),
+                                 axis_names={STAGE_AXIS})(bank_SM, recv_S)
+
+        def iteration(carry, t):
+            bank_SM, recv_S = carry
+            bank_SM, x_S = bank_and_take(t, bank_SM, recv_S)
+            micro_S = (t - stage_S) % M  # the micro-batch each stage works on (or a bubble)
+            round_S = jnp.clip((t - stage_S) // M, 0, R - 1)
+            extras_S = jax.tree.map(lambda e: e[micro_S], extras_M)
+            y_S = jax.lax.with_sharding_constraint(stages(blocks, x_S, round_S, extras_S), along)
+            return (bank_SM, jax.lax.with_sharding_constraint(shift(y_S), along)), None
+
+        bank_SM = jax.lax.with_sharding_constraint(
+            jnp.broadcast_to(x_MbLD, (S, *x_MbLD.shape)), banked)
+        recv_S = jax.lax.with_sharding_constraint(jnp.zeros((S, *x_MbLD.shape[1:]), x_MbLD.dtype),
+                                                  along)
+        T = self.iterations
+        (bank_SM, recv_S), _ = jax.lax.scan(iteration, (bank_SM, recv_S), jnp.arange(T))
+        # The last micro-batch's output is still on its way round: bank it too.
+        bank_SM, _ = bank_and_take(T, bank_SM, recv_S)
+
+        def from_first(bank_1M):  # stage 0's bank, to every stage (a sum with zeros elsewhere)
+            first = jax.lax.axis_index(STAGE_AXIS) == 0
+            return jax.lax.psum(jnp.where(first, bank_1M[0], 0), STAGE_AXIS)
+
+        return jax.shard_map(from_first, mesh=mesh, in_specs=by_stage, out_specs=PartitionSpec(),
+                             axis_names={STAGE_AXIS})(bank_SM)
