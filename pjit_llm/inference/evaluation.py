@@ -38,6 +38,7 @@ def evaluate_run(run: Path, step: int | None = None, batches: int | None = None,
         parts = build(cfg, tokenizer.vocab_size)
         info(describe(parts.mesh))
         params, step = restore_params(parts.cfg, parts.layout, step)
+        params = parts.to_run_order(params)
         val = eval_batches(dataset, tokenizer, cfg.data, parts.batch_sharding,
                            batches or cfg.train.eval_batches)
         return step, evaluate(parts.eval_step, params, val, isinstance(tokenizer, ByteTokenizer))

@@ -6,6 +6,7 @@ request is StopRequest (preemption.py)."""
 import collections
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -129,9 +130,11 @@ class Evaluation:
     train.sample_prompts (to the console and TensorBoard's text tab)."""
 
     def __init__(self, cfg: Config, eval_step, val_batches: list, tokenizer, log: MetricsLog,
-                 generator: Generator | None, byte_level: bool):
+                 generator: Generator | None, byte_level: bool,
+                 model_order: Callable = lambda params: params):
         self.cfg, self.eval_step, self.val_batches = cfg, eval_step, val_batches
         self.tokenizer, self.log, self.generator, self.byte_level = tokenizer, log, generator, byte_level
+        self.model_order = model_order  # the generator takes the layers in model order
 
     def due(self, step: int) -> bool:
         every = self.cfg.train.eval_every
@@ -151,8 +154,8 @@ class Evaluation:
                   cfg.model.max_len - max(len(tokenizer.encode(p)) for p in prompts))
         if new < 1:
             return
-        out = self.generator.generate(params, [tokenizer.encode(p) for p in prompts], new,
-                                      tokenizer.eos_id)
+        out = self.generator.generate(self.model_order(params),
+                                      [tokenizer.encode(p) for p in prompts], new, tokenizer.eos_id)
         for i, (prompt, ids) in enumerate(zip(prompts, out)):
             text = prompt + tokenizer.decode(ids)
             info(f"sample {i} at step {step}: {text!r}")

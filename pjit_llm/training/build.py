@@ -46,13 +46,13 @@ class Components:
     eval_step: Callable  # jitted (params, batch) -> {"loss_sum", "tokens"}
     pipeline: Pipeline | None  # the schedule of the layers' stages; None without mesh.stage
 
-    def to_checkpoint(self, state):
+    def to_model_order(self, state):
         """The state (or parameters) with the stacked layers in model order, as checkpoints and
-        the generator hold them; `state` itself is left as it is."""
+        the generator hold them (a copy under the circular schedule; `state` is kept)."""
         return self._reorder(state, to_model=True)
 
-    def from_checkpoint(self, state):
-        """The inverse of `to_checkpoint`: the stacked layers in this run's order."""
+    def to_run_order(self, state):
+        """The inverse of `to_model_order`: the stacked layers as this run's steps take them."""
         return self._reorder(state, to_model=False)
 
     def _reorder(self, state, to_model: bool):

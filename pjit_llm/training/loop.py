@@ -49,6 +49,8 @@ def train(cfg: Config, dataset: Dataset, tokenizer: Tokenizer) -> dict:
             (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         n_params = sum(x.size for x in jax.tree.leaves(state.params))
         info(describe(parts.mesh))
+        if parts.pipeline:
+            info(parts.pipeline.describe())
         info(f"model {human_count(n_params)} parameters; per device: params "
              f"{human_bytes(bytes_per_device(state.params))}, optimizer state "
              f"{human_bytes(bytes_per_device(state.opt_state))}")
@@ -60,7 +62,7 @@ def train(cfg: Config, dataset: Dataset, tokenizer: Tokenizer) -> dict:
         sampled = cfg.train.sample_tokens and cfg.train.sample_prompts
         generator = sample_generator(cfg, parts.graphdef, parts.layout) if sampled else None
         evaluation = Evaluation(cfg, parts.eval_step, val_batches, tokenizer, log, generator,
-                                isinstance(tokenizer, ByteTokenizer))
+                                isinstance(tokenizer, ByteTokenizer), parts.to_model_order)
         try:
             with StopRequest() as stop:
                 return run_loop(parts, state, loader, log, evaluation, ckpts, stop)
@@ -113,7 +115,7 @@ def run_loop(parts: Components, state: TrainState, loader, log: MetricsLog,
         if final or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
             reader.read(log_it=log_due)
             log_due = False
-            ckpts.save(done, state, loader.get_state(), cfg)
+            ckpts.save(done, parts.to_model_order(state), loader.get_state(), cfg)
         if stopping:
             ckpts.wait()
             info(f"stopped by {stop.signal_name} after step {done}; checkpoint saved in "
@@ -164,7 +166,7 @@ def _resume_or_init(parts: Components, ckpts: Checkpoints, loader: Loader) -> Tr
                         "damaged ones were moved aside); choose another train.run_dir to start afresh")
     state, step = restored
     info(f"resumed from step {step} of {ckpts.directory}")
-    return state
+    return parts.to_run_order(state)
 
 
 # Model fields that must agree with train.init_from's: they fix parameter shapes or the
@@ -206,4 +208,4 @@ def _init_from(parts: Components) -> TrainState:
 
     state = jax.jit(start, out_shardings=shardings)(params)
     info(f"initialised the parameters from {source} (step {step}); fresh optimizer state")
-    return state
+    return parts.to_run_order(state)
