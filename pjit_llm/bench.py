@@ -84,18 +84,28 @@ def print_table(header: list[str], lines: list[list[str]]) -> None:
         print("  ".join(cell.rjust(w) for cell, w in zip(line, widths)))
 
 
+def _pipeline(row: dict) -> str:
+    if row["stages"] == 1:
+        return "-"
+    return (f"S={row['stages']} M={row['microbatches']} R={row['repeats']}, "
+            f"bubble {100 * row['bubble']:.0f}%")
+
+
 def print_rows(command: str, rows: list[dict]) -> None:
     from pjit_llm.metrics import human_bytes, human_count
 
     if command == "step":
         print(f"{rows[0]['devices']} x {rows[0]['device_kind']}; step times over "
               f"{rows[0]['steps']} synchronised steps")
-        print_table(["variant", "params", "tokens/step", "attention", "step ms (median)", "min",
-                     "max", "tokens/s/device", "TFLOP/s/device", "MFU", "peak memory",
-                     "state/device", "compile s"],
+        base_s = rows[0]["step_s"]
+        print_table(["variant", "params", "tokens/step", "attention", "pipeline",
+                     "step ms (median)", "min", "max", "vs base", "tokens/s/device",
+                     "TFLOP/s/device", "MFU", "peak memory", "state/device", "compile s"],
                     [[r["variant"], human_count(r["params"]), f"{r['tokens_per_step']:,}",
-                      r["attention"], f"{r['step_s'] * 1e3:,.1f}", f"{r['step_min_s'] * 1e3:,.1f}",
-                      f"{r['step_max_s'] * 1e3:,.1f}", f"{r['tokens_per_s_per_device']:,.0f}",
+                      r["attention"], _pipeline(r), f"{r['step_s'] * 1e3:,.1f}",
+                      f"{r['step_min_s'] * 1e3:,.1f}", f"{r['step_max_s'] * 1e3:,.1f}",
+                      f"{r['step_s'] / base_s:.2f}x",
+                      f"{r['tokens_per_s_per_device']:,.0f}",
                       f"{r['tflops_per_device']:,.2f}",
                       "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
                       "n/a" if r["peak_memory"] is None else human_bytes(r["peak_memory"]),

@@ -11,7 +11,8 @@ CONFIG_ERRORS = [
     (["model.num_layer=3"], "unknown config key model.num_layer; did you mean model.num_layers?"),
     (["model.num_layers=four"], "model.num_layers must be an integer, got 'four'"),
     (["model.num_heads=5"], "model.num_heads=5 does not divide model.embed_dim=256"),
-    (["--emulate-devices", "8", "mesh.data=3"], "mesh (data=3, stage=1, fsdp=1, tensor=1) needs 3 devices but 8"),
+    (["--emulate-devices", "8", "mesh.data=3"],
+     "mesh (data=3, stage=1, fsdp=1, tensor=1) needs 3 devices but 8"),
     (["--emulate-devices", "8", "mesh.data=1", "mesh.tensor=8"],
      "(kv_heads=4) is not divisible by mesh axes tensor=8"),
     (["--emulate-devices", "8", "data.batch_size=12"], "is not divisible by the 8 batch shards"),
@@ -20,6 +21,9 @@ CONFIG_ERRORS = [
     (["model.attention=cudnn", "model.dtype=bfloat16"],
      "model.attention=cudnn cannot be used: it needs a GPU and the backend is cpu"),
     (["model.loss_chunk=48"], "model.loss_chunk=48 must divide data.seq_len=128"),
+    (["--emulate-devices", "8", "mesh.stage=4"],
+     "model.num_layers=2 is not divisible by mesh.stage=4 x train.pipeline_repeats=1"),
+    (["train.pipeline_repeats=0"], "train.pipeline_repeats=0 must be positive"),
 ]
 
 

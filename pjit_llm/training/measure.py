@@ -66,6 +66,7 @@ def measure(cfg: Config, steps: int, warmup: int, profile_dir: str | None = None
     rates = perf.throughput(parts.flops_per_step, tokens, median, devices, peak)
     memory = perf.compiled_memory(compiled)
     device_peak = perf.device_memory_peak(jax.local_devices()[0])
+    pipeline = parts.pipeline
     row = {
         "params": sum(x.size for x in jax.tree.leaves(state.params)),
         "devices": devices, "device_kind": jax.devices()[0].device_kind,
@@ -77,6 +78,10 @@ def measure(cfg: Config, steps: int, warmup: int, profile_dir: str | None = None
         "peak_memory": device_peak or (memory["peak"] if memory else None),
         "state_bytes_per_device": bytes_per_device(state),
         "compile_s": compile_s, "loss": float(metrics["loss"]),
+        "stages": pipeline.stages if pipeline else 1,
+        "microbatches": pipeline.microbatches if pipeline else 0,
+        "repeats": pipeline.repeats if pipeline else 0,
+        "bubble": pipeline.bubble if pipeline else 0.0,  # the schedule's idle share, (S-1)/(MR+S-1)
     }
     del state, batch, compiled
     gc.collect()
