@@ -164,8 +164,10 @@ class TrainConfig:
     steps: int = 300
     seed: int = 0
     grad_accum: int = 1  # micro-batches per step, accumulated inside the compiled step
-    microbatches: int = 0  # with mesh.stage > 1: pipeline micro-batches each of those is cut into; 0: one per stage
-    pipeline_repeats: int = 1  # rounds through the stages: 1 is GPipe, more the circular schedule
+    # With mesh.stage > 1: the pipeline micro-batches each of those is cut into (0: one per
+    # stage), and the rounds through the stages (1 is GPipe, more the circular schedule).
+    microbatches: int = 0
+    pipeline_repeats: int = 1
     log_every: int = 25
     eval_every: int = 100  # 0: only at the end
     eval_batches: int = 4

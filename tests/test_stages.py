@@ -151,6 +151,8 @@ def test_checkpoints_move_between_meshes_with_and_without_stages(tmp_path, direc
      "a pipeline micro-batch of 2 sequences is not divisible by its 4 batch shards"),
     ((EIGHT, "mesh.rules.layers=null"), {"stage": 2},
      "mesh.stage=2 runs the layers as pipeline stages, which needs mesh.rules.layers=[stage]"),
+    ((EIGHT, "mesh.rules.mlp=[stage]"), {"stage": 2},
+     "mesh.rules.mlp names stage, which the pipeline stages own"),
 ])
 def test_impossible_schedules_are_refused_in_one_line(overrides, mesh, message):
     with pytest.raises(UserError) as e:

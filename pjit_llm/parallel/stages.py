@@ -135,8 +135,9 @@ class Pipeline:
         ring = [(s, (s + 1) % S) for s in range(S)]
         by_stage = PartitionSpec(STAGE_AXIS)
 
-        def per_stage(f):  # f sees its own stage's slice; the other axes stay automatic
-            return jax.shard_map(f, mesh=mesh, in_specs=by_stage, out_specs=by_stage,
+        def per_stage(f, out_specs=by_stage):
+            """f on each stage's own slice of every argument; the other axes stay with XLA."""
+            return jax.shard_map(f, mesh=mesh, in_specs=by_stage, out_specs=out_specs,
                                  axis_names={STAGE_AXIS})
 
         shift = per_stage(lambda y: jax.lax.ppermute(y, STAGE_AXIS, ring))
@@ -157,9 +158,7 @@ class Pipeline:
                 arrived = first & (t >= S)
                 bank_1M = bank_1M.at[0, slot].set(jnp.where(arrived, recv_1[0], bank_1M[0, slot]))
                 return bank_1M, jnp.where(first, bank_1M[:, t % M], recv_1)
-            return jax.shard_map(local, mesh=mesh, in_specs=(by_stage, by_stage),
-                                 out_specs=(by_stage, by_stage),
-                                 axis_names={STAGE_AXIS})(bank_SM, recv_S)
+            return per_stage(local)(bank_SM, recv_S)
 
         def iteration(carry, t):
             bank_SM, recv_S = carry
@@ -183,5 +182,4 @@ class Pipeline:
             first = jax.lax.axis_index(STAGE_AXIS) == 0
             return jax.lax.psum(jnp.where(first, bank_1M[0], 0), STAGE_AXIS)
 
-        return jax.shard_map(from_first, mesh=mesh, in_specs=by_stage, out_specs=PartitionSpec(),
-                             axis_names={STAGE_AXIS})(bank_SM)
+        return per_stage(from_first, out_specs=PartitionSpec())(bank_SM)

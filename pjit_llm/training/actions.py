@@ -133,7 +133,8 @@ class Evaluation:
                  generator: Generator | None, byte_level: bool,
                  model_order: Callable = lambda params: params):
         self.cfg, self.eval_step, self.val_batches = cfg, eval_step, val_batches
-        self.tokenizer, self.log, self.generator, self.byte_level = tokenizer, log, generator, byte_level
+        self.tokenizer, self.log, self.generator = tokenizer, log, generator
+        self.byte_level = byte_level
         self.model_order = model_order  # the generator takes the layers in model order
 
     def due(self, step: int) -> bool:

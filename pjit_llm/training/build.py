@@ -119,6 +119,12 @@ def plan_pipeline(cfg: Config, layout: Layout, batches: bool = True) -> Pipeline
     if layout.mesh_axes("layers") != (STAGE_AXIS,):
         raise UserError(f"mesh.{STAGE_AXIS}={stages} runs the layers as pipeline stages, which "
                         f"needs mesh.rules.layers=[{STAGE_AXIS}]")
+    for rule in dataclasses.fields(cfg.mesh.rules):
+        if rule.name in ("layers", "batch"):
+            continue
+        if STAGE_AXIS in getattr(cfg.mesh.rules, rule.name):
+            raise UserError(f"mesh.rules.{rule.name} names {STAGE_AXIS}, which the pipeline "
+                            f"stages own: only mesh.rules.layers and mesh.rules.batch may")
     pipeline = Pipeline(stages, cfg.train.microbatches or stages, cfg.train.pipeline_repeats)
     pipeline.check(cfg.model.num_layers, cfg.data.batch_size // cfg.train.grad_accum
                    if batches else None, layout.without(STAGE_AXIS).shards("batch"))

@@ -113,8 +113,8 @@ def loss_terms(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch):
 def _micro_batches(batch: Batch, k: int, layout: Layout) -> Batch:
     """(B, L) -> (k, B/k, L), micro-batch j holding rows j, j+k, ... so that every device keeps
     its own rows and splitting moves no data."""
-    return jax.tree.map(lambda x: layout.constrain(split_microbatches(x, k), (None, "batch", "length")),
-                        batch)
+    return jax.tree.map(
+        lambda x: layout.constrain(split_microbatches(x, k), (None, "batch", "length")), batch)
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule,

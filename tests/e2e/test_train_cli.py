@@ -14,7 +14,8 @@ from conftest import TINY, assert_refused, run_cli
 
 @pytest.mark.parametrize("args, message", [
     (["model.num_layer=3"], "unknown config key model.num_layer; did you mean model.num_layers?"),
-    (["--emulate-devices", "8", "mesh.data=3"], "mesh (data=3, stage=1, fsdp=1, tensor=1) needs 3 devices but 8"),
+    (["--emulate-devices", "8", "mesh.data=3"],
+     "mesh (data=3, stage=1, fsdp=1, tensor=1) needs 3 devices but 8"),
 ])
 def test_config_errors_exit_2_with_one_line(tmp_path, args, message):
     result = run_cli(*args, f"train.run_dir={tmp_path / 'run'}", f"data.data_dir={tmp_path / 'data'}",

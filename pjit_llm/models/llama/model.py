@@ -2,7 +2,8 @@
 
 Embedding, RMSNorm, rotary positions, grouped-query attention, SwiGLU MLP, optional tied
 embeddings. Every parameter names its logical axes (metadata `logical_axes`); the layers are
-one stacked parameter tree with a leading `layers` axis, run by a scan or unrolled.
+one stacked parameter tree with a leading `layers` axis, run by a scan or unrolled, or as
+pipeline stages (parallel/stages.py).
 Shapes in names: B batch, L length, D embed, H heads, G kv heads, K head dim, F mlp, V vocab.
 """
 
@@ -182,7 +183,8 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(D, cfg.norm_eps, pd)
         if not cfg.tie_embeddings:
             self.unembed = _param(rngs, cfg.init_std, (D, V), ("embed", "vocab"), pd)
-        self.cfg, self.layout, self.block_layout, self.pipeline = cfg, layout, block_layout, pipeline
+        self.cfg, self.layout, self.pipeline = cfg, layout, pipeline
+        self.block_layout = block_layout
 
     def __call__(self, tokens_BL, segment_ids_BL, positions_BL) -> jax.Array:
         """Logits (B, L, V) in the compute dtype."""
@@ -274,7 +276,8 @@ class Transformer(nnx.Module):
         """The layers as pipeline stages over micro-batches of the batch."""
         cfg, M = self.cfg, self.pipeline.microbatches
         activation_axes = ("batch", "length", "embed")
-        x_MbLD = _constrain(self.block_layout, split_microbatches(x_BLD, M), (None, *activation_axes))
+        x_MbLD = _constrain(self.block_layout, split_microbatches(x_BLD, M),
+                            (None, *activation_axes))
 
         def stage(layers, x_bLD, extras):
             segment_ids_bL, positions_bL = extras
