@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from conftest import build_on, tiny_config
-from pjit_llm.inference.generator import Generator, Sampling
+from pjit_llm.inference.generator import Generator, Sampling, sample
 
 PROMPTS = [np.array([10, 11, 12], np.int32), np.array([40, 41, 42, 43, 44, 45, 46], np.int32),
            np.array([200], np.int32)]
@@ -100,3 +100,56 @@ def test_training_samples_follow_the_sample_keys_and_the_seed(trained):
     assert run(*hot, "train.seed=1") == run(*hot, "train.seed=1")
     assert run(*hot, "train.seed=1") != run(*hot, "train.seed=2") != greedy
     assert run(*hot, "train.sample_top_p=1e-6", "train.seed=1") == greedy  # top_p reaches it
+
+
+def host_loop(graphdef, params, prompt, n, sampling) -> list[int]:
+    """Reference: one prompt, one compiled decode step per token called from Python, with the
+    generator's key sequence (one split for the prefill, one per step)."""
+    step = jax.jit(lambda p, t, pos, c, k: _sampled(nnx.merge(graphdef, p).decode(t, pos, c), k,
+                                                     sampling))
+    cache = nnx.merge(graphdef, params).init_cache(1, len(prompt) + n)
+    key, sub = jax.random.split(jax.random.key(sampling.seed))
+    token, cache = step(params, jnp.asarray(prompt)[None], jnp.arange(len(prompt))[None], cache, sub)
+    out = [int(token)]
+    for i in range(n - 1):
+        key, sub = jax.random.split(key)
+        token, cache = step(params, jnp.full((1, 1), out[-1]), jnp.full((1, 1), len(prompt) + i),
+                            cache, sub)
+        out.append(int(token))
+    return out
+
+
+def _sampled(decoded, key, sampling):
+    logits_1LV, cache = decoded
+    return sample(logits_1LV[:, -1], key, sampling)[0], cache
+
+
+@pytest.mark.parametrize("mesh", [None, {"fsdp": 2, "tensor": 4}, {"data": 2, "tensor": 4}])
+def test_the_device_loop_equals_a_host_loop_token_for_token(trained, mesh):
+    cfg, _, params = trained
+    layout, graphdef, placed = _on(cfg, params, mesh)
+    layout1, graphdef1, params1 = _on(cfg, params, None)
+    greedy, hot = Sampling(), Sampling(temperature=2.0, seed=7)
+    for sampling in (greedy, hot):
+        whole = Generator(graphdef, cfg.model, layout, sampling).generate(placed, PROMPTS, 12, None)
+        # The random draws depend on the batch's shape: compare one prompt alone.
+        alone = Generator(graphdef1, cfg.model, layout1, sampling).generate(params1, PROMPTS[:1],
+                                                                            12, None)
+        assert alone[0] == host_loop(graphdef1, params1, PROMPTS[0], 12, sampling), sampling
+        for block in (1, 5):  # streaming: back on the host after every `block` tokens
+            steps = []
+            streamed = Generator(graphdef, cfg.model, layout, sampling, stream_block=block)
+            out = streamed.generate(placed, PROMPTS, 12, None, on_tokens=steps.append)
+            assert out == whole, (mesh, sampling, block)
+            assert len(steps) == 12 and [int(t[0]) for t in steps] == whole[0]
+    assert whole != Generator(graphdef, cfg.model, layout, greedy).generate(placed, PROMPTS, 12, None)
+
+
+def test_each_prompt_stops_at_its_own_end_token(trained):
+    cfg, _, params = trained
+    layout, graphdef, placed = _on(cfg, params, None)
+    free = Generator(graphdef, cfg.model, layout, Sampling()).generate(placed, PROMPTS, 8, None)
+    eos = free[1][2]  # ends the second prompt after two tokens
+    assert all(eos not in row for i, row in enumerate(free) if i != 1)
+    out = Generator(graphdef, cfg.model, layout, Sampling()).generate(placed, PROMPTS, 8, eos)
+    assert out == [free[0], free[1][:2], free[2]]

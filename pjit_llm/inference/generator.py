@@ -46,20 +46,59 @@ def sample(logits_BV, key, sampling: Sampling):
 
 
 class Generator:
-    """Compiled prefill and decode step for one model, parameters and mesh."""
+    """Compiled prefill and decode loop for one model, parameters and mesh.
 
-    def __init__(self, graphdef, model_cfg, layout, sampling: Sampling):
+    After the prefill, the decode runs on the device: a `lax.while_loop` of decode steps
+    (sampling, end-token tracking and positions included) until every prompt has ended or a
+    step limit is reached. Without streaming, one call decodes everything; streaming runs
+    the same loop `stream_block` tokens at a time and hands those to the caller."""
+
+    def __init__(self, graphdef, model_cfg, layout, sampling: Sampling, stream_block: int = 8):
         self.model_cfg, self.layout, self.sampling = model_cfg, layout, sampling
+        self.stream_block = stream_block
         cache_sharding = layout.sharding(("layers", "batch", "length", "kv_heads", "head_dim"))
         self.cache_sharding = {"k": cache_sharding, "v": cache_sharding}
 
         def step(params, tokens_BL, positions_BL, last_B, cache, key):
             logits_BLV, cache = nnx.merge(graphdef, params).decode(tokens_BL, positions_BL, cache)
-            logits_BV = jnp_take_rows(logits_BLV, last_B)
-            return sample(logits_BV, key, sampling), cache
+            return sample(jnp_take_rows(logits_BLV, last_B), key, sampling), cache
 
-        self._step = jax.jit(step, donate_argnums=4,
-                             out_shardings=(layout.replicated(), self.cache_sharding))
+        def record(state, token_B, eos_id):
+            """Write this step's tokens at column `i` (-1 where a prompt has already ended) and
+            mark the prompts that end here."""
+            ended_B = token_B == eos_id if eos_id is not None else jnp.zeros_like(state["done"])
+            shown_B = jnp.where(state["done"] | ended_B, -1, token_B)
+            return {**state, "token": token_B, "done": state["done"] | ended_B,
+                    "out": state["out"].at[:, state["i"]].set(shown_B), "i": state["i"] + 1}
+
+        def prefill(params, tokens_BT, lengths_B, valid_B, cache, key, max_new, eos_id):
+            """Run the right-padded prompts once; each row's first new token comes from its
+            last real position (padding is overwritten by the tokens that follow)."""
+            B, T = tokens_BT.shape
+            positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+            key, sub = jax.random.split(key)
+            token_B, cache = step(params, tokens_BT, positions_BT, lengths_B - 1, cache, sub)
+            state = {"i": jnp.int32(0), "done": ~valid_B, "pos": lengths_B, "cache": cache,
+                     "key": key, "out": jnp.full((B, max_new), -1, jnp.int32),
+                     "token": token_B}
+            return record(state, token_B, eos_id)
+
+        def decode(params, state, stop, eos_id):
+            """Decode steps until `stop` tokens are written or every prompt has ended."""
+            def more(state):
+                return (state["i"] < stop) & ~jnp.all(state["done"])
+
+            def one(state):
+                key, sub = jax.random.split(state["key"])
+                token_B, cache = step(params, state["token"][:, None], state["pos"][:, None],
+                                      jnp.zeros_like(state["pos"]), state["cache"], sub)
+                state = {**state, "key": key, "cache": cache, "pos": state["pos"] + 1}
+                return record(state, token_B, eos_id)
+
+            return jax.lax.while_loop(more, one, state)
+
+        self._prefill = jax.jit(prefill, static_argnums=(6, 7), donate_argnums=4)
+        self._decode = jax.jit(decode, static_argnums=3, donate_argnums=1)
         self._init_cache = jax.jit(
             lambda params, batch, length: nnx.merge(graphdef, params).init_cache(batch, length),
             static_argnums=(1, 2), out_shardings=self.cache_sharding)
@@ -68,7 +107,8 @@ class Generator:
                  eos_id: int | None,
                  on_tokens: Callable[[np.ndarray], None] | None = None) -> list[list[int]]:
         """New tokens for each prompt (without the prompt, stopping before an end token).
-        `on_tokens` sees each step's tokens (-1 for prompts already finished)."""
+        `on_tokens` sees each step's tokens (-1 for prompts already finished), as they come
+        off the device in blocks of `stream_block`."""
         if any(len(p) == 0 for p in prompts):
             raise UserError("a prompt is empty; give at least one character")
         n, shards = len(prompts), self.layout.shards("batch")
@@ -80,34 +120,25 @@ class Generator:
         tokens, lengths = np.zeros((B, T), np.int32), np.ones(B, np.int32)
         for i, p in enumerate(prompts):
             tokens[i, : len(p)], lengths[i] = p, len(p)
-        batch = self.layout.sharding(("batch", "length"))
         cache = self._init_cache(params, B, T + max_new_tokens)
-        key = jax.random.key(self.sampling.seed)
-        # Prefill: the whole (right-padded) prompts; each row's next token comes from its
-        # last real position. Padding is overwritten by the tokens that follow.
-        positions = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
-        key, sub = jax.random.split(key)
-        next_B, cache = self._step(params, jax.device_put(tokens, batch),
-                                   jax.device_put(positions, batch), jnp.asarray(lengths - 1),
-                                   cache, sub)
-        out, done, pos = [[] for _ in range(n)], np.zeros(n, bool), lengths.copy()
-        for step in range(max_new_tokens):
-            new = np.asarray(next_B).astype(np.int32)
-            ended = np.zeros(n, bool) if eos_id is None else new[:n] == eos_id
-            shown = np.where(done | ended, -1, new[:n])
-            for i in np.flatnonzero(shown >= 0):
-                out[i].append(int(new[i]))
-            done |= ended
-            if on_tokens:
-                on_tokens(shown)
-            if done.all() or step == max_new_tokens - 1:
-                break
-            key, sub = jax.random.split(key)
-            next_B, cache = self._step(params, jax.device_put(new[:, None], batch),
-                                       jax.device_put(pos[:, None], batch),
-                                       jnp.zeros(B, jnp.int32), cache, sub)
-            pos = pos + 1
-        return out
+        state = self._prefill(params, jax.device_put(tokens, self.layout.sharding(("batch", "length"))),
+                              jnp.asarray(lengths), jnp.arange(B) < n, cache,
+                              jax.random.key(self.sampling.seed), max_new_tokens, eos_id)
+        if on_tokens is None:
+            state = self._decode(params, state, max_new_tokens, eos_id)
+        else:
+            shown = 0
+            while True:
+                written = int(state["i"])
+                for column in np.asarray(state["out"][:n, shown:written]).T:
+                    on_tokens(column)
+                shown = written
+                if written == max_new_tokens or bool(np.all(np.asarray(state["done"][:n]))):
+                    break
+                state = self._decode(params, state, min(written + self.stream_block,
+                                                        max_new_tokens), eos_id)
+        out = np.asarray(state["out"][:n])
+        return [[int(t) for t in row if t >= 0] for row in out]
 
 
 def jnp_take_rows(logits_BLV, index_B):

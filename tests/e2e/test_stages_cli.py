@@ -1,5 +1,5 @@
 """A pipelined run through the real commands: training on 4 circular stages logs its
-schedule, and its checkpoint evaluates, generates and resumes on meshes without stages."""
+schedule and samples, and its checkpoint evaluates and resumes on meshes without stages."""
 
 import json
 
@@ -8,7 +8,7 @@ import pytest
 from conftest import TINY, run_cli, run_module
 
 STAGED = ["--emulate-devices", "8", *TINY, "model.num_layers=8", "mesh.stage=4", "mesh.data=2",
-          "train.microbatches=4", "train.pipeline_repeats=2", "train.steps=4", "train.eval_every=2",
+          "train.microbatches=4", "train.pipeline_repeats=2", "train.steps=4", "train.eval_every=0",
           "train.eval_batches=2", "train.log_every=2", "train.sample_tokens=8",
           "data.num_workers=0", "checkpoint.every=2"]
 
@@ -24,19 +24,14 @@ def test_a_staged_run_continues_on_meshes_without_stages(tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     trained = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
 
-    for devices, mesh in (("8", ["mesh.data=1", "mesh.fsdp=8"]), ("1", ["mesh.data=1"])):
-        evaluated = run_module("pjit_llm.evaluate", "--run", str(run), "--emulate-devices",
-                               devices, "mesh.stage=1", *mesh, "train.eval_batches=2")
-        assert evaluated.returncode == 0, evaluated.stderr
-        report = json.loads(evaluated.stdout.strip().splitlines()[-1])
-        assert report["eval_loss"] == pytest.approx(trained[4], rel=1e-5), devices
-
-    generated = run_module("pjit_llm.generate", "--run", str(run), "--emulate-devices", "1",
-                           "--prompt", "The ", "--max-new-tokens", "4", "mesh.stage=1",
-                           "mesh.data=1")
-    assert generated.returncode == 0, generated.stderr
+    # (Restoring onto one device, and the reverse direction, are checked in test_stages.py.)
+    evaluated = run_module("pjit_llm.evaluate", "--run", str(run), "--emulate-devices", "8",
+                           "mesh.stage=1", "mesh.data=1", "mesh.fsdp=8")
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert report["eval_loss"] == pytest.approx(trained[4], rel=1e-5)
 
     resumed = run_cli(*STAGED, "train.steps=6", "mesh.stage=1", "mesh.fsdp=4",
-                      "train.run_dir=run", cwd=tmp_path)
+                      "train.sample_tokens=0", "train.run_dir=run", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from step 4" in resumed.stdout and "pipeline" not in resumed.stdout
