@@ -1,4 +1,4 @@
-"""`python -m pjit_llm.bench [step|data|save] [--config F] [key=value ...]`
+"""`python -m pjit_llm.bench [step|data|save|generate] [--config F] [key=value ...]`
 
 step (the default): the compiled training step of a config on synthetic tokens: step time,
   tokens/s and model TFLOP/s per device, MFU, memory and compile time; `--variant` adds
@@ -7,6 +7,9 @@ data: packed, batched tokens per second the input pipeline delivers from the con
   source and tokenizer, for each worker count, after a warm-up that covers starting workers.
 save: how long a checkpoint save blocks the training loop, asynchronous against synchronous,
   for the configured model (parameters and AdamW state).
+generate: prefill time and TFLOP/s, decode tokens/s and time per output token for each batch
+  size, and the decode step's memory traffic, for a run (trained or imported) or a config with
+  random weights; `--transformers HF_DIR` adds transformers' generate on the same model.
 Each measurement is repeated; the tables give the median.
 """
 
@@ -78,10 +81,51 @@ def bench_step(args) -> list[dict]:
     return rows
 
 
+def bench_generate(args) -> list[dict]:
+    import dataclasses
+
+    from pjit_llm.checkpoint.runs import restore_params, run_config
+    from pjit_llm.config import load_config
+    from pjit_llm.inference.speed import generation_rows, transformers_rows
+    from pjit_llm.parallel.mesh import use_emulated_devices
+    from pjit_llm.training.build import build
+
+    base = list(args.overrides) + ([f"mesh.emulate_devices={args.emulate_devices}"]
+                                   if args.emulate_devices else [])
+    rows, model = [], None
+    for name, extra in [("", [])] + [(v, v.split()) for v in args.variant]:
+        cfg = (run_config(args.run.absolute(), base + extra) if args.run
+               else load_config(args.config, base + extra))
+        use_emulated_devices(cfg.mesh.emulate_devices)
+        # Decoding attends over a cache under a general mask: XLA's attention.
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention="xla"))
+        parts = build(cfg, batches=False)
+        params = (restore_params(parts.cfg, parts.layout, None)[0] if args.run
+                  else parts.init_state().params)
+        model = parts.model
+        for r in generation_rows(parts.cfg, params, parts.layout, parts.graphdef, args.batch,
+                                 args.prompt_len, args.new_tokens, args.repeats):
+            rows.append({"variant": name or "base", "implementation": "pjit_llm", **r})
+        del params
+    if args.transformers:
+        for r in transformers_rows(str(args.transformers), args.batch, args.prompt_len,
+                                   args.new_tokens, args.repeats, model.vocab_size):
+            rows.append({"variant": "transformers generate", "implementation": "transformers",
+                         **r})
+    return rows
+
+
 def print_table(header: list[str], lines: list[list[str]]) -> None:
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     for line in [header] + lines:
         print("  ".join(cell.rjust(w) for cell, w in zip(line, widths)))
+
+
+def _maybe(value, fmt) -> str:
+    """A table cell: "n/a" where a figure is unknown (or not measured for that row)."""
+    if value is None:
+        return "n/a"
+    return fmt.format(value) if isinstance(fmt, str) else fmt(value)
 
 
 def _pipeline(row: dict) -> str:
@@ -111,6 +155,19 @@ def print_rows(command: str, rows: list[dict]) -> None:
                       "n/a" if r["peak_memory"] is None else human_bytes(r["peak_memory"]),
                       human_bytes(r["state_bytes_per_device"]), f"{r['compile_s']:.1f}"]
                      for r in rows])
+    elif command == "generate":
+        from pjit_llm.metrics import human_bytes
+        print(f"prompts of {rows[0]['prompt_len']} tokens, {rows[0]['new_tokens']} new tokens "
+              "each (greedy); medians")
+        print_table(["variant", "batch", "prefill ms", "prefill TFLOP/s", "decode tokens/s",
+                     "ms/token", "params", "cache", "decode traffic", "of bandwidth"],
+                    [[r["variant"], str(r["batch"]), f"{r['prefill_s'] * 1e3:,.1f}",
+                      _maybe(r.get("prefill_tflops"), "{:.3f}"),
+                      f"{r['decode_tokens_per_s']:,.0f}", f"{r['time_per_output_token_s'] * 1e3:.2f}",
+                      _maybe(r.get("param_bytes"), human_bytes),
+                      _maybe(r.get("cache_bytes"), human_bytes),
+                      _maybe(r.get("decode_bytes_per_s"), lambda b: f"{b / 1e9:.1f} GB/s"),
+                      _maybe(r.get("bandwidth_share"), "{:.0%}")] for r in rows])
     elif command == "data":
         print_table(["source", "tokenizer", "workers", "batch", "tokens/s (median)", "min", "max"],
                     [[r["source"], r["tokenizer"], str(r["workers"]), r["batch"],
@@ -147,6 +204,21 @@ def main(argv=None) -> None:
     d.add_argument("--repeats", type=int, default=3)
     d.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     d.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    g = sub.add_parser("generate", help="prefill time and decode tokens/s per batch size")
+    g.add_argument("--run", type=Path, help="a run directory (trained, or imported by "
+                   "pjit_llm.convert); default: the config's model with random weights")
+    g.add_argument("--config")
+    g.add_argument("--batch", type=int, action="append", help="batch sizes (default 1 and 8)")
+    g.add_argument("--prompt-len", type=int, default=32)
+    g.add_argument("--new-tokens", type=int, default=64)
+    g.add_argument("--repeats", type=int, default=3)
+    g.add_argument("--variant", action="append", default=[], metavar="'key=value ...'",
+                   help="further rows: these overrides on top of the others (repeatable)")
+    g.add_argument("--transformers", type=Path, metavar="HF_DIR", help="also time "
+                   "transformers' generate on this Hugging Face model (the one --run imported)")
+    g.add_argument("--emulate-devices", type=int, default=0, metavar="N")
+    g.add_argument("--json", action="store_true", help="print a JSON list of rows instead")
+    g.add_argument("overrides", nargs="*", metavar="key.sub=value")
     c = sub.add_parser("save", help="how long a checkpoint save blocks the loop")
     c.add_argument("--config")
     c.add_argument("--repeats", type=int, default=5)
@@ -173,12 +245,22 @@ def main(argv=None) -> None:
         if min(args.workers) < 0 or args.batches < 1 or args.warmup < 0:
             raise UserError("--workers, --warmup must be >= 0 and --batches >= 1")
         rows = bench_data(args)
+    elif args.command == "generate":
+        args.batch = args.batch or [1, 8]
+        if min(args.batch) < 1 or args.prompt_len < 1 or args.new_tokens < 2:
+            raise UserError("need --batch >= 1, --prompt-len >= 1 and --new-tokens >= 2")
+        if args.run and args.config:
+            raise UserError("give --run or --config, not both")
+        with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
+            rows = bench_generate(args)
     else:
         rows = bench_save(args)
     import jax
     if jax.process_index() != 0:  # a multi-host step benchmark: one table, from process 0
         return
-    if args.json:
+    if args.json and args.command == "generate":
+        print(json.dumps(rows))
+    elif args.json:
         for r in rows:
             print(json.dumps(r))
     else:

@@ -17,6 +17,19 @@ PEAK_FLOPS = {
     "TPU v4": 275e12,
 }
 
+# Memory bandwidth in bytes/s per device, by the start of `device_kind`; the first match wins
+# (so the PCIe H100 before the SXM one).
+MEMORY_BANDWIDTH = {
+    "NVIDIA H200": 4.8e12,
+    "NVIDIA H100 PCIe": 2.0e12,
+    "NVIDIA H100": 3.35e12,
+    "NVIDIA A100": 2.0e12,
+    "NVIDIA L4": 0.3e12,
+    "TPU v5 lite": 0.82e12,
+    "TPU v5p": 2.76e12,
+    "TPU v4": 1.2e12,
+}
+
 
 def flops_per_step(cfg: ModelConfig, batch_size: int, seq_len: int) -> float:
     """Model FLOPs of one training step over a global batch of `batch_size` x `seq_len`."""
@@ -39,6 +52,14 @@ def peak_flops(device_kind: str, override_tflops: float = 0.0) -> float | None:
     for prefix, flops in PEAK_FLOPS.items():
         if device_kind.startswith(prefix):
             return flops
+    return None
+
+
+def memory_bandwidth(device_kind: str) -> float | None:
+    """The device's memory bandwidth in bytes/s, where known (the most specific entry wins)."""
+    for prefix, rate in MEMORY_BANDWIDTH.items():
+        if device_kind.startswith(prefix):
+            return rate
     return None
 
 

@@ -49,3 +49,14 @@ def test_step_benchmark_compares_pipeline_schedules_side_by_side(capsys):
     assert "pipeline" in lines[1] and "vs base" in lines[1]
     assert " - " in lines[2] and "1.00x" in lines[2]
     assert "S=2 M=4 R=2, bubble 11%" in lines[3]  # (S-1)/(MR+S-1)
+
+
+def test_generation_benchmark_prints_a_json_list(capsys):
+    bench_main(["generate", "--batch", "1", "--batch", "2", "--repeats", "1", "--new-tokens", "3",
+                "--prompt-len", "4", *TINY, "--variant", "mesh.tensor=2", "--json"])
+    rows = json.loads(capsys.readouterr().out)  # JSON alone on stdout
+    assert [(r["variant"], r["batch"]) for r in rows] == [
+        ("base", 1), ("base", 2), ("mesh.tensor=2", 1), ("mesh.tensor=2", 2)]
+    assert all(r["prefill_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows)
+    with pytest.raises(UserError, match="--new-tokens >= 2"):
+        bench_main(["generate", "--new-tokens", "1"])

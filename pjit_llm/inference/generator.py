@@ -109,23 +109,10 @@ class Generator:
         """New tokens for each prompt (without the prompt, stopping before an end token).
         `on_tokens` sees each step's tokens (-1 for prompts already finished), as they come
         off the device in blocks of `stream_block`."""
-        if any(len(p) == 0 for p in prompts):
-            raise UserError("a prompt is empty; give at least one character")
-        n, shards = len(prompts), self.layout.shards("batch")
-        B = -(-n // shards) * shards  # pad the batch to split evenly over its mesh axes
-        T = max(len(p) for p in prompts)
-        if T + max_new_tokens > self.model_cfg.max_len:
-            raise UserError(f"prompt ({T} tokens) plus --max-new-tokens {max_new_tokens} exceeds "
-                            f"model.max_len={self.model_cfg.max_len}")
-        tokens, lengths = np.zeros((B, T), np.int32), np.ones(B, np.int32)
-        for i, p in enumerate(prompts):
-            tokens[i, : len(p)], lengths[i] = p, len(p)
-        cache = self._init_cache(params, B, T + max_new_tokens)
-        state = self._prefill(params, jax.device_put(tokens, self.layout.sharding(("batch", "length"))),
-                              jnp.asarray(lengths), jnp.arange(B) < n, cache,
-                              jax.random.key(self.sampling.seed), max_new_tokens, eos_id)
+        n = len(prompts)
+        state = self.prefill(params, prompts, max_new_tokens, eos_id)
         if on_tokens is None:
-            state = self._decode(params, state, max_new_tokens, eos_id)
+            state = self.decode(params, state, max_new_tokens, eos_id)
         else:
             shown = 0
             while True:
@@ -135,10 +122,35 @@ class Generator:
                 shown = written
                 if written == max_new_tokens or bool(np.all(np.asarray(state["done"][:n]))):
                     break
-                state = self._decode(params, state, min(written + self.stream_block,
-                                                        max_new_tokens), eos_id)
+                state = self.decode(params, state, min(written + self.stream_block,
+                                                       max_new_tokens), eos_id)
         out = np.asarray(state["out"][:n])
         return [[int(t) for t in row if t >= 0] for row in out]
+
+    def prefill(self, params, prompts: list[np.ndarray], max_new_tokens: int,
+                eos_id: int | None) -> dict:
+        """The decode state after running the prompts: the first new token of each written.
+        The batch is padded to split evenly over its mesh axes."""
+        if any(len(p) == 0 for p in prompts):
+            raise UserError("a prompt is empty; give at least one character")
+        n, shards = len(prompts), self.layout.shards("batch")
+        B = -(-n // shards) * shards
+        T = max(len(p) for p in prompts)
+        if T + max_new_tokens > self.model_cfg.max_len:
+            raise UserError(f"prompt ({T} tokens) plus --max-new-tokens {max_new_tokens} exceeds "
+                            f"model.max_len={self.model_cfg.max_len}")
+        tokens, lengths = np.zeros((B, T), np.int32), np.ones(B, np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)], lengths[i] = p, len(p)
+        cache = self._init_cache(params, B, T + max_new_tokens)
+        tokens = jax.device_put(tokens, self.layout.sharding(("batch", "length")))
+        return self._prefill(params, tokens, jnp.asarray(lengths), jnp.arange(B) < n, cache,
+                             jax.random.key(self.sampling.seed), max_new_tokens, eos_id)
+
+    def decode(self, params, state: dict, stop: int, eos_id: int | None) -> dict:
+        """The state after decoding on the device until `stop` tokens are written (at most
+        the prefill's `max_new_tokens`) or every prompt has ended; donates `state`."""
+        return self._decode(params, state, stop, eos_id)
 
 
 def jnp_take_rows(logits_BLV, index_B):

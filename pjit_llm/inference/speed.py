@@ -1,0 +1,101 @@
+"""How fast generation runs: prefill time and TFLOP/s, decode tokens/s and time per output
+token for each batch size, and the decode step's memory traffic, for our generator and, on
+the same model and prompts, for transformers' `generate` (the `hf` extra).
+
+A decode step reads every parameter and the whole key/value cache once, so at small batches
+its speed is set by memory bandwidth: (parameter bytes + cache bytes) / step time, set against
+the device's bandwidth where it is known.
+"""
+
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from pjit_llm import perf
+from pjit_llm.inference.generator import Generator, Sampling
+from pjit_llm.models.llama import flops as llama_flops
+from pjit_llm.models.llama.config import ModelConfig
+
+
+def random_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[np.ndarray]:
+    """Prompts of random token ids (the bytes of a byte-level vocabulary), all `length` long."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, min(vocab, 256), length).astype(np.int32) for _ in range(batch)]
+
+
+def measure_generation(generator: Generator, params, model: ModelConfig, batch: int,
+                       prompt_len: int, new_tokens: int, repeats: int) -> dict:
+    """Median prefill and decode times of `repeats` generations of `new_tokens` greedy tokens
+    (no end token: every row runs to the end) after one untimed generation that compiles."""
+    prompts = random_prompts(batch, prompt_len, model.vocab_size)
+    generator.generate(params, prompts, new_tokens, None)
+    prefills, decodes = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        state = jax.block_until_ready(generator.prefill(params, prompts, new_tokens, None))
+        middle = time.perf_counter()
+        state = jax.block_until_ready(generator.decode(params, state, new_tokens, None))
+        prefills.append(middle - start)
+        decodes.append(time.perf_counter() - middle)
+    prefill_s, decode_s = statistics.median(prefills), statistics.median(decodes)
+    steps = new_tokens - 1  # the first new token comes out of the prefill
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    cache_bytes = sum(x.nbytes for x in jax.tree.leaves(state["cache"]))
+    step_s = decode_s / steps
+    bandwidth = perf.memory_bandwidth(jax.devices()[0].device_kind)
+    traffic = (param_bytes + cache_bytes) / step_s
+    forward_flops = llama_flops.train_flops_per_token(model, prompt_len) / 3 * batch * prompt_len
+    return {
+        "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "prefill_s": prefill_s, "prefill_tflops": forward_flops / prefill_s / 1e12,
+        "decode_s": decode_s, "decode_tokens_per_s": batch * steps / decode_s,
+        "time_per_output_token_s": step_s,
+        "param_bytes": param_bytes, "cache_bytes": cache_bytes,
+        "decode_bytes_per_s": traffic,
+        "bandwidth_share": traffic / bandwidth if bandwidth else None,
+    }
+
+
+def generation_rows(cfg, params, layout, graphdef, batches: list[int], prompt_len: int,
+                    new_tokens: int, repeats: int) -> list[dict]:
+    generator = Generator(graphdef, cfg.model, layout, Sampling())
+    return [measure_generation(generator, params, cfg.model, b, prompt_len, new_tokens, repeats)
+            for b in batches]
+
+
+def transformers_rows(hf_dir: str, batches: list[int], prompt_len: int, new_tokens: int,
+                      repeats: int, vocab: int) -> list[dict]:
+    """The same measurement for transformers' `generate` (greedy, key/value cache, float32 on
+    the CPU) on a Hugging Face model directory: prefill is one forward pass of the prompts."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    rows = []
+    for batch in batches:
+        ids = torch.tensor(np.stack(random_prompts(batch, prompt_len, vocab)), dtype=torch.long)
+        mask = torch.ones_like(ids)
+
+        def run(n):
+            return model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                  do_sample=False, pad_token_id=0)
+
+        with torch.no_grad():
+            run(new_tokens)  # warm-up
+            prefills, totals = [], []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model(ids, attention_mask=mask)
+                prefills.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                run(new_tokens)
+                totals.append(time.perf_counter() - start)
+        prefill_s = statistics.median(prefills)
+        decode_s = max(statistics.median(totals) - prefill_s, 1e-9)
+        rows.append({"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+                     "prefill_s": prefill_s, "decode_s": decode_s,
+                     "decode_tokens_per_s": batch * (new_tokens - 1) / decode_s,
+                     "time_per_output_token_s": decode_s / (new_tokens - 1)})
+    return rows
