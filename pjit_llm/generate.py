@@ -1,11 +1,11 @@
 """`python -m pjit_llm.generate --run DIR --prompt TEXT [--prompt TEXT ...] [options] [key=value ...]`
 
 Text from a training checkpoint (pjit_llm/inference/generator.py), with a key/value cache:
-the prompts are run once (prefill), then one compiled decode step produces every further
+the prompts are run once (prefill), then a compiled loop on the device decodes every further
 token. Greedy, or sampled with a temperature, top-k and top-p, from a seed; stops at the
 end-of-document token or after --max-new-tokens. Parameters and cache live on the mesh of mesh.* (heads over `tensor`,
 prompts over `data`), so a model that only fits sharded still generates. With one prompt the
-text streams as it is produced.
+text streams as it is produced, a few tokens at a time.
 """
 
 import argparse

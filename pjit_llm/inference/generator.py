@@ -1,7 +1,7 @@
 """Generation with a key/value cache, on the mesh.
 
-The prompts are run once (prefill), then one compiled decode step produces every further
-token. Greedy, or sampled with a temperature, top-k and top-p, from a seed; stops at the
+The prompts are run once (prefill), then the decode runs on the device, one compiled loop of
+decode steps, without returning to Python between tokens. Greedy, or sampled with a temperature, top-k and top-p, from a seed; stops at the
 end-of-document token or after `max_new_tokens`. Parameters and cache live on the mesh
 (heads over `tensor`, prompts over `data`), so a model that only fits sharded still generates.
 """
