@@ -4,7 +4,6 @@ tagged by name so that the `proj` remat policy saves it."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 import pytest
 
 from pjit_llm.models.fp8 import fp8_einsum
