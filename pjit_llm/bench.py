@@ -144,7 +144,8 @@ def print_rows(command: str, rows: list[dict]) -> None:
         base_s = rows[0]["step_s"]
         print_table(["variant", "params", "tokens/step", "attention", "pipeline",
                      "step ms (median)", "min", "max", "vs base", "tokens/s/device",
-                     "TFLOP/s/device", "MFU", "peak memory", "state/device", "compile s"],
+                     "TFLOP/s/device", "MFU (bf16 peak)", "peak memory", "state/device",
+                     "compile s"],
                     [[r["variant"], human_count(r["params"]), f"{r['tokens_per_step']:,}",
                       r["attention"], _pipeline(r), f"{r['step_s'] * 1e3:,.1f}",
                       f"{r['step_min_s'] * 1e3:,.1f}", f"{r['step_max_s'] * 1e3:,.1f}",

@@ -73,6 +73,7 @@ def test_round_trip_through_dict(tmp_path):
     (["model.num_layers=2.5"], "model.num_layers must be an integer"),
     (["model.tie_embeddings=1"], "model.tie_embeddings must be true or false"),
     (["model.remat=some"], "model.remat='some' is not one of: none, full, dots, proj, proj_offload"),
+    (["model.matmul=int4"], "model.matmul='int4' is not one of: default, fp8"),
     (["model.num_heads=5"], "model.num_heads=5 does not divide model.embed_dim=256"),
     (["model.num_kv_heads=3"], "model.num_kv_heads=3 must divide model.num_heads=8"),
     (["model.num_layers=0"], "model.num_layers=0 must be positive"),

@@ -7,14 +7,16 @@ from conftest import TINY, run_module
 def test_step_benchmark_prints_its_table():
     out = run_module("pjit_llm.bench", "--steps", "2", "--warmup", "1", "--emulate-devices",
                      "8", "mesh.data=2", "mesh.fsdp=4", *TINY, "--variant",
-                     "model.remat=full model.loss_chunk=8")
+                     "model.remat=full model.loss_chunk=8", "--variant", "model.matmul=fp8")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert "8 x cpu; step times over 2 synchronised steps" in lines
     header = next(i for i, line in enumerate(lines) if "step ms (median)" in line)
-    for column in ("params", "tokens/step", "tokens/s/device", "TFLOP/s/device", "MFU",
+    # MFU counts model FLOPs against the bf16 peak, fp8 rows included
+    for column in ("params", "tokens/step", "tokens/s/device", "TFLOP/s/device", "MFU (bf16 peak)",
                    "peak memory", "compile s"):
         assert column in lines[header]
-    base, variant = lines[header + 1].split(), lines[header + 2].split()
+    base, variant, fp8 = (lines[header + i].split() for i in (1, 2, 3))
     assert base[0] == "base" and base[2] == "512"  # 16 x 32 tokens
     assert variant[0] == "model.remat=full" and "n/a" in variant  # no MFU without a known peak
+    assert fp8[0] == "model.matmul=fp8" and fp8[2] == "512"

@@ -36,6 +36,10 @@ class ModelConfig:
     attention: Literal["auto", "xla", "cudnn"] = "auto"  # auto: cuDNN where it runs, else XLA
     segment_mask: bool = True  # false: packed documents may attend to each other (faster)
     loss_chunk: int = 0  # >0: cross-entropy over chunks of this many positions (less memory)
+    # The blocks' seven projections: default multiplies in the compute dtype; fp8 in
+    # float8 (e4m3 forward, e5m2 gradients, per-tensor current scaling, float32 accumulation).
+    # The vocabulary projection, attention and norms stay in the compute dtype.
+    matmul: Literal["default", "fp8"] = "default"
 
     @property
     def head_dim(self) -> int:

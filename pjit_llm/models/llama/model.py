@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pjit_llm.models.llama.config import ModelConfig
-from pjit_llm.models.matmul import matmul
+from pjit_llm.models.matmul import matmul, matmul_kind
 from pjit_llm.parallel.layout import Layout
 from pjit_llm.parallel.stages import STAGE_AXIS, Pipeline, merge_microbatches, split_microbatches
 
@@ -254,7 +254,8 @@ class Transformer(nnx.Module):
             layer_state, k, v = layer
             kv = None if k is None else (_constrain(layout, k, cache_axes),
                                          _constrain(layout, v, cache_axes), start_B)
-            x, kv = nnx.merge(graphdef, layer_state)(x, sin, cos, mask_B1LS, kv)
+            with matmul_kind(self.cfg.matmul):  # the blocks' projections (model.matmul)
+                x, kv = nnx.merge(graphdef, layer_state)(x, sin, cos, mask_B1LS, kv)
             return x, (None, None) if kv is None else kv
 
         if self.cfg.remat != "none":
