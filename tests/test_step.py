@@ -174,13 +174,14 @@ FP8 = ("model.matmul=fp8",)
 
 
 def test_fp8_matmuls_track_bfloat16_over_a_short_run(tiny):
-    """30 steps of the tiny model on one device. Measured: the fp8 run's loss is within 7.4e-4
-    (relative) of the bfloat16 run's at every step (5.951 -> 3.357 both); the bound is 3e-3."""
-    steps = 30
+    """15 steps of the tiny model on one device. Measured: the fp8 run's loss is within 5.7e-4
+    (relative) of the bfloat16 run's at every step (5.95 -> 4.53 both; over 30 steps, 7.4e-4
+    down to 3.36); the bound is 3e-3."""
+    steps = 15
     bf16 = ("model.dtype=bfloat16", f"train.steps={steps}")
     ref_losses, _ = run_steps(tiny(*bf16), None, steps=steps)
     losses, _ = run_steps(tiny(*bf16, *FP8), None, steps=steps)
-    assert losses[-1] < ref_losses[0] - 2  # both learn
+    assert losses[-1] < ref_losses[0] - 1  # both learn
     np.testing.assert_allclose(losses, ref_losses, rtol=3e-3)
     assert np.max(np.abs(losses - ref_losses)) > 1e-5  # and fp8 is really in use
 
