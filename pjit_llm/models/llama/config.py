@@ -36,6 +36,9 @@ class ModelConfig:
     attention: Literal["auto", "xla", "cudnn"] = "auto"  # auto: cuDNN where it runs, else XLA
     segment_mask: bool = True  # false: packed documents may attend to each other (faster)
     loss_chunk: int = 0  # >0: cross-entropy over chunks of this many positions (less memory)
+    # How the stored parameters are quantized: int8 in an export written with --quantize int8
+    # (models/quantize.py), which evaluate and generate read; training refuses it.
+    quantize: Literal["none", "int8"] = "none"
 
     @property
     def head_dim(self) -> int:

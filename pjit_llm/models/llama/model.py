@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pjit_llm.models.llama.config import ModelConfig
-from pjit_llm.models.matmul import matmul
+from pjit_llm.models.matmul import matmul, take_rows
+from pjit_llm.models.quantize import Int8Weight
 from pjit_llm.parallel.layout import Layout
 from pjit_llm.parallel.stages import STAGE_AXIS, Pipeline, merge_microbatches, split_microbatches
 
@@ -24,6 +25,14 @@ Axes = tuple[str | None, ...]
 # The outputs of a block's linear projections, tagged by `matmul` so that a remat policy can
 # keep them while recomputing the cheap elementwise work and the attention.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "attn_out", "mlp_gate", "mlp_up", "mlp_down")
+
+# The logical axes each weight's multiplies contract (the einsums below): int8 quantization
+# (models/quantize.py) keeps one scale per remaining, output, channel. The embedding table is
+# scaled per row (per token), which serves its lookup and the tied vocabulary projection alike.
+QUANTIZED_WEIGHTS: dict[str, Axes] = {
+    "wq": ("embed",), "wk": ("embed",), "wv": ("embed",), "wo": ("heads", "head_dim"),
+    "w_gate": ("embed",), "w_up": ("embed",), "w_down": ("mlp",),
+    "embed": ("embed",), "unembed": ("embed",)}
 
 REMAT_POLICIES: dict[str, Callable | None] = {
     "full": None,  # save nothing, recompute the whole block in the backward pass
@@ -213,7 +222,9 @@ class Transformer(nnx.Module):
         """The vocabulary projection (V, D) in the compute dtype, FSDP shards gathered (as for
         every weight), so that a loop over chunks of positions gathers it once."""
         w_VD = self.embed[...] if self.cfg.tie_embeddings else self.unembed[...].T
-        return _constrain(self.layout, w_VD.astype(self.cfg.dtype), ("vocab", None))
+        if not isinstance(w_VD, Int8Weight):  # int8 values reach matmul as they are
+            w_VD = w_VD.astype(self.cfg.dtype)
+        return _constrain_table(self.layout, w_VD)
 
     def project(self, x_BLD: jax.Array, w_VD: jax.Array) -> jax.Array:
         logits_BLV = matmul("BLD,VD->BLV", x_BLD, w_VD, self.cfg.dtype)
@@ -238,8 +249,8 @@ class Transformer(nnx.Module):
     def _embed(self, tokens_BL):
         # Gather the table's FSDP shards first (as FSDP does for every weight): a lookup into a
         # table sharded on `embed` cannot produce activations sharded on `batch` efficiently.
-        table_VD = _constrain(self.layout, self.embed[...], ("vocab", None))
-        x_BLD = jnp.take(table_VD, tokens_BL, axis=0).astype(self.cfg.dtype)
+        table_VD = _constrain_table(self.layout, self.embed[...])
+        x_BLD = take_rows(table_VD, tokens_BL, self.cfg.dtype)
         return _constrain(self.layout, x_BLD, ("batch", "length", "embed"))
 
     def _run_blocks(self, x_BLD, sin, cos, mask_B1LS, cache=None, start_B=None, stacked=None):
@@ -297,6 +308,14 @@ def _index(a: jax.Array, i: int) -> jax.Array:
 
 def _constrain(layout: Layout | None, x: jax.Array, axes: Axes) -> jax.Array:
     return x if layout is None else layout.constrain(x, axes)
+
+
+def _constrain_table(layout: Layout | None, w_VD):
+    """A (V, D) table with its FSDP shards gathered; an int8 one with its row scales."""
+    if isinstance(w_VD, Int8Weight):
+        return Int8Weight(_constrain(layout, w_VD.values, ("vocab", None)),
+                          _constrain(layout, w_VD.scale, ("vocab",)))
+    return _constrain(layout, w_VD, ("vocab", None))
 
 
 def abstract_model(cfg: ModelConfig, layout: Layout | None,
