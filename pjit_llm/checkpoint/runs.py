@@ -56,12 +56,15 @@ def restore_params(cfg: Config, layout: Layout, step: int | None):
 
 def params_location(cfg: Config, step: int | None) -> tuple[Path, tuple[str, ...], int]:
     """(Orbax item directory, key path of the parameters inside it, step) of a run."""
-    ckpts = Checkpoints(checkpoint_dir(cfg), dataclasses.replace(cfg.checkpoint, async_save=False))
-    try:
-        steps = ckpts.manager.all_steps()
-    finally:
-        ckpts.close()
+    directory = checkpoint_dir(cfg)
     params_only = Path(cfg.train.run_dir).absolute() / PARAMS_DIR
+    steps = []
+    if directory.is_dir() or not params_only.is_dir():  # opening one creates the directory
+        ckpts = Checkpoints(directory, dataclasses.replace(cfg.checkpoint, async_save=False))
+        try:
+            steps = ckpts.manager.all_steps()
+        finally:
+            ckpts.close()
     if not steps and params_only.is_dir():
         step_file = params_only.parent / "step"  # an export's: the step it was written from
         held = int(step_file.read_text()) if step_file.is_file() else 0
@@ -71,12 +74,12 @@ def params_location(cfg: Config, step: int | None) -> tuple[Path, tuple[str, ...
                             f"and no checkpoint for step {step}; drop --step")
         return params_only, (), held
     if not steps:
-        raise UserError(f"no checkpoints in {ckpts.directory}; train first")
+        raise UserError(f"no checkpoints in {directory}; train first")
     step = max(steps) if step is None else step
     if step not in steps:
-        raise UserError(f"no checkpoint for step {step} in {ckpts.directory}; it has "
+        raise UserError(f"no checkpoint for step {step} in {directory}; it has "
                         f"{', '.join(map(str, sorted(steps)))}")
-    return ckpts.directory / str(step) / "state", ("params",), step
+    return directory / str(step) / "state", ("params",), step
 
 
 def params_target(model: ModelConfig, layout: Layout):

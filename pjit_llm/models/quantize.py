@@ -37,7 +37,7 @@ class Int8Weight:
         return self
 
     @property
-    def T(self) -> "Int8Weight":  # noqa: N802 (as jax.Array spells it)
+    def T(self) -> "Int8Weight":  # as jax.Array spells it
         return Int8Weight(self.values.T, self.scale.T)
 
 
@@ -111,10 +111,6 @@ def quantize_params(params, layout, table: Mapping[str, Axes], abstract_params):
         return jax.tree_util.tree_map_with_path(one, tree, is_leaf=_is_var)
 
     return jax.jit(convert, out_shardings=shardings)(params)
-
-
-def is_int8(w) -> bool:
-    return isinstance(w, Int8Weight)
 
 
 def param_bytes(params) -> int:

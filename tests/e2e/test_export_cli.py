@@ -43,13 +43,14 @@ def test_an_int8_export_evaluates_and_generates_like_the_run(trained_run, tmp_pa
     out = run / "export" / "step_6-int8"
     assert f"wrote parameters of step 6 in int8 (the rest in bfloat16) to {out}" in result.stdout
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    trained_loss = [r for r in records if "eval_loss" in r and r["step"] == 6][0]["eval_loss"]
+    trained_loss = next(r["eval_loss"] for r in records if "eval_loss" in r and r["step"] == 6)
     evaluated = run_module("pjit_llm.evaluate", "--run", str(out), "--emulate-devices", "4",
                            "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2")
     assert evaluated.returncode == 0, evaluated.stderr
     report = json.loads(evaluated.stdout.strip().splitlines()[-1])
     assert report["step"] == 6
     assert report["eval_loss"] == pytest.approx(trained_loss, rel=0.005)  # int8 costs < 0.5%
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.yaml", "params", "step"]
     generated = run_module("pjit_llm.generate", "--run", str(out), "--prompt", "import os",
                            "--max-new-tokens", "5")
     assert generated.returncode == 0, generated.stderr
