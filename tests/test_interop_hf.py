@@ -1,8 +1,8 @@
 """Hugging Face import and export, checked against transformers itself on real files:
 imported models give transformers' logits, exports load in transformers without missing or
 unexpected weights, import(export(x)) is bit-identical, and weights that do not match their
-config are refused, and so is an int8 export. (Refusals of unsupported configs: test_llama_hf.py; the command and the
-memory it takes: e2e/test_convert_cli.py.)"""
+config are refused, and so is an int8 export. (Refusals of unsupported configs:
+test_llama_hf.py; the command and the memory it takes: e2e/test_convert_cli.py.)"""
 
 import json
 import typing
