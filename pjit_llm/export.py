@@ -1,9 +1,10 @@
-"""`python -m pjit_llm.export --run DIR [--step S] [--dtype bfloat16|float32] [--out DIR]`
+"""`python -m pjit_llm.export --run DIR [--step S] [--dtype bfloat16|float32] [--quantize int8] [--out DIR]`
 
-Writes a checkpoint's parameters alone, cast to the chosen dtype, with the model config
-beside them (pjit_llm/checkpoint/exports.py). The parameters are restored sharded over the
-available devices the way a Hugging Face import places them, so a model that only fits
-sharded can be exported.
+Writes a checkpoint's parameters alone, cast to the chosen dtype (with --quantize int8: the
+weight matrices in int8 with float32 scales per output channel, the rest in the dtype), with
+the config beside them (pjit_llm/checkpoint/exports.py); evaluate and generate take the export
+as their --run. The parameters are restored sharded over the available devices the way a
+Hugging Face import places them, so a model that only fits sharded can be exported.
 """
 
 import argparse
@@ -17,9 +18,14 @@ def main(argv=None) -> None:
     p.add_argument("--run", required=True, type=Path, help="the training run directory")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
-    p.add_argument("--out", type=Path, help="output directory (default: RUN/export/step_S-DTYPE)")
+    p.add_argument("--quantize", default="none", metavar="none|int8",
+                   help="int8: weight matrices in int8 (about half the bytes of bfloat16)")
+    p.add_argument("--out", type=Path,
+                   help="output directory (default: RUN/export/step_S-DTYPE or step_S-int8)")
     p.add_argument("--emulate-devices", type=int, default=0, metavar="N")
     args = p.parse_args(argv)
+    from pjit_llm.models.quantize import check_quantize
+    check_quantize(args.quantize)
 
     from pjit_llm.checkpoint.exports import write_export
     from pjit_llm.checkpoint.runs import run_config
@@ -30,8 +36,9 @@ def main(argv=None) -> None:
     use_emulated_devices(cfg.mesh.emulate_devices)
     layout = conversion_build(cfg).layout
     out, step = write_export(cfg, layout, args.out and args.out.absolute(), args.step,
-                             args.dtype)
-    print(f"wrote parameters of step {step} in {args.dtype} to {out}")
+                             args.dtype, args.quantize)
+    what = args.dtype if args.quantize == "none" else f"int8 (the rest in {args.dtype})"
+    print(f"wrote parameters of step {step} in {what} to {out}")
 
 
 def cli() -> None:

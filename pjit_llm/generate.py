@@ -1,11 +1,13 @@
-"""`python -m pjit_llm.generate --run DIR --prompt TEXT [--prompt TEXT ...] [options] [key=value ...]`
+"""`python -m pjit_llm.generate --run DIR --prompt TEXT [--prompt TEXT ...] [--quantize int8] [options] [key=value ...]`
 
-Text from a training checkpoint (pjit_llm/inference/generator.py), with a key/value cache:
-the prompts are run once (prefill), then a compiled loop on the device decodes every further
-token. Greedy, or sampled with a temperature, top-k and top-p, from a seed; stops at the
-end-of-document token or after --max-new-tokens. Parameters and cache live on the mesh of mesh.* (heads over `tensor`,
-prompts over `data`), so a model that only fits sharded still generates. With one prompt the
-text streams as it is produced, a few tokens at a time.
+Text from a training checkpoint or an export (pjit_llm/inference/generator.py), with a
+key/value cache: the prompts are run once (prefill), then a compiled loop on the device decodes
+every further token. Greedy, or sampled with a temperature, top-k and top-p, from a seed; stops
+at the end-of-document token or after --max-new-tokens. Parameters and cache live on the mesh
+of mesh.* (heads over `tensor`, prompts over `data`), so a model that only fits sharded still
+generates. With one prompt the text streams as it is produced, a few tokens at a time.
+`--quantize int8` quantizes the weights to int8 as they are loaded (pjit_llm/models/quantize.py);
+an export written with --quantize int8 is int8 already.
 """
 
 import argparse
@@ -16,7 +18,8 @@ from pjit_llm.errors import UserError, run_cli
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m pjit_llm.generate", description=__doc__.splitlines()[0])
-    p.add_argument("--run", required=True, type=Path, help="the training run directory")
+    p.add_argument("--run", required=True, type=Path,
+                   help="the training run directory, or an export (pjit_llm.export)")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", type=Path, help="one prompt per line")
@@ -25,10 +28,14 @@ def main(argv=None) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quantize", default="none", metavar="none|int8",
+                   help="int8: weight-only int8, quantized at load time")
     p.add_argument("--emulate-devices", type=int, default=0, metavar="N")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="changes to the run's config, e.g. mesh.tensor=4")
     args = p.parse_intermixed_args(argv)
+    from pjit_llm.models.quantize import check_quantize
+    check_quantize(args.quantize)
     from pjit_llm import xla_flags
     xla_flags.apply_defaults()
     from pjit_llm.inference.generator import Sampling, generate_texts
@@ -45,7 +52,8 @@ def main(argv=None) -> None:
                         "0 < --top-p <= 1")
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     texts = generate_texts(args.run, prompts, args.max_new_tokens, sampling, args.step,
-                           args.overrides, args.emulate_devices, stream=len(prompts) == 1)
+                           args.overrides, args.emulate_devices, stream=len(prompts) == 1,
+                           quantize=args.quantize)
     if len(prompts) > 1:
         for prompt, text in zip(prompts, texts):
             print(f"=== {prompt}\n{prompt}{text}\n")

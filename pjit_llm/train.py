@@ -6,7 +6,7 @@ pjit_llm/training/build.py for how the config becomes a mesh, a model and compil
 
 import argparse
 
-from pjit_llm.errors import run_cli
+from pjit_llm.errors import UserError, run_cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,6 +34,9 @@ def main(argv=None) -> None:
     from pjit_llm.training.loop import train
 
     cfg = load_config(args.config, overrides)
+    if cfg.model.quantize != "none":
+        raise UserError(f"model.quantize={cfg.model.quantize} describes quantized parameters, which "
+                        "only evaluate and generate read; train with model.quantize=none")
     use_emulated_devices(cfg.mesh.emulate_devices)
     topology = distributed.initialize(cfg.distributed)
     try:

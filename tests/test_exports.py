@@ -1,5 +1,5 @@
-"""Exports: a checkpoint's parameters alone, in one dtype, with the model config beside them,
-read back into the shardings of another mesh."""
+"""Exports: a checkpoint's parameters alone, in one dtype or with int8 weight matrices, with
+the model config beside them, read back into the shardings of another mesh."""
 
 import jax
 import ml_dtypes
@@ -9,8 +9,10 @@ import pytest
 from conftest import build_on, tiny_config
 from pjit_llm.checkpoint.exports import export_model, load_params, write_export
 from pjit_llm.checkpoint.manager import Checkpoints
+from pjit_llm.checkpoint.runs import run_config
 from pjit_llm.config import CheckpointConfig
 from pjit_llm.errors import UserError
+from pjit_llm.models.quantize import Int8Weight, param_bytes, quantize
 
 
 def test_export_reads_back_on_another_mesh_in_its_dtype(tmp_path):
@@ -45,3 +47,30 @@ def test_an_export_model_config_is_checked_like_any_config(tmp_path):
     (tmp_path / "model.yaml").write_text("num_layers: 0\n")
     with pytest.raises(UserError, match="model.num_layers=0 must be positive"):
         export_model(tmp_path)
+
+
+def test_an_int8_export_holds_int8_weights_that_read_back_on_another_mesh(tmp_path):
+    run = tmp_path / "run"
+    parts = build_on(tiny_config(f"train.run_dir={run}"), data=2, fsdp=2, tensor=2)
+    state = parts.init_state()
+    ckpts = Checkpoints(run / "checkpoints", CheckpointConfig())
+    ckpts.save(5, state, {}, parts.cfg)
+    ckpts.close()
+    bf16, _ = write_export(parts.cfg, parts.layout, None, None, "bfloat16")
+    out, step = write_export(parts.cfg, parts.layout, None, None, "bfloat16", "int8")
+    assert (out, step) == (run / "export" / "step_5-int8", 5)
+    layout = build_on(tiny_config(), fsdp=4, tensor=2).layout
+    model, params = load_params(out, layout)
+    assert (model.quantize, model.param_dtype) == ("int8", "bfloat16")
+    assert run_config(out).model == model  # the whole config beside it says so too
+    wq = params["blocks"]["attn"]["wq"][...]
+    assert isinstance(wq, Int8Weight)
+    assert wq.values.sharding.spec == layout.spec(("layers", "embed", "heads", "head_dim"))
+    expected = quantize(state.params["blocks"]["attn"]["wq"][...], (1,))  # contracts embed
+    np.testing.assert_array_equal(np.asarray(wq.values), np.asarray(expected.values))
+    np.testing.assert_array_equal(np.asarray(wq.scale), np.asarray(expected.scale))
+    assert params["final_norm"]["scale"][...].dtype == jax.numpy.bfloat16
+    ratio = param_bytes(params) / param_bytes(load_params(bf16, layout)[1])
+    assert 0.5 < ratio < 0.55, ratio  # int8 values, float32 scales, bfloat16 norms
+    with pytest.raises(UserError, match="--quantize int4 is not supported; use none or int8"):
+        write_export(parts.cfg, parts.layout, tmp_path / "x", None, "bfloat16", "int4")

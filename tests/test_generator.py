@@ -1,5 +1,6 @@
 """Generation with a key/value cache: equal to full recomputation, sharded or not; sampling
-reproducible from its seed; stops at the end token. (The command: e2e/test_generate_cli.py.)"""
+reproducible from its seed; stops at the end token; int8 weights generate alike on any mesh.
+(The command: e2e/test_generate_cli.py.)"""
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,8 @@ from flax import nnx
 
 from conftest import build_on, tiny_config
 from pjit_llm.inference.generator import Generator, Sampling, sample
+from pjit_llm.models.llama.model import QUANTIZED_WEIGHTS, abstract_model
+from pjit_llm.models.quantize import Int8Weight, quantize_params
 
 PROMPTS = [np.array([10, 11, 12], np.int32), np.array([40, 41, 42, 43, 44, 45, 46], np.int32),
            np.array([200], np.int32)]
@@ -153,3 +156,17 @@ def test_each_prompt_stops_at_its_own_end_token(trained):
     assert all(eos not in row for i, row in enumerate(free) if i != 1)
     out = Generator(graphdef, cfg.model, layout, Sampling()).generate(placed, PROMPTS, 8, eos)
     assert out == [free[0], free[1][:2], free[2]]
+
+
+def test_int8_weights_quantized_on_any_mesh_generate_the_same_counts(trained):
+    cfg, _, params = trained
+    outs = []
+    for shape in (None, {"fsdp": 2, "tensor": 4}, {"data": 2, "tensor": 4}):
+        layout, graphdef, placed = _on(cfg, params, shape)
+        _, abstract = abstract_model(cfg.model, layout)
+        int8 = quantize_params(placed, layout, QUANTIZED_WEIGHTS, abstract)
+        assert isinstance(int8["blocks"]["attn"]["wq"][...], Int8Weight)
+        outs.append(Generator(graphdef, cfg.model, layout, Sampling()).generate(
+            int8, PROMPTS, 12, eos_id=None))
+    assert outs[0] == outs[1] == outs[2]
+    assert outs[0][0][:4] == [13, 14, 15, 16]  # it still counts

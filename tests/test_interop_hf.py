@@ -1,8 +1,8 @@
 """Hugging Face import and export, checked against transformers itself on real files:
 imported models give transformers' logits, exports load in transformers without missing or
 unexpected weights, import(export(x)) is bit-identical, and weights that do not match their
-config are refused. (Refusals of unsupported configs: test_llama_hf.py; the command and the
-memory it takes: e2e/test_convert_cli.py.)"""
+config are refused, and so is an int8 export. (Refusals of unsupported configs:
+test_llama_hf.py; the command and the memory it takes: e2e/test_convert_cli.py.)"""
 
 import json
 import typing
@@ -15,11 +15,13 @@ import pytest
 
 from conftest import build_on
 from hf_models import LLAMA, LLAMA3_ROPE, TOKENS, WORDS, hf_llama, hf_logits, our_logits, write_hf
+from pjit_llm.checkpoint.exports import write_export
 from pjit_llm.checkpoint.runs import restore_params, run_config
 from pjit_llm.errors import UserError
 from pjit_llm.interop import hf as convert
 from pjit_llm.interop import safetensors_io
 from pjit_llm.models.llama import hf as hf_config
+from pjit_llm.training.build import conversion_build
 
 
 @pytest.mark.parametrize("overrides, mesh", [
@@ -158,3 +160,14 @@ def test_export_returns_the_directory_and_the_step_it_declares(tmp_path):
     assert (out, step) == (tmp_path / "out", 0) and (out / "config.json").is_file()
     assert typing.get_type_hints(convert.export_hf)["return"] == tuple[Path, int]
 
+
+
+def test_an_int8_export_is_refused_in_one_line(tmp_path):
+    write_hf(tmp_path / "hf", LLAMA)
+    run = convert.import_hf(tmp_path / "hf", tmp_path / "run")
+    cfg = run_config(run)
+    int8, _ = write_export(cfg, conversion_build(cfg).layout, None, None, "bfloat16", "int8")
+    with pytest.raises(UserError, match="holds int8 parameters, which Hugging Face Llama files "
+                                        "do not; export the run it was written from instead"):
+        convert.export_hf(int8, tmp_path / "out", None, None, shard_bytes=10**9)
+    assert not (tmp_path / "out").exists()

@@ -24,6 +24,9 @@ CONFIG_ERRORS = [
     (["--emulate-devices", "8", "mesh.stage=4"],
      "model.num_layers=2 is not divisible by mesh.stage=4 x train.pipeline_repeats=1"),
     (["train.pipeline_repeats=0"], "train.pipeline_repeats=0 must be positive"),
+    (["model.quantize=int8"], ("model.quantize=int8 describes quantized parameters, which only "
+                               "evaluate and generate read; train with model.quantize=none")),
+    (["model.quantize=int4"], "model.quantize='int4' is not one of: none, int8"),
 ]
 
 

@@ -2,7 +2,8 @@
 optimizer state, restored straight into the shardings of whatever mesh the caller has.
 
 A run directory is written by training (config.yaml, checkpoints/) or by a Hugging Face
-import (config.yaml, params/); an export (pjit_llm.export) holds model.yaml and params/.
+import (config.yaml, params/); an export (pjit_llm.export) holds model.yaml, config.yaml and
+params/, so it reads as an imported run (its parameters possibly int8: model.quantize).
 """
 
 import dataclasses
@@ -17,7 +18,8 @@ from pjit_llm.checkpoint.manager import Checkpoints, checkpoint_dir, read_checks
 from pjit_llm.config import Config, load_config
 from pjit_llm.errors import UserError, first_line
 from pjit_llm.models.llama.config import ModelConfig
-from pjit_llm.models.llama.model import abstract_model
+from pjit_llm.models.llama.model import QUANTIZED_WEIGHTS, abstract_model
+from pjit_llm.models.quantize import check_quantize, quantize_params, quantized_target
 from pjit_llm.parallel.layout import Layout, check_divisible, param_shardings
 
 PARAMS_DIR = "params"  # parameters alone, in an export or an imported run directory
@@ -38,7 +40,8 @@ def run_config(run_dir: Path, overrides=(), emulate_devices: int = 0) -> Config:
 def restore_params(cfg: Config, layout: Layout, step: int | None):
     """(params, step) of a run, restored straight into `layout`'s shardings and without the
     optimizer state: from a training checkpoint (the latest when `step` is None) or, in a run
-    holding parameters alone (imported by pjit_llm.convert, not trained since), as step 0.
+    holding parameters alone (imported by pjit_llm.convert, not trained since), as step 0, or
+    from an export, as the step it was written from.
     The parameters of a training checkpoint are checked against the checksums saved with it."""
     where, prefix, step = params_location(cfg, step)
     params = restore_partial(where, prefix, params_target(cfg.model, layout))
@@ -53,30 +56,39 @@ def restore_params(cfg: Config, layout: Layout, step: int | None):
 
 def params_location(cfg: Config, step: int | None) -> tuple[Path, tuple[str, ...], int]:
     """(Orbax item directory, key path of the parameters inside it, step) of a run."""
-    ckpts = Checkpoints(checkpoint_dir(cfg), dataclasses.replace(cfg.checkpoint, async_save=False))
-    try:
-        steps = ckpts.manager.all_steps()
-    finally:
-        ckpts.close()
+    directory = checkpoint_dir(cfg)
     params_only = Path(cfg.train.run_dir).absolute() / PARAMS_DIR
+    steps = []
+    if directory.is_dir() or not params_only.is_dir():  # opening one creates the directory
+        ckpts = Checkpoints(directory, dataclasses.replace(cfg.checkpoint, async_save=False))
+        try:
+            steps = ckpts.manager.all_steps()
+        finally:
+            ckpts.close()
     if not steps and params_only.is_dir():
-        if step not in (None, 0):
-            raise UserError(f"{cfg.train.run_dir} holds imported parameters alone (step 0) "
+        step_file = params_only.parent / "step"  # an export's: the step it was written from
+        held = int(step_file.read_text()) if step_file.is_file() else 0
+        if step not in (None, held):
+            what = "exported" if step_file.is_file() else "imported"
+            raise UserError(f"{cfg.train.run_dir} holds {what} parameters alone (step {held}) "
                             f"and no checkpoint for step {step}; drop --step")
-        return params_only, (), 0
+        return params_only, (), held
     if not steps:
-        raise UserError(f"no checkpoints in {ckpts.directory}; train first")
+        raise UserError(f"no checkpoints in {directory}; train first")
     step = max(steps) if step is None else step
     if step not in steps:
-        raise UserError(f"no checkpoint for step {step} in {ckpts.directory}; it has "
+        raise UserError(f"no checkpoint for step {step} in {directory}; it has "
                         f"{', '.join(map(str, sorted(steps)))}")
-    return ckpts.directory / str(step) / "state", ("params",), step
+    return directory / str(step) / "state", ("params",), step
 
 
 def params_target(model: ModelConfig, layout: Layout):
-    """The parameters' shapes and dtypes with their shardings in `layout`: a restore target."""
+    """The parameters' shapes and dtypes with their shardings in `layout`: a restore target
+    (int8 values and scales where model.quantize=int8)."""
     _, abstract = abstract_model(model, layout)
     check_divisible(layout, abstract)
+    if model.quantize == "int8":
+        return quantized_target(abstract, layout, QUANTIZED_WEIGHTS)
     shardings = param_shardings(layout, abstract)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings)
@@ -107,3 +119,17 @@ def restore_partial(where: Path, prefix: tuple[str, ...], target):
     for key in prefix:
         out = out[key]
     return out
+
+
+def inference_params(cfg: Config, layout: Layout, step: int | None, quantize: str = "none"):
+    """(params, step, model config) for evaluation and generation: `restore_params`, then with
+    `quantize`="int8" the weights quantized on the mesh (a no-op for an int8 export, whose
+    parameters are int8 already). The model config says how the parameters are held."""
+    check_quantize(quantize)
+    params, step = restore_params(cfg, layout, step)
+    model = cfg.model
+    if quantize == "int8" and model.quantize == "none":
+        _, abstract = abstract_model(model, layout)
+        params = quantize_params(params, layout, QUANTIZED_WEIGHTS, abstract)
+        model = dataclasses.replace(model, quantize="int8")
+    return params, step, model

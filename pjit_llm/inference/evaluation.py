@@ -19,16 +19,20 @@ def evaluate(eval_step, params, batches: list, byte_level: bool) -> dict:
 
 
 def evaluate_run(run: Path, step: int | None = None, batches: int | None = None, overrides=(),
-                 emulate_devices: int = 0) -> tuple[int, dict]:
-    """(step, figures) of the run directory's checkpoint `step` (default the latest) on the
-    validation batches of its config with `overrides` (default train.eval_batches of them)."""
-    from pjit_llm.checkpoint.runs import restore_params, run_config
+                 emulate_devices: int = 0, quantize: str = "none") -> tuple[int, dict]:
+    """(step, figures) of the run directory's (or export's) checkpoint `step` (default the
+    latest) on the validation batches of its config with `overrides` (default
+    train.eval_batches of them); with quantize="int8", of its weights quantized to int8."""
+    import jax
+
+    from pjit_llm.checkpoint.runs import inference_params, run_config
     from pjit_llm.data.loader import eval_batches
     from pjit_llm.data.tokenizer import ByteTokenizer
     from pjit_llm.metrics import info
     from pjit_llm.parallel import distributed
     from pjit_llm.parallel.mesh import describe, use_emulated_devices
     from pjit_llm.training.build import build, open_data
+    from pjit_llm.training.step import make_eval_step
 
     cfg = run_config(run, overrides, emulate_devices)
     use_emulated_devices(cfg.mesh.emulate_devices)
@@ -37,10 +41,14 @@ def evaluate_run(run: Path, step: int | None = None, batches: int | None = None,
         dataset, tokenizer = open_data(cfg)
         parts = build(cfg, tokenizer.vocab_size)
         info(describe(parts.mesh))
-        params, step = restore_params(parts.cfg, parts.layout, step)
+        params, step, model = inference_params(parts.cfg, parts.layout, step, quantize)
         params = parts.to_run_order(params)
+        eval_step = parts.eval_step  # compiled for float parameters; int8 ones need their own
+        if model.quantize != "none":
+            eval_step = jax.jit(make_eval_step(parts.graphdef),
+                                out_shardings=parts.layout.replicated())
         val = eval_batches(dataset, tokenizer, cfg.data, parts.batch_sharding,
                            batches or cfg.train.eval_batches)
-        return step, evaluate(parts.eval_step, params, val, isinstance(tokenizer, ByteTokenizer))
+        return step, evaluate(eval_step, params, val, isinstance(tokenizer, ByteTokenizer))
     finally:
         distributed.shutdown()

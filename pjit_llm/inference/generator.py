@@ -159,11 +159,12 @@ def jnp_take_rows(logits_BLV, index_B):
 
 def generate_texts(run: Path, prompts: list[str], max_new_tokens: int, sampling: Sampling,
                    step: int | None = None, overrides=(), emulate_devices: int = 0,
-                   stream: bool = False) -> list[str]:
-    """Continuations of `prompts` by the run directory `run` (its checkpoint `step`, default the
-    latest) on the mesh of its config with `overrides`; with `stream`, the first prompt's text
-    is printed as it is produced."""
-    from pjit_llm.checkpoint.runs import restore_params, run_config
+                   stream: bool = False, quantize: str = "none") -> list[str]:
+    """Continuations of `prompts` by the run directory (or export) `run` (its checkpoint
+    `step`, default the latest) on the mesh of its config with `overrides`, with
+    quantize="int8" its weights quantized to int8; with `stream`, the first prompt's text is
+    printed as it is produced."""
+    from pjit_llm.checkpoint.runs import inference_params, run_config
     from pjit_llm.data.tokenizer import load_tokenizer
     from pjit_llm.parallel.mesh import use_emulated_devices
     from pjit_llm.training.build import build
@@ -175,7 +176,7 @@ def generate_texts(run: Path, prompts: list[str], max_new_tokens: int, sampling:
     # kernel to choose (and no line about it in the generated text).
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention="xla"))
     parts = build(cfg, tokenizer.vocab_size)
-    params, _ = restore_params(parts.cfg, parts.layout, step)
+    params, _, _ = inference_params(parts.cfg, parts.layout, step, quantize)
     generator = Generator(parts.graphdef, parts.model, parts.layout, sampling)
     ids = [tokenizer.encode(p) for p in prompts]
     streamed: list[int] = []

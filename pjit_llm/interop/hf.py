@@ -180,6 +180,9 @@ def export_hf(run_dir: Path, out: Path, step: int | None, dtype: str | None,
     """Write a run's parameters (of checkpoint `step`, default the latest) as a transformers
     Llama directory at `out`; returns (out, the step written: 0 for an imported run)."""
     cfg = run_config(run_dir)
+    if cfg.model.quantize != "none":
+        raise UserError(f"{run_dir} holds {cfg.model.quantize} parameters, which Hugging Face "
+                        "Llama files do not; export the run it was written from instead")
     if out.exists():
         raise UserError(f"{out} already exists; remove it or pass another --out")
     dtype = dtype or cfg.model.param_dtype

@@ -29,3 +29,14 @@ def test_a_step_without_a_checkpoint_is_refused(trained_run):
     from pjit_llm.evaluate import main
     with pytest.raises(UserError, match="no checkpoint for step 2"):
         main(["--run", str(trained_run.directory), "--step", "2"])  # in this process
+
+
+def test_evaluate_cli_quantizes_to_int8_at_load_time(trained_run):
+    run = trained_run.directory
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    trained_loss = next(r["eval_loss"] for r in records if "eval_loss" in r and r["step"] == 6)
+    result = run_module("pjit_llm.evaluate", "--run", str(run), "--quantize", "int8")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["eval_loss"] == pytest.approx(trained_loss, rel=0.005)
+    assert report["eval_loss"] != pytest.approx(trained_loss, rel=1e-6)  # int8 is what ran

@@ -40,6 +40,9 @@ class ModelConfig:
     # float8 (e4m3 forward, e5m2 gradients, per-tensor current scaling, float32 accumulation).
     # The vocabulary projection, attention and norms stay in the compute dtype.
     matmul: Literal["default", "fp8"] = "default"
+    # How the stored parameters are quantized: int8 in an export written with --quantize int8
+    # (models/quantize.py), which evaluate and generate read; training refuses it.
+    quantize: Literal["none", "int8"] = "none"
 
     @property
     def head_dim(self) -> int:

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pjit_llm.models.llama.config import ModelConfig
-from pjit_llm.models.matmul import matmul, matmul_kind
+from pjit_llm.models.matmul import matmul, take_rows
+from pjit_llm.models.quantize import Int8Weight
 from pjit_llm.parallel.layout import Layout
 from pjit_llm.parallel.stages import STAGE_AXIS, Pipeline, merge_microbatches, split_microbatches
 
@@ -24,6 +25,14 @@ Axes = tuple[str | None, ...]
 # The outputs of a block's linear projections, tagged by `matmul` so that a remat policy can
 # keep them while recomputing the cheap elementwise work and the attention.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "attn_out", "mlp_gate", "mlp_up", "mlp_down")
+
+# The logical axes each weight's multiplies contract (the einsums below): int8 quantization
+# (models/quantize.py) keeps one scale per remaining, output, channel. The embedding table is
+# scaled per row (per token), which serves its lookup and the tied vocabulary projection alike.
+QUANTIZED_WEIGHTS: dict[str, Axes] = {
+    "wq": ("embed",), "wk": ("embed",), "wv": ("embed",), "wo": ("heads", "head_dim"),
+    "w_gate": ("embed",), "w_up": ("embed",), "w_down": ("mlp",),
+    "embed": ("embed",), "unembed": ("embed",)}
 
 REMAT_POLICIES: dict[str, Callable | None] = {
     "full": None,  # save nothing, recompute the whole block in the backward pass
@@ -105,10 +114,10 @@ class Attention(nnx.Module):
         kv=(k_cache_BSGK, v_cache_BSGK, start_B): the new keys and values are written into the
         cache at each row's start and the queries attend over the cache under `mask`.
         Returns (output, (k_cache, v_cache) or None)."""
-        dt = self.cfg.dtype
-        q_BLHK = matmul("BLD,DHK->BLHK", x_BLD, self.wq[...], dt, "q_proj")
-        k_BLGK = matmul("BLD,DGK->BLGK", x_BLD, self.wk[...], dt, "k_proj")
-        v_BLGK = matmul("BLD,DGK->BLGK", x_BLD, self.wv[...], dt, "v_proj")
+        dt, kind = self.cfg.dtype, self.cfg.matmul
+        q_BLHK = matmul("BLD,DHK->BLHK", x_BLD, self.wq[...], dt, "q_proj", kind)
+        k_BLGK = matmul("BLD,DGK->BLGK", x_BLD, self.wk[...], dt, "k_proj", kind)
+        v_BLGK = matmul("BLD,DGK->BLGK", x_BLD, self.wv[...], dt, "v_proj", kind)
         q_BLHK = _constrain(self.layout, apply_rope(q_BLHK, sin, cos),
                             ("batch", "length", "heads", "head_dim"))
         k_BLGK = _constrain(self.layout, apply_rope(k_BLGK, sin, cos),
@@ -124,7 +133,7 @@ class Attention(nnx.Module):
         impl = "cudnn" if self.cfg.attention == "cudnn" and kv is None else "xla"
         out_BLHK = jax.nn.dot_product_attention(
             q_BLHK, k_BLGK, v_BLGK, mask=mask_B1LS, is_causal=kv is None, implementation=impl)
-        return matmul("BLHK,HKD->BLD", out_BLHK, self.wo[...], dt, "attn_out"), kv
+        return matmul("BLHK,HKD->BLD", out_BLHK, self.wo[...], dt, "attn_out", kind), kv
 
 
 class MLP(nnx.Module):
@@ -136,11 +145,11 @@ class MLP(nnx.Module):
         self.cfg, self.layout = cfg, layout
 
     def __call__(self, x_BLD):
-        dt = self.cfg.dtype
-        gate_BLF = matmul("BLD,DF->BLF", x_BLD, self.w_gate[...], dt, "mlp_gate")
-        up_BLF = matmul("BLD,DF->BLF", x_BLD, self.w_up[...], dt, "mlp_up")
+        dt, kind = self.cfg.dtype, self.cfg.matmul
+        gate_BLF = matmul("BLD,DF->BLF", x_BLD, self.w_gate[...], dt, "mlp_gate", kind)
+        up_BLF = matmul("BLD,DF->BLF", x_BLD, self.w_up[...], dt, "mlp_up", kind)
         h_BLF = _constrain(self.layout, jax.nn.silu(gate_BLF) * up_BLF, ("batch", "length", "mlp"))
-        return matmul("BLF,FD->BLD", h_BLF, self.w_down[...], dt, "mlp_down")
+        return matmul("BLF,FD->BLD", h_BLF, self.w_down[...], dt, "mlp_down", kind)
 
 
 class Block(nnx.Module):
@@ -213,7 +222,9 @@ class Transformer(nnx.Module):
         """The vocabulary projection (V, D) in the compute dtype, FSDP shards gathered (as for
         every weight), so that a loop over chunks of positions gathers it once."""
         w_VD = self.embed[...] if self.cfg.tie_embeddings else self.unembed[...].T
-        return _constrain(self.layout, w_VD.astype(self.cfg.dtype), ("vocab", None))
+        if not isinstance(w_VD, Int8Weight):  # int8 values reach matmul as they are
+            w_VD = w_VD.astype(self.cfg.dtype)
+        return _constrain_table(self.layout, w_VD)
 
     def project(self, x_BLD: jax.Array, w_VD: jax.Array) -> jax.Array:
         logits_BLV = matmul("BLD,VD->BLV", x_BLD, w_VD, self.cfg.dtype)
@@ -238,8 +249,8 @@ class Transformer(nnx.Module):
     def _embed(self, tokens_BL):
         # Gather the table's FSDP shards first (as FSDP does for every weight): a lookup into a
         # table sharded on `embed` cannot produce activations sharded on `batch` efficiently.
-        table_VD = _constrain(self.layout, self.embed[...], ("vocab", None))
-        x_BLD = jnp.take(table_VD, tokens_BL, axis=0).astype(self.cfg.dtype)
+        table_VD = _constrain_table(self.layout, self.embed[...])
+        x_BLD = take_rows(table_VD, tokens_BL, self.cfg.dtype)
         return _constrain(self.layout, x_BLD, ("batch", "length", "embed"))
 
     def _run_blocks(self, x_BLD, sin, cos, mask_B1LS, cache=None, start_B=None, stacked=None):
@@ -254,8 +265,7 @@ class Transformer(nnx.Module):
             layer_state, k, v = layer
             kv = None if k is None else (_constrain(layout, k, cache_axes),
                                          _constrain(layout, v, cache_axes), start_B)
-            with matmul_kind(self.cfg.matmul):  # the blocks' projections (model.matmul)
-                x, kv = nnx.merge(graphdef, layer_state)(x, sin, cos, mask_B1LS, kv)
+            x, kv = nnx.merge(graphdef, layer_state)(x, sin, cos, mask_B1LS, kv)
             return x, (None, None) if kv is None else kv
 
         if self.cfg.remat != "none":
@@ -298,6 +308,14 @@ def _index(a: jax.Array, i: int) -> jax.Array:
 
 def _constrain(layout: Layout | None, x: jax.Array, axes: Axes) -> jax.Array:
     return x if layout is None else layout.constrain(x, axes)
+
+
+def _constrain_table(layout: Layout | None, w_VD):
+    """A (V, D) table with its FSDP shards gathered; an int8 one with its row scales."""
+    if isinstance(w_VD, Int8Weight):
+        return Int8Weight(_constrain(layout, w_VD.values, ("vocab", None)),
+                          _constrain(layout, w_VD.scale, ("vocab",)))
+    return _constrain(layout, w_VD, ("vocab", None))
 
 
 def abstract_model(cfg: ModelConfig, layout: Layout | None,
