@@ -84,7 +84,7 @@ def bench_step(args) -> list[dict]:
 def bench_generate(args) -> list[dict]:
     import dataclasses
 
-    from pjit_llm.checkpoint.runs import restore_params, run_config
+    from pjit_llm.checkpoint.runs import inference_params, run_config
     from pjit_llm.config import load_config
     from pjit_llm.inference.speed import generation_rows, transformers_rows
     from pjit_llm.parallel.mesh import use_emulated_devices
@@ -100,12 +100,19 @@ def bench_generate(args) -> list[dict]:
         # Decoding attends over a cache under a general mask: XLA's attention.
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention="xla"))
         parts = build(cfg, batches=False)
-        params = (restore_params(parts.cfg, parts.layout, None)[0] if args.run
-                  else parts.init_state().params)
+        if not args.run:
+            params = parts.init_state().params
+        for quantize in args.quantize:
+            if args.run:  # at load time, as generate and evaluate do
+                params = inference_params(parts.cfg, parts.layout, None, quantize)[0]
+            elif quantize != "none":
+                raise UserError("--quantize needs --run: a checkpoint or export to quantize")
+            for r in generation_rows(parts.cfg, params, parts.layout, parts.graphdef, args.batch,
+                                     args.prompt_len, args.new_tokens, args.repeats):
+                label = " ".join(filter(None, [name, "" if quantize == "none" else quantize]))
+                rows.append({"variant": label or "base", "implementation": "pjit_llm",
+                             "quantize": quantize, **r})
         model = parts.model
-        for r in generation_rows(parts.cfg, params, parts.layout, parts.graphdef, args.batch,
-                                 args.prompt_len, args.new_tokens, args.repeats):
-            rows.append({"variant": name or "base", "implementation": "pjit_llm", **r})
         del params
     if args.transformers:
         for r in transformers_rows(str(args.transformers), args.batch, args.prompt_len,
@@ -216,6 +223,9 @@ def main(argv=None) -> None:
     g.add_argument("--repeats", type=int, default=3)
     g.add_argument("--variant", action="append", default=[], metavar="'key=value ...'",
                    help="further rows: these overrides on top of the others (repeatable)")
+    g.add_argument("--quantize", action="append", choices=("none", "int8"),
+                   help="weights as loaded (none) and/or quantized to int8 at load time: one "
+                   "set of rows each (default none)")
     g.add_argument("--transformers", type=Path, metavar="HF_DIR", help="also time "
                    "transformers' generate on this Hugging Face model (the one --run imported)")
     g.add_argument("--emulate-devices", type=int, default=0, metavar="N")
@@ -249,6 +259,7 @@ def main(argv=None) -> None:
         rows = bench_data(args)
     elif args.command == "generate":
         args.batch = args.batch or [1, 8]
+        args.quantize = args.quantize or ["none"]
         if min(args.batch) < 1 or args.prompt_len < 1 or args.new_tokens < 2:
             raise UserError("need --batch >= 1, --prompt-len >= 1 and --new-tokens >= 2")
         if args.run and args.config:
