@@ -41,16 +41,6 @@ def test_data_and_save_benchmarks_run(capsys, tmp_path):
     assert "async" in out and "sync" in out
 
 
-def test_step_benchmark_compares_pipeline_schedules_side_by_side(capsys):
-    bench_main(["--steps", "1", "--warmup", "0", "--repeats", "1", *TINY, "model.num_layers=4",
-                "--variant", "mesh.stage=2 train.microbatches=4 train.pipeline_repeats=2"])
-    out = capsys.readouterr().out
-    lines = out[out.index("step times over"):].splitlines()
-    assert "pipeline" in lines[1] and "vs base" in lines[1]
-    assert " - " in lines[2] and "1.00x" in lines[2]
-    assert "S=2 M=4 R=2, bubble 11%" in lines[3]  # (S-1)/(MR+S-1)
-
-
 def test_generation_benchmark_prints_a_json_list(capsys):
     bench_main(["generate", "--batch", "1", "--batch", "2", "--repeats", "1", "--new-tokens", "3",
                 "--prompt-len", "4", *TINY, "--variant", "mesh.tensor=2", "--json"])
