@@ -161,11 +161,18 @@ def test_flipped_bytes_in_the_latest_checkpoint_fall_back_to_the_previous(tmp_pa
     flip_bytes_in_largest_data_file(copied_run / "checkpoints" / "10")
     again = run_cli(*BASE, "train.run_dir=run", cwd=tmp_path)  # the same command, restarted
     assert again.returncode == 0, again.stderr
-    warnings = [line for line in again.stderr.splitlines() if "damaged" in line]
-    assert len(warnings) == 1 and "checkpoint step 10" in warnings[0], again.stderr
-    assert "differs from its checksum at save" in warnings[0]
+    # Flipped bytes inside stored values read back silently and only the checksums catch them
+    # (the usual case); where they hit a compressed block's header, reading fails instead.
+    # Either way the checkpoint is moved aside with one warning and the run resumes.
+    warnings = [line for line in again.stderr.splitlines() if "checkpoint step 10" in line]
+    assert len(warnings) == 1, again.stderr
+    kind = "damaged" if "damaged" in warnings[0] else "unreadable"
+    if kind == "damaged":
+        assert "differs from its checksum at save" in warnings[0]
+    else:
+        assert "is unreadable" in warnings[0], warnings[0]
     assert "resumed from step 8" in again.stdout
-    assert any(p.name.startswith("10.damaged-") for p in (copied_run / "checkpoints").iterdir())
+    assert any(p.name.startswith(f"10.{kind}-") for p in (copied_run / "checkpoints").iterdir())
     assert steps_on_disk(copied_run) == [4, 8, 10]  # step 10 written again from the good state
     logged = losses(copied_run)
     for step in (9, 10):  # retrained from step 8: the uninterrupted run's losses, bit for bit
