@@ -15,13 +15,20 @@ from pjit_llm.errors import UserError
 from pjit_llm.models.quantize import Int8Weight, param_bytes, quantize
 
 
-def test_export_reads_back_on_another_mesh_in_its_dtype(tmp_path):
+def _saved_run(tmp_path):
+    """(run directory, its components, the state) of a fresh model checkpointed at step 5 on
+    a (2, 2, 2) mesh."""
     run = tmp_path / "run"
     parts = build_on(tiny_config(f"train.run_dir={run}"), data=2, fsdp=2, tensor=2)
     state = parts.init_state()
     ckpts = Checkpoints(run / "checkpoints", CheckpointConfig())
     ckpts.save(5, state, {}, parts.cfg)
     ckpts.close()
+    return run, parts, state
+
+
+def test_export_reads_back_on_another_mesh_in_its_dtype(tmp_path):
+    run, parts, state = _saved_run(tmp_path)
     out, step = write_export(parts.cfg, parts.layout, None, None, "bfloat16")
     assert (out, step) == (run / "export" / "step_5-bfloat16", 5)
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary left beside it
@@ -50,12 +57,7 @@ def test_an_export_model_config_is_checked_like_any_config(tmp_path):
 
 
 def test_an_int8_export_holds_int8_weights_that_read_back_on_another_mesh(tmp_path):
-    run = tmp_path / "run"
-    parts = build_on(tiny_config(f"train.run_dir={run}"), data=2, fsdp=2, tensor=2)
-    state = parts.init_state()
-    ckpts = Checkpoints(run / "checkpoints", CheckpointConfig())
-    ckpts.save(5, state, {}, parts.cfg)
-    ckpts.close()
+    run, parts, state = _saved_run(tmp_path)
     bf16, _ = write_export(parts.cfg, parts.layout, None, None, "bfloat16")
     out, step = write_export(parts.cfg, parts.layout, None, None, "bfloat16", "int8")
     assert (out, step) == (run / "export" / "step_5-int8", 5)

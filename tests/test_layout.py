@@ -7,8 +7,15 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import build_on
 
-# Expected specs written out by hand from the default rules:
-# batch->(data, fsdp), embed->fsdp, heads/kv_heads/mlp/vocab->tensor, layers/head_dim->none.
+# Expected specs written out by hand from the default rules: batch->(data, stage, fsdp),
+# embed->fsdp, heads/kv_heads/mlp/vocab->tensor, layers->stage (size 1 here), head_dim->none.
+# With both fsdp and tensor, data parallelism on top changes no parameter's spec.
+SHARDED = {
+    "embed": P("tensor", "fsdp"), "blocks.attn.wq": P(None, "fsdp", "tensor", None),
+    "blocks.attn.wk": P(None, "fsdp", "tensor", None),
+    "blocks.attn.wo": P(None, "tensor", None, "fsdp"),
+    "blocks.mlp.w_up": P(None, "fsdp", "tensor"), "blocks.mlp.w_down": P(None, "tensor", "fsdp"),
+    "blocks.attn_norm.scale": P(None, "fsdp"), "final_norm.scale": P("fsdp")}
 EXPECTED = {
     "dp (8,1,1)": ((8, 1, 1), {
         "embed": P(None, None), "blocks.attn.wq": P(None, None, None, None),
@@ -20,18 +27,8 @@ EXPECTED = {
         "blocks.attn.wk": P(None, "fsdp", None, None), "blocks.attn.wo": P(None, None, None, "fsdp"),
         "blocks.mlp.w_up": P(None, "fsdp", None), "blocks.mlp.w_down": P(None, None, "fsdp"),
         "blocks.attn_norm.scale": P(None, "fsdp"), "final_norm.scale": P("fsdp")}),
-    "tensor (1,2,4)": ((1, 2, 4), {
-        "embed": P("tensor", "fsdp"), "blocks.attn.wq": P(None, "fsdp", "tensor", None),
-        "blocks.attn.wk": P(None, "fsdp", "tensor", None),
-        "blocks.attn.wo": P(None, "tensor", None, "fsdp"),
-        "blocks.mlp.w_up": P(None, "fsdp", "tensor"), "blocks.mlp.w_down": P(None, "tensor", "fsdp"),
-        "blocks.attn_norm.scale": P(None, "fsdp"), "final_norm.scale": P("fsdp")}),
-    "hybrid (2,2,2)": ((2, 2, 2), {
-        "embed": P("tensor", "fsdp"), "blocks.attn.wq": P(None, "fsdp", "tensor", None),
-        "blocks.attn.wk": P(None, "fsdp", "tensor", None),
-        "blocks.attn.wo": P(None, "tensor", None, "fsdp"),
-        "blocks.mlp.w_up": P(None, "fsdp", "tensor"), "blocks.mlp.w_down": P(None, "tensor", "fsdp"),
-        "blocks.attn_norm.scale": P(None, "fsdp"), "final_norm.scale": P("fsdp")}),
+    "tensor (1,2,4)": ((1, 2, 4), SHARDED),
+    "hybrid (2,2,2)": ((2, 2, 2), SHARDED),
 }
 
 

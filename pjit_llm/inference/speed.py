@@ -17,6 +17,7 @@ from pjit_llm import perf
 from pjit_llm.inference.generator import Generator, Sampling
 from pjit_llm.models.llama import flops as llama_flops
 from pjit_llm.models.llama.config import ModelConfig
+from pjit_llm.models.quantize import param_bytes
 
 
 def random_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[np.ndarray]:
@@ -41,18 +42,17 @@ def measure_generation(generator: Generator, params, model: ModelConfig, batch: 
         decodes.append(time.perf_counter() - middle)
     prefill_s, decode_s = statistics.median(prefills), statistics.median(decodes)
     steps = new_tokens - 1  # the first new token comes out of the prefill
-    param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-    cache_bytes = sum(x.nbytes for x in jax.tree.leaves(state["cache"]))
+    weights, cache = param_bytes(params), param_bytes(state["cache"])
     step_s = decode_s / steps
     bandwidth = perf.memory_bandwidth(jax.devices()[0].device_kind)
-    traffic = (param_bytes + cache_bytes) / step_s
+    traffic = (weights + cache) / step_s
     forward_flops = llama_flops.train_flops_per_token(model, prompt_len) / 3 * batch * prompt_len
     return {
         "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
         "prefill_s": prefill_s, "prefill_tflops": forward_flops / prefill_s / 1e12,
         "decode_s": decode_s, "decode_tokens_per_s": batch * steps / decode_s,
         "time_per_output_token_s": step_s,
-        "param_bytes": param_bytes, "cache_bytes": cache_bytes,
+        "param_bytes": weights, "cache_bytes": cache,
         "decode_bytes_per_s": traffic,
         "bandwidth_share": traffic / bandwidth if bandwidth else None,
     }
