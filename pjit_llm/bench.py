@@ -107,7 +107,7 @@ def bench_generate(args) -> list[dict]:
                 params = inference_params(parts.cfg, parts.layout, None, quantize)[0]
             elif quantize != "none":
                 raise UserError("--quantize needs --run: a checkpoint or export to quantize")
-            for r in generation_rows(parts.cfg, params, parts.layout, parts.graphdef, args.batch,
+            for r in generation_rows(parts.cfg, params, parts.layout, args.batch,
                                      args.prompt_len, args.new_tokens, args.repeats):
                 label = " ".join(filter(None, [name, "" if quantize == "none" else quantize]))
                 rows.append({"variant": label or "base", "implementation": "pjit_llm",

@@ -105,7 +105,7 @@ def test_evaluation_writes_the_held_out_loss_and_samples(tmp_path):
     batch = jax.device_put({"tokens": rows, "segment_ids": np.ones_like(rows), "positions": rows},
                            parts.batch_sharding)
     log = MetricsLog(tmp_path)
-    generator = Generator(parts.graphdef, parts.model, parts.layout, Sampling())
+    generator = Generator(parts.model, parts.layout, Sampling())
     result = Evaluation(parts.cfg, parts.eval_step, [batch], ByteTokenizer(), log, generator,
                         byte_level=True)(params, 7)
     log.close()

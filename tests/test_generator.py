@@ -10,7 +10,7 @@ from flax import nnx
 
 from conftest import build_on, tiny_config
 from pjit_llm.inference.generator import Generator, Sampling, sample
-from pjit_llm.models.llama.model import QUANTIZED_WEIGHTS, abstract_model
+from pjit_llm.models.llama.model import QUANTIZED_WEIGHTS, abstract_model, init_cache
 from pjit_llm.models.quantize import Int8Weight, quantize_params
 
 PROMPTS = [np.array([10, 11, 12], np.int32), np.array([40, 41, 42, 43, 44, 45, 46], np.int32),
@@ -65,19 +65,19 @@ def test_cached_greedy_equals_full_recompute_sharded_and_on_one_device(trained):
     assert expected[0][:4] == [13, 14, 15, 16]  # it learned to count: the test means something
     for shape in (None, {"fsdp": 2, "tensor": 4}, {"data": 2, "tensor": 4}):
         layout, graphdef, placed = _on(cfg, params, shape)
-        out = Generator(graphdef, cfg.model, layout, Sampling()).generate(placed, PROMPTS, 12, eos_id=None)
+        out = Generator(cfg.model, layout, Sampling()).generate(placed, PROMPTS, 12, eos_id=None)
         assert out == expected, shape
 
 
 def test_sampling_is_reproducible_from_the_seed(trained):
     cfg, _, params = trained
     layout, graphdef, placed = _on(cfg, params, {"fsdp": 2, "tensor": 4})
-    run = lambda seed, **kw: Generator(graphdef, cfg.model, layout, Sampling(  # noqa: E731
+    run = lambda seed, **kw: Generator(cfg.model, layout, Sampling(  # noqa: E731
         temperature=1.5, seed=seed, **kw)).generate(placed, PROMPTS, 16, eos_id=None)
     assert run(3) == run(3)
     assert run(3) != run(4)
     top1 = run(5, top_k=1)  # top-k of 1 is greedy whatever the temperature
-    assert top1 == Generator(graphdef, cfg.model, layout, Sampling()).generate(placed, PROMPTS, 16, None)
+    assert top1 == Generator(cfg.model, layout, Sampling()).generate(placed, PROMPTS, 16, None)
     nucleus = run(5, top_p=1e-6)  # a vanishing nucleus keeps only the top token
     assert nucleus == top1
 
@@ -85,9 +85,9 @@ def test_sampling_is_reproducible_from_the_seed(trained):
 def test_generation_stops_at_the_end_token(trained):
     cfg, _, params = trained
     layout, graphdef, placed = _on(cfg, params, None)
-    free = Generator(graphdef, cfg.model, layout, Sampling()).generate(placed, PROMPTS[:1], 8, None)
+    free = Generator(cfg.model, layout, Sampling()).generate(placed, PROMPTS[:1], 8, None)
     stop_at = free[0][3]
-    out = Generator(graphdef, cfg.model, layout, Sampling()).generate(placed, PROMPTS[:1], 8, stop_at)
+    out = Generator(cfg.model, layout, Sampling()).generate(placed, PROMPTS[:1], 8, stop_at)
     assert out == [free[0][:3]]
 
 
@@ -95,9 +95,9 @@ def test_training_samples_follow_the_sample_keys_and_the_seed(trained):
     from pjit_llm.training.actions import sample_generator
     cfg, _, params = trained
     layout, graphdef, placed = _on(cfg, params, {"fsdp": 2, "tensor": 4})
-    run = lambda *keys: sample_generator(tiny_config(*keys), graphdef, layout).generate(  # noqa: E731
+    run = lambda *keys: sample_generator(tiny_config(*keys), layout).generate(  # noqa: E731
         placed, PROMPTS, 16, eos_id=None)
-    greedy = Generator(graphdef, cfg.model, layout, Sampling()).generate(placed, PROMPTS, 16, None)
+    greedy = Generator(cfg.model, layout, Sampling()).generate(placed, PROMPTS, 16, None)
     assert run("train.sample_temperature=0", "train.seed=1") == greedy
     hot = ("train.sample_temperature=1.5", "train.sample_top_p=1")
     assert run(*hot, "train.seed=1") == run(*hot, "train.seed=1")
@@ -105,12 +105,13 @@ def test_training_samples_follow_the_sample_keys_and_the_seed(trained):
     assert run(*hot, "train.sample_top_p=1e-6", "train.seed=1") == greedy  # top_p reaches it
 
 
-def host_loop(graphdef, params, prompt, n, sampling) -> list[int]:
+def host_loop(graphdef, params, model_cfg, prompt, n, sampling) -> list[int]:
     """Reference: one prompt, one compiled decode step per token called from Python, with the
-    generator's key sequence (one split for the prefill, one per step)."""
+    generator's key sequence (one split for the prefill, one per step), on the stacked layers
+    as training holds them (the generator runs them as a layer list)."""
     step = jax.jit(lambda p, t, pos, c, k: _sampled(nnx.merge(graphdef, p).decode(t, pos, c), k,
                                                      sampling))
-    cache = nnx.merge(graphdef, params).init_cache(1, len(prompt) + n)
+    cache = init_cache(model_cfg, 1, len(prompt) + n)
     key, sub = jax.random.split(jax.random.key(sampling.seed))
     token, cache = step(params, jnp.asarray(prompt)[None], jnp.arange(len(prompt))[None], cache,
                         sub)
@@ -134,27 +135,28 @@ def test_the_device_loop_equals_a_host_loop_token_for_token(trained, mesh):
     layout, graphdef, placed = _on(cfg, params, mesh)
     greedy, hot = Sampling(), Sampling(temperature=2.0, seed=7)
     for sampling in (greedy, hot):
-        whole = Generator(graphdef, cfg.model, layout, sampling).generate(placed, PROMPTS, 12, None)
+        whole = Generator(cfg.model, layout, sampling).generate(placed, PROMPTS, 12, None)
         if mesh is None:  # the random draws depend on the batch's shape: one prompt alone
-            alone = Generator(graphdef, cfg.model, layout, sampling).generate(
+            alone = Generator(cfg.model, layout, sampling).generate(
                 placed, PROMPTS[:1], 12, None)
-            assert alone[0] == host_loop(graphdef, placed, PROMPTS[0], 12, sampling), sampling
+            reference = host_loop(graphdef, placed, cfg.model, PROMPTS[0], 12, sampling)
+            assert alone[0] == reference, sampling
         steps = []  # streaming: back on the host after every 5 tokens
-        streamed = Generator(graphdef, cfg.model, layout, sampling, stream_block=5)
+        streamed = Generator(cfg.model, layout, sampling, stream_block=5)
         out = streamed.generate(placed, PROMPTS, 12, None, on_tokens=steps.append)
         assert out == whole, (mesh, sampling)
         assert len(steps) == 12 and [int(t[0]) for t in steps] == whole[0]
-    greedy_out = Generator(graphdef, cfg.model, layout, greedy).generate(placed, PROMPTS, 12, None)
+    greedy_out = Generator(cfg.model, layout, greedy).generate(placed, PROMPTS, 12, None)
     assert whole != greedy_out  # the seeded run really sampled
 
 
 def test_each_prompt_stops_at_its_own_end_token(trained):
     cfg, _, params = trained
     layout, graphdef, placed = _on(cfg, params, None)
-    free = Generator(graphdef, cfg.model, layout, Sampling()).generate(placed, PROMPTS, 8, None)
+    free = Generator(cfg.model, layout, Sampling()).generate(placed, PROMPTS, 8, None)
     eos = free[1][2]  # ends the second prompt after two tokens
     assert all(eos not in row for i, row in enumerate(free) if i != 1)
-    out = Generator(graphdef, cfg.model, layout, Sampling()).generate(placed, PROMPTS, 8, eos)
+    out = Generator(cfg.model, layout, Sampling()).generate(placed, PROMPTS, 8, eos)
     assert out == [free[0], free[1][:2], free[2]]
 
 
@@ -166,7 +168,7 @@ def test_int8_weights_quantized_on_any_mesh_generate_the_same_counts(trained):
         _, abstract = abstract_model(cfg.model, layout)
         int8 = quantize_params(placed, layout, QUANTIZED_WEIGHTS, abstract)
         assert isinstance(int8["blocks"]["attn"]["wq"][...], Int8Weight)
-        outs.append(Generator(graphdef, cfg.model, layout, Sampling()).generate(
+        outs.append(Generator(cfg.model, layout, Sampling()).generate(
             int8, PROMPTS, 12, eos_id=None))
     assert outs[0] == outs[1] == outs[2]
     assert outs[0][0][:4] == [13, 14, 15, 16]  # it still counts

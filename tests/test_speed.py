@@ -13,7 +13,7 @@ from pjit_llm.inference.speed import generation_rows, transformers_rows
 def test_generation_rows_measure_the_real_generator():
     parts = build_on(tiny_config(), fsdp=2, tensor=4)
     params = parts.init_state().params
-    rows = generation_rows(parts.cfg, params, parts.layout, parts.graphdef, [1, 4],
+    rows = generation_rows(parts.cfg, params, parts.layout, [1, 4],
                            prompt_len=5, new_tokens=6, repeats=2)
     assert [r["batch"] for r in rows] == [1, 4]
     m = parts.model

@@ -1,14 +1,17 @@
 """Generation with a key/value cache, on the mesh.
 
 The prompts are run once (prefill), then the decode runs on the device, one compiled loop of
-decode steps, without returning to Python between tokens. Greedy, or sampled with a temperature, top-k and top-p, from a seed; stops at the
-end-of-document token or after `max_new_tokens`. Parameters and cache live on the mesh
-(heads over `tensor`, prompts over `data`), so a model that only fits sharded still generates.
+decode steps, without returning to Python between tokens. Greedy, or sampled with a
+temperature, top-k and top-p, from a seed; stops at the end-of-document token or after
+`max_new_tokens`. Parameters and cache live on the mesh (heads over `tensor`, prompts over
+`data`), so a model that only fits sharded still generates. The loop reads the layers' weights
+as one tree per layer and updates each layer's cache in place, so a step copies neither.
 """
 
 import dataclasses
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -17,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from pjit_llm.errors import UserError
+from pjit_llm.models.llama.model import CACHE_AXES, abstract_model, init_cache, unstack_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,11 +57,13 @@ class Generator:
     step limit is reached. Without streaming, one call decodes everything; streaming runs
     the same loop `stream_block` tokens at a time and hands those to the caller."""
 
-    def __init__(self, graphdef, model_cfg, layout, sampling: Sampling, stream_block: int = 8):
+    def __init__(self, model_cfg, layout, sampling: Sampling, stream_block: int = 8):
         self.model_cfg, self.layout, self.sampling = model_cfg, layout, sampling
         self.stream_block = stream_block
-        cache_sharding = layout.sharding(("layers", "batch", "length", "kv_heads", "head_dim"))
-        self.cache_sharding = {"k": cache_sharding, "v": cache_sharding}
+        # The loop runs the model with one parameter tree per layer (`prepare`).
+        graphdef, _ = abstract_model(model_cfg, layout, layer_list=True)
+        layer_cache = layout.sharding(CACHE_AXES)
+        self.cache_sharding = ({"k": layer_cache, "v": layer_cache},) * model_cfg.num_layers
 
         def step(params, tokens_BL, positions_BL, last_B, cache, key):
             logits_BLV, cache = nnx.merge(graphdef, params).decode(tokens_BL, positions_BL, cache)
@@ -99,16 +105,24 @@ class Generator:
 
         self._prefill = jax.jit(prefill, static_argnums=(6, 7), donate_argnums=4)
         self._decode = jax.jit(decode, static_argnums=3, donate_argnums=1)
-        self._init_cache = jax.jit(
-            lambda params, batch, length: nnx.merge(graphdef, params).init_cache(batch, length),
-            static_argnums=(1, 2), out_shardings=self.cache_sharding)
+        self._init_cache = jax.jit(partial(init_cache, model_cfg), static_argnums=(0, 1),
+                                   out_shardings=self.cache_sharding)
+
+    @staticmethod
+    def prepare(params, donate: bool = False) -> "DecodeParams":
+        """The model's parameters as the decode loop reads them, one tree per layer (see
+        models.llama.model.unstack_layers); with `donate` the stacked arrays are freed."""
+        return DecodeParams(unstack_layers(params, donate))
 
     def generate(self, params, prompts: list[np.ndarray], max_new_tokens: int,
                  eos_id: int | None,
                  on_tokens: Callable[[np.ndarray], None] | None = None) -> list[list[int]]:
-        """New tokens for each prompt (without the prompt, stopping before an end token).
-        `on_tokens` sees each step's tokens (-1 for prompts already finished), as they come
-        off the device in blocks of `stream_block`."""
+        """New tokens for each prompt (without the prompt, stopping before an end token), from
+        the model's parameters or those of `prepare`. `on_tokens` sees each step's tokens (-1
+        for prompts already finished), as they come off the device in blocks of
+        `stream_block`."""
+        if not isinstance(params, DecodeParams):
+            params = self.prepare(params)
         n = len(prompts)
         state = self.prefill(params, prompts, max_new_tokens, eos_id)
         if on_tokens is None:
@@ -127,7 +141,7 @@ class Generator:
         out = np.asarray(state["out"][:n])
         return [[int(t) for t in row if t >= 0] for row in out]
 
-    def prefill(self, params, prompts: list[np.ndarray], max_new_tokens: int,
+    def prefill(self, params: "DecodeParams", prompts: list[np.ndarray], max_new_tokens: int,
                 eos_id: int | None) -> dict:
         """The decode state after running the prompts: the first new token of each written.
         The batch is padded to split evenly over its mesh axes."""
@@ -142,15 +156,21 @@ class Generator:
         tokens, lengths = np.zeros((B, T), np.int32), np.ones(B, np.int32)
         for i, p in enumerate(prompts):
             tokens[i, : len(p)], lengths[i] = p, len(p)
-        cache = self._init_cache(params, B, T + max_new_tokens)
+        cache = self._init_cache(B, T + max_new_tokens)
         tokens = jax.device_put(tokens, self.layout.sharding(("batch", "length")))
-        return self._prefill(params, tokens, jnp.asarray(lengths), jnp.arange(B) < n, cache,
+        return self._prefill(params.state, tokens, jnp.asarray(lengths), jnp.arange(B) < n, cache,
                              jax.random.key(self.sampling.seed), max_new_tokens, eos_id)
 
-    def decode(self, params, state: dict, stop: int, eos_id: int | None) -> dict:
+    def decode(self, params: "DecodeParams", state: dict, stop: int, eos_id: int | None) -> dict:
         """The state after decoding on the device until `stop` tokens are written (at most
         the prefill's `max_new_tokens`) or every prompt has ended; donates `state`."""
-        return self._decode(params, state, stop, eos_id)
+        return self._decode(params.state, state, stop, eos_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeParams:
+    """Parameters laid out for the decode loop (`Generator.prepare`)."""
+    state: nnx.State
 
 
 def jnp_take_rows(logits_BLV, index_B):
@@ -177,7 +197,8 @@ def generate_texts(run: Path, prompts: list[str], max_new_tokens: int, sampling:
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention="xla"))
     parts = build(cfg, tokenizer.vocab_size)
     params, _, _ = inference_params(parts.cfg, parts.layout, step, quantize)
-    generator = Generator(parts.graphdef, parts.model, parts.layout, sampling)
+    generator = Generator(parts.model, parts.layout, sampling)
+    params = generator.prepare(params, donate=True)
     ids = [tokenizer.encode(p) for p in prompts]
     streamed: list[int] = []
 

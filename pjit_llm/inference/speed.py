@@ -31,6 +31,7 @@ def measure_generation(generator: Generator, params, model: ModelConfig, batch: 
     """Median prefill and decode times of `repeats` generations of `new_tokens` greedy tokens
     (no end token: every row runs to the end) after one untimed generation that compiles."""
     prompts = random_prompts(batch, prompt_len, model.vocab_size)
+    params = generator.prepare(params)
     generator.generate(params, prompts, new_tokens, None)
     prefills, decodes = [], []
     for _ in range(repeats):
@@ -42,7 +43,7 @@ def measure_generation(generator: Generator, params, model: ModelConfig, batch: 
         decodes.append(time.perf_counter() - middle)
     prefill_s, decode_s = statistics.median(prefills), statistics.median(decodes)
     steps = new_tokens - 1  # the first new token comes out of the prefill
-    weights, cache = param_bytes(params), param_bytes(state["cache"])
+    weights, cache = param_bytes(params.state), param_bytes(state["cache"])
     step_s = decode_s / steps
     bandwidth = perf.memory_bandwidth(jax.devices()[0].device_kind)
     traffic = (weights + cache) / step_s
@@ -58,9 +59,9 @@ def measure_generation(generator: Generator, params, model: ModelConfig, batch: 
     }
 
 
-def generation_rows(cfg, params, layout, graphdef, batches: list[int], prompt_len: int,
+def generation_rows(cfg, params, layout, batches: list[int], prompt_len: int,
                     new_tokens: int, repeats: int) -> list[dict]:
-    generator = Generator(graphdef, cfg.model, layout, Sampling())
+    generator = Generator(cfg.model, layout, Sampling())
     return [measure_generation(generator, params, cfg.model, b, prompt_len, new_tokens, repeats)
             for b in batches]
 

@@ -163,12 +163,12 @@ class Evaluation:
             self.log.text(f"samples/{i}", text, step)
 
 
-def sample_generator(cfg: Config, graphdef, layout: Layout) -> Generator:
+def sample_generator(cfg: Config, layout: Layout) -> Generator:
     """The generator of the in-training samples: train.sample_temperature and sample_top_p,
     seeded by train.seed, so every evaluation of a run draws from the same random stream."""
     sampling = Sampling(temperature=cfg.train.sample_temperature, top_p=cfg.train.sample_top_p,
                         seed=cfg.train.seed)
-    return Generator(graphdef, cfg.model, layout, sampling)
+    return Generator(cfg.model, layout, sampling)
 
 
 class Profiler:

@@ -60,7 +60,7 @@ def train(cfg: Config, dataset: Dataset, tokenizer: Tokenizer) -> dict:
         log = MetricsLog(run_dir, append=int(state.step) > 0, total_steps=cfg.train.steps,
                          first_step=int(state.step))
         sampled = cfg.train.sample_tokens and cfg.train.sample_prompts
-        generator = sample_generator(cfg, parts.graphdef, parts.layout) if sampled else None
+        generator = sample_generator(cfg, parts.layout) if sampled else None
         evaluation = Evaluation(cfg, parts.eval_step, val_batches, tokenizer, log, generator,
                                 isinstance(tokenizer, ByteTokenizer), parts.to_model_order)
         try:

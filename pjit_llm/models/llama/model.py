@@ -34,6 +34,8 @@ QUANTIZED_WEIGHTS: dict[str, Axes] = {
     "w_gate": ("embed",), "w_up": ("embed",), "w_down": ("mlp",),
     "embed": ("embed",), "unembed": ("embed",)}
 
+CACHE_AXES: Axes = ("batch", "length", "kv_heads", "head_dim")  # one layer's keys or values
+
 REMAT_POLICIES: dict[str, Callable | None] = {
     "full": None,  # save nothing, recompute the whole block in the backward pass
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # every matmul output
@@ -173,7 +175,7 @@ class Transformer(nnx.Module):
     Decoding with a cache always runs them one after another."""
 
     def __init__(self, cfg: ModelConfig, layout: Layout | None, rngs: nnx.Rngs,
-                 pipeline: Pipeline | None = None):
+                 pipeline: Pipeline | None = None, layer_list: bool = False):
         if cfg.vocab_size <= 0:
             raise ValueError("resolve model.vocab_size from the tokenizer before building the model")
         D, V, pd = cfg.embed_dim, cfg.vocab_size, cfg.param_dtype
@@ -188,7 +190,10 @@ class Transformer(nnx.Module):
         def make_blocks(rngs: nnx.Rngs) -> Block:
             return Block(cfg, block_layout, rngs)
 
-        self.blocks = make_blocks(rngs)
+        if layer_list:  # one parameter tree per layer: see `unstack_layers`
+            self.blocks = nnx.List([Block(cfg, block_layout, rngs) for _ in range(cfg.num_layers)])
+        else:
+            self.blocks = make_blocks(rngs)
         self.final_norm = RMSNorm(D, cfg.norm_eps, pd)
         if not cfg.tie_embeddings:
             self.unembed = _param(rngs, cfg.init_std, (D, V), ("embed", "vocab"), pd)
@@ -205,7 +210,7 @@ class Transformer(nnx.Module):
         x_BLD = self._embed(tokens_BL)
         if self.pipeline is None:
             sin, cos = rope_angles(positions_BL, self.cfg.head_dim, self.cfg.rope_theta, self.cfg)
-            x_BLD, _ = self._run_blocks(x_BLD, sin, cos, self._segment_mask(segment_ids_BL))
+            x_BLD = self._run_blocks(x_BLD, sin, cos, self._segment_mask(segment_ids_BL))
         else:
             x_BLD = self._run_pipeline(x_BLD, segment_ids_BL, positions_BL)
         return self.final_norm(x_BLD)
@@ -230,21 +235,30 @@ class Transformer(nnx.Module):
         logits_BLV = matmul("BLD,VD->BLV", x_BLD, w_VD, self.cfg.dtype)
         return _constrain(self.layout, logits_BLV, ("batch", "length", "vocab"))
 
-    def decode(self, tokens_BL, positions_BL, cache: dict):
+    def decode(self, tokens_BL, positions_BL, cache: tuple[dict, ...]):
         """Logits for new tokens at `positions` (consecutive per row) given the key/value
-        cache {"k", "v": (layers, B, S, G, K)} of the earlier ones; returns (logits, cache)."""
-        slots_S = jnp.arange(cache["k"].shape[2])
+        cache of the earlier ones, one {"k", "v": (B, S, G, K)} per layer; returns (logits,
+        cache). The layers run one after another, each writing only its new entries into its
+        own cache buffers, which a decode loop then updates in place. Stacked layers are
+        sliced here on every call (a copy of their weights): a loop of decode steps should
+        run the model with a layer list (`unstack_layers`) instead."""
+        slots_S = jnp.arange(cache[0]["k"].shape[1])
         mask_B1LS = slots_S[None, None, None, :] <= positions_BL[:, None, :, None]
-        cfg = self.cfg
+        cfg, layout = self.cfg, self.block_layout
         sin, cos = rope_angles(positions_BL, cfg.head_dim, cfg.rope_theta, cfg)
-        x_BLD, cache = self._run_blocks(self._embed(tokens_BL), sin, cos, mask_B1LS, cache,
-                                        positions_BL[:, 0])
-        return self.logits(self.final_norm(x_BLD)), cache
+        x_BLD = self._embed(tokens_BL)
+        written = []
+        for i, layer_cache in enumerate(cache):
+            k, v = (_constrain(layout, layer_cache[n], CACHE_AXES) for n in ("k", "v"))
+            x_BLD, (k, v) = self._layer(i)(x_BLD, sin, cos, mask_B1LS, (k, v, positions_BL[:, 0]))
+            written.append({"k": k, "v": v})
+        return self.logits(self.final_norm(x_BLD)), tuple(written)
 
-    def init_cache(self, batch: int, length: int) -> dict:
-        cfg = self.cfg
-        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
-        return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+    def _layer(self, i: int) -> Block:
+        if isinstance(self.blocks, nnx.List):
+            return self.blocks[i]
+        graphdef, stacked = nnx.split(self.blocks)
+        return nnx.merge(graphdef, jax.tree.map(partial(_index, i=i), stacked))
 
     def _embed(self, tokens_BL):
         # Gather the table's FSDP shards first (as FSDP does for every weight): a lookup into a
@@ -253,35 +267,22 @@ class Transformer(nnx.Module):
         x_BLD = take_rows(table_VD, tokens_BL, self.cfg.dtype)
         return _constrain(self.layout, x_BLD, ("batch", "length", "embed"))
 
-    def _run_blocks(self, x_BLD, sin, cos, mask_B1LS, cache=None, start_B=None, stacked=None):
-        """The stacked layers (all, or the block `stacked`), scanned or unrolled; each reads
-        and writes its cache slice."""
+    def _run_blocks(self, x_BLD, sin, cos, mask_B1LS, stacked=None):
+        """The stacked layers (all, or the block `stacked`), scanned or unrolled."""
         graphdef, all_layers = nnx.split(self.blocks)
         stacked = all_layers if stacked is None else stacked
-        cache_axes = ("batch", "length", "kv_heads", "head_dim")
-        layout = self.block_layout
 
-        def apply(x, layer):
-            layer_state, k, v = layer
-            kv = None if k is None else (_constrain(layout, k, cache_axes),
-                                         _constrain(layout, v, cache_axes), start_B)
-            x, kv = nnx.merge(graphdef, layer_state)(x, sin, cos, mask_B1LS, kv)
-            return x, (None, None) if kv is None else kv
+        def apply(x, layer_state):
+            return nnx.merge(graphdef, layer_state)(x, sin, cos, mask_B1LS)[0], None
 
         if self.cfg.remat != "none":
             apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.cfg.remat],
                                    prevent_cse=not self.cfg.scan_layers)
-        layers = (stacked, *((None, None) if cache is None else (cache["k"], cache["v"])))
         if self.cfg.scan_layers:
-            x_BLD, (k, v) = jax.lax.scan(apply, x_BLD, layers)
-        else:
-            outs = []
-            for i in range(jax.tree.leaves(stacked)[0].shape[0]):
-                x_BLD, kv = apply(x_BLD, jax.tree.map(partial(_index, i=i), layers))
-                outs.append(kv)
-            k, v = (None, None) if cache is None else (jnp.stack([o[0] for o in outs]),
-                                                       jnp.stack([o[1] for o in outs]))
-        return x_BLD, None if cache is None else {"k": k, "v": v}
+            return jax.lax.scan(apply, x_BLD, stacked)[0]
+        for i in range(jax.tree.leaves(stacked)[0].shape[0]):
+            x_BLD = apply(x_BLD, jax.tree.map(partial(_index, i=i), stacked))[0]
+        return x_BLD
 
     def _run_pipeline(self, x_BLD, segment_ids_BL, positions_BL):
         """The layers as pipeline stages over micro-batches of the batch."""
@@ -294,7 +295,7 @@ class Transformer(nnx.Module):
             segment_ids_bL, positions_bL = extras
             sin, cos = rope_angles(positions_bL, cfg.head_dim, cfg.rope_theta, cfg)
             return self._run_blocks(x_bLD, sin, cos, self._segment_mask(segment_ids_bL),
-                                    stacked=layers)[0]
+                                    stacked=layers)
 
         extras = (split_microbatches(segment_ids_BL, M), split_microbatches(positions_BL, M))
         y_MbLD = self.pipeline.run(stage, nnx.split(self.blocks)[1], x_MbLD, extras,
@@ -318,8 +319,40 @@ def _constrain_table(layout: Layout | None, w_VD):
     return _constrain(layout, w_VD, ("vocab", None))
 
 
-def abstract_model(cfg: ModelConfig, layout: Layout | None,
-                   pipeline: Pipeline | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> tuple[dict, ...]:
+    """An empty key/value cache for `Transformer.decode`: per layer, `length` slots for each
+    of `batch` rows."""
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return tuple({"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+                 for _ in range(cfg.num_layers))
+
+
+def abstract_model(cfg: ModelConfig, layout: Layout | None, pipeline: Pipeline | None = None,
+                   layer_list: bool = False) -> tuple[nnx.GraphDef, nnx.State]:
     """The model's graph and parameter shapes (with logical axes), without allocating."""
-    model = nnx.eval_shape(lambda: Transformer(cfg, layout, nnx.Rngs(0), pipeline))
+    model = nnx.eval_shape(lambda: Transformer(cfg, layout, nnx.Rngs(0), pipeline, layer_list))
     return nnx.split(model)
+
+
+def unstack_layers(params: nnx.State, donate: bool = False) -> nnx.State:
+    """`params` with the stacked layers as one tree per layer, the state of
+    `Transformer(..., layer_list=True)`: a decode step then reads each layer's weights where
+    they lie instead of slicing (copying) them out of the stack every step. Each layer keeps
+    the stacked sharding less the layer axis. With `donate`, each stacked array is freed once
+    split, so the weights are never held twice."""
+    def split(a):
+        if isinstance(a.sharding, jax.sharding.NamedSharding):
+            one = jax.sharding.NamedSharding(a.sharding.mesh,
+                                             jax.sharding.PartitionSpec(*a.sharding.spec[1:]))
+            layers = jax.jit(lambda a: tuple(a[i] for i in range(a.shape[0])),
+                             out_shardings=(one,) * a.shape[0])(a)
+        else:
+            layers = tuple(a[i] for i in range(a.shape[0]))
+        if donate:
+            a.delete()
+        return layers
+
+    leaves, treedef = jax.tree.flatten(params["blocks"])
+    per_leaf = [split(a) for a in leaves]
+    layers = {i: treedef.unflatten([t[i] for t in per_leaf]) for i in range(len(per_leaf[0]))}
+    return nnx.State({**{k: v for k, v in params.items() if k != "blocks"}, "blocks": layers})
