@@ -130,12 +130,32 @@ class Attention(nnx.Module):
             k_BLGK = write(k_cache, k_BLGK.astype(k_cache.dtype), start_B)
             v_BLGK = write(v_cache, v_BLGK.astype(v_cache.dtype), start_B)
             kv = (k_BLGK, v_BLGK)
-        # attention.resolve_attention decides between the kernels ("auto" means XLA unless
-        # resolved); decoding attends over a cache under a general mask, which XLA's does.
-        impl = "cudnn" if self.cfg.attention == "cudnn" and kv is None else "xla"
-        out_BLHK = jax.nn.dot_product_attention(
-            q_BLHK, k_BLGK, v_BLGK, mask=mask_B1LS, is_causal=kv is None, implementation=impl)
+        if kv is not None and q_BLHK.shape[1] == 1:  # a decode step
+            out_BLHK = attend_one_position(q_BLHK, k_BLGK, v_BLGK, mask_B1LS)
+        else:
+            # attention.resolve_attention decides between the kernels ("auto" means XLA
+            # unless resolved); a prefill attends over a cache under a general mask: XLA's.
+            impl = "cudnn" if self.cfg.attention == "cudnn" and kv is None else "xla"
+            out_BLHK = jax.nn.dot_product_attention(
+                q_BLHK, k_BLGK, v_BLGK, mask=mask_B1LS, is_causal=kv is None,
+                implementation=impl)
         return matmul("BLHK,HKD->BLD", out_BLHK, self.wo[...], dt, "attn_out", kind), kv
+
+
+def attend_one_position(q_B1HK, k_BSGK, v_BSGK, mask_B11S) -> jax.Array:
+    """Attention of one new position per row over the cache, in float32, as multiply-and-sum
+    reductions: these read the cache in its stored layout, where a batched matmul would first
+    copy it transposed, every step, for a single query row that gives a matmul nothing to
+    gain. Query head h uses key/value head h // (H / G), as in grouped-query attention."""
+    B, _, H, K = q_B1HK.shape
+    G = k_BSGK.shape[2]
+    q_B1GRK = q_B1HK.astype(jnp.float32).reshape(B, 1, G, H // G, K) * K ** -0.5
+    k_BSG1K, v_BSG1K = k_BSGK[:, :, :, None, :], v_BSGK[:, :, :, None, :]
+    scores_BSGR = jnp.sum(q_B1GRK * k_BSG1K.astype(jnp.float32), axis=-1)
+    scores_BSGR = jnp.where(mask_B11S[:, 0, 0, :, None, None], scores_BSGR, -jnp.inf)
+    probs_BSGR = jax.nn.softmax(scores_BSGR, axis=1)
+    out_BGRK = jnp.sum(probs_BSGR[..., None] * v_BSG1K.astype(jnp.float32), axis=1)
+    return out_BGRK.reshape(B, 1, H, K).astype(q_B1HK.dtype)
 
 
 class MLP(nnx.Module):
