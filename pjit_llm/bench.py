@@ -37,7 +37,8 @@ def bench_data(args) -> list[dict]:
         rates = [data_throughput(dataset, tokenizer, cfg.data, workers, args.batches, args.warmup)
                  for _ in range(args.repeats)]
         gc.collect()
-        rows.append({"source": cfg.data.source, "tokenizer": cfg.data.tokenizer,
+        rows.append({"source": cfg.data.source, "format": cfg.data.format,
+                     "tokenizer": cfg.data.tokenizer,
                      "workers": workers, "batch": f"{cfg.data.batch_size}x{cfg.data.seq_len}",
                      "tokens_per_s": statistics.median(rates),
                      "min": min(rates), "max": max(rates), "repeats": len(rates)})
@@ -178,8 +179,9 @@ def print_rows(command: str, rows: list[dict]) -> None:
                       _maybe(r.get("decode_bytes_per_s"), lambda b: f"{b / 1e9:.1f} GB/s"),
                       _maybe(r.get("bandwidth_share"), "{:.0%}")] for r in rows])
     elif command == "data":
-        print_table(["source", "tokenizer", "workers", "batch", "tokens/s (median)", "min", "max"],
-                    [[r["source"], r["tokenizer"], str(r["workers"]), r["batch"],
+        print_table(["source", "format", "tokenizer", "workers", "batch", "tokens/s (median)",
+                     "min", "max"],
+                    [[r["source"], r["format"], r["tokenizer"], str(r["workers"]), r["batch"],
                       f"{r['tokens_per_s']:,.0f}", f"{r['min']:,.0f}", f"{r['max']:,.0f}"]
                      for r in rows])
     else:

@@ -101,6 +101,10 @@ class DataConfig:
     source: Literal["builtin", "local", "tfds"] = "builtin"
     paths: tuple[str, ...] = ()  # local: text/JSONL files, globs or directories
     text_field: str = "text"  # the JSONL field (local) or the feature (tfds) holding the text
+    # text: plain documents; chat: JSONL `messages` rendered with the tokenizer's chat template,
+    # loss on assistant turns; prompt_completion: JSONL `prompt`/`completion`, loss on the
+    # completion. Both of the latter pack first-fit (records whole, cut at seq_len).
+    format: Literal["text", "chat", "prompt_completion"] = "text"
     name: str = ""  # tfds: catalogue name, e.g. lm1b or wikitext/wikitext-103-raw-v1
     train_split: str = "train"  # tfds
     val_split: str = ""  # tfds; "" carves data.val_fraction off the training split
@@ -135,6 +139,12 @@ class DataConfig:
             raise UserError("data.source=tfds needs data.name, a TFDS catalogue name such as lm1b")
         if self.tokenizer == "hf" and not self.tokenizer_path:
             raise UserError("data.tokenizer=hf needs data.tokenizer_path, a tokenizer.json file")
+        if self.format != "text" and self.source != "local":
+            raise UserError(f"data.format={self.format} reads JSONL files: set data.source=local "
+                            "and data.paths")
+        if self.format == "chat" and self.tokenizer != "hf":
+            raise UserError("data.format=chat needs data.tokenizer=hf and data.tokenizer_path: the "
+                            "chat template comes with the model's tokenizer.json")
 
 
 @dataclass(frozen=True)

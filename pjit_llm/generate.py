@@ -7,7 +7,9 @@ at the end-of-document token or after --max-new-tokens. Parameters and cache liv
 of mesh.* (heads over `tensor`, prompts over `data`), so a model that only fits sharded still
 generates. With one prompt the text streams as it is produced, a few tokens at a time.
 `--quantize int8` quantizes the weights to int8 as they are loaded (pjit_llm/models/quantize.py);
-an export written with --quantize int8 is int8 already.
+an export written with --quantize int8 is int8 already. `--chat` treats each prompt as a
+user's message: it is rendered with the chat template of the run's tokenizer (with the
+generation prompt), and the reply alone is printed.
 """
 
 import argparse
@@ -30,6 +32,8 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quantize", default="none", metavar="none|int8",
                    help="int8: weight-only int8, quantized at load time")
+    p.add_argument("--chat", action="store_true",
+                   help="apply the tokenizer's chat template to each prompt (a user's message)")
     p.add_argument("--emulate-devices", type=int, default=0, metavar="N")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="changes to the run's config, e.g. mesh.tensor=4")
@@ -53,10 +57,10 @@ def main(argv=None) -> None:
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     texts = generate_texts(args.run, prompts, args.max_new_tokens, sampling, args.step,
                            args.overrides, args.emulate_devices, stream=len(prompts) == 1,
-                           quantize=args.quantize)
+                           quantize=args.quantize, chat=args.chat)
     if len(prompts) > 1:
         for prompt, text in zip(prompts, texts):
-            print(f"=== {prompt}\n{prompt}{text}\n")
+            print(f"=== {prompt}\n{'' if args.chat else prompt}{text}\n")
 
 
 def cli() -> None:

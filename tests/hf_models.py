@@ -80,3 +80,33 @@ def write_hf(directory: Path, config: dict, drop=(), reshape=None):
         dict((a, c) for a, _, c in specs)[n], np.float32), shard_bytes=10**9)
     (directory / "config.json").write_text(json.dumps(config))
 
+
+
+# A chat template in the style of Zephyr's: special tokens around each turn, the reply closed
+# by the end token, and transformers' `{% generation %}` marking what the assistant says.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'user' %}<|user|> {{ m['content'] }}\n"
+    "{% elif m['role'] == 'assistant' %}<|assistant|> {% generation %}{{ m['content'] }} "
+    "{{ eos_token }}{% endgeneration %}\n"
+    "{% else %}{{ raise_exception('roles must be user or assistant, not ' + m['role']) }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}")
+CHAT_SPECIALS = ["<s>", "</s>", "<|user|>", "<|assistant|>"]  # ids 300-303
+
+
+def chat_tokenizer(directory: Path, template: str | None = CHAT_TEMPLATE) -> Path:
+    """The word-level tokenizer of `hf_llama` plus the chat special tokens (a model needs a
+    vocabulary of at least 304), with tokenizer_config.json holding `template`; returns the
+    tokenizer.json path."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(CHAT_SPECIALS)
+    tok.save(str(directory / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
+              "eos_token": {"__type": "AddedToken", "content": "</s>", "special": True}, "unk_token": "[UNK]"}
+    if template is not None:
+        config["chat_template"] = template
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory / "tokenizer.json"

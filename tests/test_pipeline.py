@@ -71,3 +71,36 @@ def test_processes_read_disjoint_shares_that_cover_the_data():
     assert not seen[0] & seen[1]
     assert seen[0] | seen[1] == {f"<{i}" for i in range(61)}
 
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_chat_records_pack_whole_with_their_loss_mask_and_truncation_flags(tmp_path, workers):
+    from hf_models import chat_tokenizer
+    from pjit_llm.data.chat import Encode, load_chat_template, to_record
+    from pjit_llm.data.tokenizer import HFTokenizer
+
+    tok = HFTokenizer(str(chat_tokenizer(tmp_path / "tok")))
+    words = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran"]
+    rng = np.random.default_rng(0)
+    source = [{"text": to_record({"messages": [
+        {"role": "user", "content": " ".join(rng.choice(words, rng.integers(1, 12)))},
+        {"role": "assistant", "content": " ".join(rng.choice(words, rng.integers(1, 12)))}]},
+        "chat")[0].encode()} for _ in range(40)]
+    cfg = DataConfig(source="local", paths=("x.jsonl",), format="chat", tokenizer="hf",
+                     tokenizer_path=tok.path, seq_len=20, num_workers=workers)  # packing: concat
+    batches = collect(packed_batches(source, tok, "text", cfg, 4, 0, 1, train=False))
+    encode = Encode(tok, "chat", 20, load_chat_template(tok.path))
+    expected = sorted((tuple(e["tokens"]), tuple(e["loss_mask"]), int(e["truncated"].sum()))
+                      for e in map(encode, source))
+    got = []
+    for b in batches:
+        assert set(b) == {"tokens", "segment_ids", "positions", "loss_mask", "truncated"}
+        for row in range(len(b["tokens"])):
+            seg = b["segment_ids"][row]
+            for s in range(1, seg.max() + 1):
+                got.append((tuple(b["tokens"][row][seg == s]), tuple(b["loss_mask"][row][seg == s]),
+                            int(b["truncated"][row][seg == s].sum())))
+    # Every conversation in one piece (first-fit even though packing says concat), its mask
+    # alongside; those longer than a row cut to it and flagged.
+    assert sorted(got) == expected
+    assert 0 < sum(t for *_, t in got) < len(source)

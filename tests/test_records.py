@@ -2,6 +2,7 @@
 field, bad records counted, the validation share."""
 
 import collections
+import json
 
 import pytest
 
@@ -25,6 +26,19 @@ def test_text_files_are_cut_at_line_ends_and_bad_records_counted(tmp_path):
     assert [t for k, t in records if "b.jsonl" in k] == ["one", "two"]
     assert skipped == {"not UTF-8": 2, "not JSON": 1, "no text field 'text'": 2}
     assert len(texts) == len(records)  # keys are unique
+
+
+def test_chat_records_are_checked_and_other_files_refused(tmp_path):
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    (tmp_path / "c.jsonl").write_text(json.dumps(chat) + "\n" + json.dumps({"messages": []})
+                                      + "\nnot json\n" + json.dumps({"prompt": "a"}) + "\n")
+    skipped = collections.Counter()
+    records = list(read_records(expand_paths((str(tmp_path / "c.jsonl"),)), "text", skipped, "chat"))
+    assert [json.loads(t) for _, t in records] == [chat]
+    assert skipped == {"no messages list": 2, "not JSON": 1}
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(UserError, match="data.format=chat reads JSON Lines files, but .*notes.txt"):
+        list(read_records(expand_paths((str(tmp_path),)), "text", skipped, "chat"))
 
 
 def test_validation_share_is_spread_and_never_empty():

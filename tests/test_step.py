@@ -153,6 +153,38 @@ def test_loss_counts_only_targets_inside_a_segment(tiny):
     assert abs(float(loss_sum / count) - np.log(cfg.model.vocab_size)) < 0.1
 
 
+def test_the_loss_mask_keeps_only_its_targets_and_counts_them_by_hand(tiny):
+    cfg = tiny("model.loss_chunk=8")  # the chunked loss takes the mask too
+    graphdef, params = nnx.split(Transformer(cfg.model, None, nnx.Rngs(params=0)))
+    L = cfg.data.seq_len
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 256, (2, L)).astype(np.int32)
+    seg = np.where(np.arange(L) < 20, 1, 2).astype(np.int32)[None].repeat(2, 0)
+    pos = np.where(seg == 1, np.arange(L), np.arange(L) - 20).astype(np.int32)
+    mask = (rng.random((2, L)) < 0.4).astype(np.int32)  # e.g. the assistant's tokens
+    batch = {"tokens": tokens, "segment_ids": seg, "positions": pos, "loss_mask": mask}
+    loss_sum, count = loss_terms(graphdef, params, jax.tree.map(jnp.asarray, batch))
+    # By hand: -log p(token i+1) at every position whose target is masked in and lies in the
+    # same document; the first token of a document is never a target.
+    logits = np.asarray(nnx.merge(graphdef, params)(tokens, seg, pos), np.float64)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    keep = (mask[:, 1:] > 0) & (seg[:, 1:] == seg[:, :-1])
+    nll = -np.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1)[..., 0]
+    assert float(count) == keep.sum() < (seg[:, 1:] == seg[:, :-1]).sum()
+    np.testing.assert_allclose(float(loss_sum), nll[keep].sum(), rtol=1e-5)
+    # A target the mask leaves out does not count: the last token of the first document
+    # (the input of no prediction inside it) changed, the loss stays as it was.
+    mask[:, 19] = 0
+    changed = dict(batch, tokens=tokens.copy())
+    changed["tokens"][:, 19] = (tokens[:, 19] + 1) % 256
+    a, b = (loss_terms(graphdef, params, jax.tree.map(jnp.asarray, x)) for x in (batch, changed))
+    assert float(a[0]) == float(b[0]) and float(a[1]) == float(b[1])
+    # ...while without the mask it does.
+    del batch["loss_mask"], changed["loss_mask"]
+    a, b = (loss_terms(graphdef, params, jax.tree.map(jnp.asarray, x)) for x in (batch, changed))
+    assert float(a[0]) != float(b[0])
+
+
 def test_skipping_a_non_finite_step_leaves_the_state_unchanged(tiny):
     parts = build_on(tiny("train.max_bad_steps=1"), data=2, fsdp=2, tensor=2)  # skips non-finite steps
     state = parts.init_state()

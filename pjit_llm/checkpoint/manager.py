@@ -27,7 +27,7 @@ from pjit_llm.errors import UserError, first_line
 FIXED_FIELDS = {
     "model": ("vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads", "mlp_dim",
               "tie_embeddings"),
-    "data": ("source", "paths", "text_field", "name", "train_split", "tokenizer",
+    "data": ("source", "paths", "text_field", "format", "name", "train_split", "tokenizer",
              "tokenizer_path", "packing", "shuffle_window", "num_workers", "shards", "seq_len", "batch_size",
              "val_fraction", "seed"),
 }

@@ -14,13 +14,10 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from pjit_llm.config import DataConfig
-from pjit_llm.data.pipeline import packed_batches
+from pjit_llm.data.pipeline import batch_keys, packed_batches
 from pjit_llm.data.sources import Dataset
 from pjit_llm.data.tokenizer import Tokenizer
 from pjit_llm.errors import UserError
-
-KEYS = ("tokens", "segment_ids", "positions")
-
 
 def local_rows(sharding: NamedSharding, global_batch: int, seq_len: int) -> int:
     """How many rows of the global batch this process's devices hold (a contiguous range)."""
@@ -57,6 +54,7 @@ class Loader:
                  sharding: NamedSharding):
         self.sharding = sharding
         self.shape = (cfg.batch_size, cfg.seq_len)
+        self.keys = batch_keys(cfg)
         rows = local_rows(sharding, cfg.batch_size, cfg.seq_len)
         self._iters = _shard_iterators(dataset.train, tokenizer, dataset.text_field, cfg, rows,
                                        train=True)
@@ -66,7 +64,7 @@ class Loader:
 
     def __next__(self) -> dict[str, jax.Array]:
         parts = [next(it) for it in self._iters]
-        local = {k: np.concatenate([p[k] for p in parts]) for k in KEYS}
+        local = {k: np.concatenate([p[k] for p in parts]) for k in self.keys}
         return to_global(local, self.sharding, self.shape)
 
     def get_state(self) -> dict:
@@ -104,16 +102,17 @@ def eval_batches(dataset: Dataset, tokenizer: Tokenizer, cfg: DataConfig, shardi
     iters = _shard_iterators(dataset.val, tokenizer, dataset.text_field, cfg, rows, train=False,
                              num_workers=0)
     per_shard = rows // len(iters)
-    empty = {k: np.zeros((0, cfg.seq_len), np.int32) for k in KEYS}
+    keys = batch_keys(cfg)
+    empty = {k: np.zeros((0, cfg.seq_len), np.int32) for k in keys}
     batches, tokens = [], 0
     for _ in range(num_batches):
         parts = []
         for it in iters:
             part = next(it, None) or empty
             pad = per_shard - len(part["tokens"])
-            parts.append({k: np.pad(part[k], ((0, pad), (0, 0))) for k in KEYS})
-        local = {k: np.concatenate([p[k] for p in parts]) for k in KEYS}
-        tokens += int(np.count_nonzero(local["segment_ids"]))
+            parts.append({k: np.pad(part[k], ((0, pad), (0, 0))) for k in keys})
+        local = {k: np.concatenate([p[k] for p in parts]) for k in keys}
+        tokens += int(np.count_nonzero(local.get("loss_mask", local["segment_ids"])))
         batches.append(to_global(local, sharding, (cfg.batch_size, cfg.seq_len)))
     if not tokens:
         raise UserError("the validation split has no tokens; add data or raise data.val_fraction")

@@ -5,13 +5,25 @@ Packing `concat` lays documents end to end and cuts rows of seq_len (a long docu
 into the next row; nothing is dropped); `first_fit` starts every document in a fresh segment
 and truncates documents longer than a row. Either way each row carries segment ids (0 marks
 padding) and positions that restart with each document piece.
+
+Chat and prompt/completion records (data.format, chat.py) always pack first-fit, so each
+conversation stays whole in one row unless it is longer than a row; their `loss_mask` and
+`truncated` features are packed alongside the tokens.
 """
 
 import grain
 import numpy as np
 
 from pjit_llm.config import DataConfig
+from pjit_llm.data import chat
 from pjit_llm.data.tokenizer import Tokenizer
+
+KEYS = ("tokens", "segment_ids", "positions")
+MASK_KEYS = ("loss_mask", "truncated")  # formats other than text add these
+
+
+def batch_keys(cfg: DataConfig) -> tuple[str, ...]:
+    return KEYS + (MASK_KEYS if cfg.format != "text" else ())
 
 
 class Tokenize(grain.transforms.Map):
@@ -36,9 +48,13 @@ class ToBatch(grain.transforms.Map):
     """Grain's packed feature names -> the model's batch keys, int32."""
 
     def map(self, element):
-        return {"tokens": element["tokens"].astype(np.int32),
-                "segment_ids": element["tokens_segment_ids"].astype(np.int32),
-                "positions": element["tokens_positions"].astype(np.int32)}
+        batch = {"tokens": element["tokens"].astype(np.int32),
+                 "segment_ids": element["tokens_segment_ids"].astype(np.int32),
+                 "positions": element["tokens_positions"].astype(np.int32)}
+        for key in MASK_KEYS:
+            if key in element:
+                batch[key] = element[key].astype(np.int32)
+        return batch
 
 
 def packed_batches(source, tokenizer: Tokenizer, field: str, cfg: DataConfig, local_batch: int,
@@ -52,10 +68,15 @@ def packed_batches(source, tokenizer: Tokenizer, field: str, cfg: DataConfig, lo
     ds = grain.MapDataset.source(source)[shard_index::shard_count]
     if train:
         ds = ds.seed(cfg.seed).shuffle().repeat(None)
-    ds = ds.map(Tokenize(tokenizer, field, cfg.seq_len if cfg.packing == "first_fit" else None))
+    first_fit = cfg.packing == "first_fit" or cfg.format != "text"
+    if cfg.format == "text":
+        ds = ds.map(Tokenize(tokenizer, field, cfg.seq_len if first_fit else None))
+        length = {"tokens": cfg.seq_len}
+    else:
+        ds = ds.map(chat.encoder(tokenizer, cfg.format, cfg.seq_len))
+        length = dict.fromkeys(("tokens",) + MASK_KEYS, cfg.seq_len)
     ids = ds.filter(NotEmpty()).to_iter_dataset()
-    length = {"tokens": cfg.seq_len}
-    if cfg.packing == "concat":
+    if not first_fit:
         packed = grain.experimental.ConcatThenSplitIterDataset(ids, length_struct=length)
     else:
         packed = grain.experimental.FirstFitPackIterDataset(

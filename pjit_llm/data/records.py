@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from pjit_llm.data.chat import to_record
 from pjit_llm.errors import UserError
 
 # Text files are cut into records of at most this many bytes, at line ends, so that one big
@@ -50,15 +51,19 @@ def is_validation(index: int, fraction: float) -> bool:
 
 
 def read_records(files: list[tuple[str, Path]], text_field: str,
-                 skipped: collections.Counter) -> Iterator[tuple[str, str]]:
-    """(key, text) for every good record; reasons for bad ones are counted in `skipped`."""
+                 skipped: collections.Counter, fmt: str = "text") -> Iterator[tuple[str, str]]:
+    """(key, text) for every good record; reasons for bad ones are counted in `skipped`.
+    Formats other than text read JSONL only and give each record as canonical JSON (chat.py)."""
     for name, path in files:
+        if fmt != "text" and not path.name.endswith(JSONL_SUFFIXES):
+            raise UserError(f"data.format={fmt} reads JSON Lines files, but {path} is not one "
+                            f"(name it {' or '.join(JSONL_SUFFIXES)})")
         try:
             data = path.read_bytes()
         except OSError as e:
             raise UserError(f"cannot read {path}: {e.strerror}") from None
         if path.name.endswith(JSONL_SUFFIXES):
-            yield from _jsonl(name, data, text_field, skipped)
+            yield from _jsonl(name, data, text_field, skipped, fmt)
         else:
             for i, chunk in enumerate(_chunks(data)):
                 try:
@@ -67,7 +72,7 @@ def read_records(files: list[tuple[str, Path]], text_field: str,
                     skipped["not UTF-8"] += 1
 
 
-def _jsonl(name: str, data: bytes, field: str, skipped) -> Iterator[tuple[str, str]]:
+def _jsonl(name: str, data: bytes, field: str, skipped, fmt: str = "text") -> Iterator[tuple[str, str]]:
     for lineno, line in enumerate(data.splitlines(), 1):
         if not line.strip():
             continue
@@ -78,6 +83,13 @@ def _jsonl(name: str, data: bytes, field: str, skipped) -> Iterator[tuple[str, s
             continue
         except json.JSONDecodeError:
             skipped["not JSON"] += 1
+            continue
+        if fmt != "text":
+            text, reason = to_record(obj, fmt)
+            if reason:
+                skipped[reason] += 1
+            else:
+                yield f"{name}:{lineno}", text
             continue
         text = obj.get(field) if isinstance(obj, dict) else None
         if not isinstance(text, str):

@@ -77,17 +77,20 @@ def _quiet_tfds() -> None:
     logging.getLogger("absl").setLevel(logging.ERROR)
 
 
-def _fingerprint(files, field: str, fraction: float) -> str:
+def _fingerprint(files, field: str, fraction: float, fmt: str = "text") -> str:
     stats = [(key, p.stat().st_size, p.stat().st_mtime_ns) for key, p in files]
-    blob = json.dumps([stats, field, fraction, CORPUS_VERSION]).encode()
+    # Text corpora keep the fingerprint they had before formats existed.
+    blob = json.dumps([stats, field, fraction, CORPUS_VERSION] + ([fmt] if fmt != "text" else [])
+                      ).encode()
     return "c" + hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _corpus(files, field: str, cfg: DataConfig) -> Dataset:
     builder = _corpus_builder_class()(
-        files=files, field=field, val_fraction=cfg.val_fraction,
+        files=files, field=field, val_fraction=cfg.val_fraction, fmt=cfg.format,
         data_dir=cfg.data_dir or None, file_format="array_record",
-        config=_tfds().core.BuilderConfig(name=_fingerprint(files, field, cfg.val_fraction)))
+        config=_tfds().core.BuilderConfig(name=_fingerprint(files, field, cfg.val_fraction,
+                                                            cfg.format)))
     builder.download_and_prepare()
     return Dataset(builder.as_data_source(split="train"), builder.as_data_source(split="validation"),
                    Path(builder.data_dir), "text")
@@ -104,9 +107,11 @@ def _corpus_builder_class():
         VERSION = tfds.core.Version(CORPUS_VERSION)
         code_path = None  # no checksums file or dataset package of ours to look up
 
-        def __init__(self, *, files=(), field: str = "text", val_fraction: float = 0.0, **kwargs):
+        def __init__(self, *, files=(), field: str = "text", val_fraction: float = 0.0,
+                     fmt: str = "text", **kwargs):
             # Only preparing needs the files; a copy unpickled in a Grain worker just reads.
             self._files, self._field, self._val_fraction = files, field, val_fraction
+            self._fmt = fmt  # chat and prompt_completion records are stored as JSON text
             _quiet_tfds()  # also in worker processes, which build their own copy
             super().__init__(**kwargs)
 
@@ -121,7 +126,7 @@ def _corpus_builder_class():
         def _generate_examples(self, validation: bool):
             skipped = collections.Counter()
             kept = 0
-            records = read_records(self._files, self._field, skipped)
+            records = read_records(self._files, self._field, skipped, self._fmt)
             for index, (key, text) in enumerate(records):
                 if is_validation(index, self._val_fraction) == validation:
                     kept += 1

@@ -111,6 +111,12 @@ class HFTokenizer(_FileTokenizer):
         text = text.decode("utf-8") if isinstance(text, bytes) else text
         return np.asarray(self.impl.encode(text, add_special_tokens=False).ids, dtype=np.int32)
 
+    def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, [n, 2] character offsets of each token in `text`)."""
+        encoding = self.impl.encode(text, add_special_tokens=False)
+        offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
+        return np.asarray(encoding.ids, dtype=np.int32), offsets
+
     def decode(self, ids) -> str:
         return self.impl.decode([int(i) for i in ids])
 

@@ -179,11 +179,13 @@ def jnp_take_rows(logits_BLV, index_B):
 
 def generate_texts(run: Path, prompts: list[str], max_new_tokens: int, sampling: Sampling,
                    step: int | None = None, overrides=(), emulate_devices: int = 0,
-                   stream: bool = False, quantize: str = "none") -> list[str]:
+                   stream: bool = False, quantize: str = "none", chat: bool = False) -> list[str]:
     """Continuations of `prompts` by the run directory (or export) `run` (its checkpoint
     `step`, default the latest) on the mesh of its config with `overrides`, with
     quantize="int8" its weights quantized to int8; with `stream`, the first prompt's text is
-    printed as it is produced."""
+    printed as it is produced. With `chat`, each prompt is a user's message put through the
+    tokenizer's chat template with the generation prompt, the reply stops at the template's
+    end token, and only the reply is printed."""
     from pjit_llm.checkpoint.runs import inference_params, run_config
     from pjit_llm.data.tokenizer import load_tokenizer
     from pjit_llm.parallel.mesh import use_emulated_devices
@@ -199,6 +201,17 @@ def generate_texts(run: Path, prompts: list[str], max_new_tokens: int, sampling:
     params, _, _ = inference_params(parts.cfg, parts.layout, step, quantize)
     generator = Generator(parts.model, parts.layout, sampling)
     params = generator.prepare(params, donate=True)
+    eos_id = tokenizer.eos_id
+    if chat:
+        from pjit_llm.data.chat import chat_prompt, load_chat_template
+        if cfg.data.tokenizer != "hf":
+            raise UserError("--chat needs a run whose tokenizer is a Hugging Face tokenizer.json "
+                            "with a chat template (data.tokenizer=hf)")
+        template = load_chat_template(cfg.data.tokenizer_path)
+        prompts = [chat_prompt(template, p) for p in prompts]
+        if template.eos_token is not None:  # the end of a turn, e.g. <|im_end|>
+            eos_id = tokenizer.impl.token_to_id(template.eos_token)
+            eos_id = tokenizer.eos_id if eos_id is None else eos_id
     ids = [tokenizer.encode(p) for p in prompts]
     streamed: list[int] = []
 
@@ -209,9 +222,9 @@ def generate_texts(run: Path, prompts: list[str], max_new_tokens: int, sampling:
             sys.stdout.write(tokenizer.decode(streamed)[len(before):])
             sys.stdout.flush()
 
-    if stream:
+    if stream and not chat:
         sys.stdout.write(prompts[0])
-    out = generator.generate(params, ids, max_new_tokens, tokenizer.eos_id, show if stream else None)
+    out = generator.generate(params, ids, max_new_tokens, eos_id, show if stream else None)
     if stream:
         sys.stdout.write("\n")
     return [tokenizer.decode(o) for o in out]

@@ -40,7 +40,7 @@ from pjit_llm.training.build import conversion_build
 
 # Files of a Hugging Face tokenizer copied along with the weights.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")
+                   "generation_config.json", "chat_template.jinja")
 
 
 def _is_var(x) -> bool:

@@ -34,6 +34,7 @@ class MetricsReader:
         self.peak = perf.peak_flops(jax.devices()[0].device_kind, cfg.train.peak_tflops)
         self.unread: list[tuple[int, dict]] = []
         self.bad_steps = 0
+        self.records = self.truncated = 0  # chat/prompt_completion records read, and cut short
         self.last: dict = {}
         self.start = time.perf_counter()
         self.mark = (first_step, self.start)  # (step, time) throughput is measured from
@@ -51,6 +52,9 @@ class MetricsReader:
             return
         steps, host = [s for s, _ in self.unread], jax.device_get([m for _, m in self.unread])
         self.unread = []
+        for m in host:  # every step's, logged or not
+            self.records += int(m.get("records", 0))
+            self.truncated += int(m.get("truncated", 0))
         finite = [math.isfinite(float(m["loss"])) for m in host]
         self.bad_steps += finite.count(False)
         if self.bad_steps > self.cfg.train.max_bad_steps:
@@ -78,6 +82,8 @@ class MetricsReader:
             record["memory_gib"] = in_use / 2**30
         if self.bad_steps:
             record["skipped_steps"] = self.bad_steps
+        if "truncated" in host[-1]:  # since this process started (or resumed) the run
+            record["records"], record["truncated_records"] = self.records, self.truncated
         self.mark = (steps[-1], now)
         self.log.write(record)
         self.last.update(record)

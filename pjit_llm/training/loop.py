@@ -124,6 +124,9 @@ def run_loop(parts: Components, state: TrainState, loader, log: MetricsLog,
         if done < total:
             batch = next(loader)  # the host prepares the next batch while the device computes
     reader.read(log_it=log_due)
+    if reader.truncated:
+        info(f"{reader.truncated:,} of {reader.records:,} records read were longer than "
+             f"data.seq_len={cfg.data.seq_len} and were truncated")
     info(f"done: step {total} after {time.perf_counter() - reader.start:.1f}s; "
          f"run directory {cfg.train.run_dir}")
     return reader.last

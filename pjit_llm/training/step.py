@@ -1,7 +1,9 @@
 """Training state, its shardings, and the pure steps: init_state, train_step, eval_step.
 
 No I/O and no host syncs here. The loss is next-token cross-entropy in float32 over tokens
-whose successor belongs to the same segment (padding and document ends are masked out).
+whose successor belongs to the same segment (padding and document ends are masked out) and,
+when the batch carries a `loss_mask` (chat and prompt/completion data), is a target the mask
+keeps (assistant turns, completions).
 """
 
 from collections.abc import Callable
@@ -75,7 +77,8 @@ def init_state(cfg: ModelConfig, layout: Layout, tx: optax.GradientTransformatio
 def loss_terms(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch):
     """(sum of token losses, number of predicted tokens), both float32.
 
-    Position i predicts token i+1 when both lie in the same segment. With model.loss_chunk the
+    Position i predicts token i+1 when both lie in the same segment and, with a `loss_mask`,
+    the mask keeps token i+1. With model.loss_chunk the
     vocabulary projection and the loss run over chunks of positions under a rematerialised
     scan, so float32 logits exist for one chunk at a time, forward and backward."""
     model = nnx.merge(graphdef, params)
@@ -83,7 +86,10 @@ def loss_terms(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch):
     x_BLD = model.hidden(tokens, seg, batch["positions"])
     last = ((0, 0), (0, 1))  # the last position predicts nothing
     targets_BL = jnp.pad(tokens[:, 1:], last)
-    weights_BL = jnp.pad((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0), last).astype(jnp.float32)
+    keep_BL = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
+    if "loss_mask" in batch:
+        keep_BL &= batch["loss_mask"][:, 1:] > 0
+    weights_BL = jnp.pad(keep_BL, last).astype(jnp.float32)
 
     w_VD = model.output_weights()
 
@@ -144,6 +150,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
         grad_norm = optax.tree.norm(grads)
         metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm,
                    "lr": schedule(state.step), "tokens": count}
+        if "truncated" in batch:  # records in the batch, and those cut at the row length
+            metrics["records"] = jnp.sum((batch["positions"] == 0) & (batch["segment_ids"] > 0))
+            metrics["truncated"] = jnp.sum(batch["truncated"])
         if skip_nonfinite:
             ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
             params, opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
