@@ -1,6 +1,7 @@
 """Held-out evaluation: the mean next-token loss over fixed validation batches, as perplexity
 and (for byte-level tokens) bits per byte. Training evaluates this way at its intervals, and
-`evaluate_run` does the same for a run directory's checkpoint on any mesh."""
+`evaluate_run` does the same for a run directory's checkpoint on any mesh. `make_score_step`
+scores chosen tokens of each row (the log-likelihoods that benchmark harnesses ask for)."""
 
 import math
 from pathlib import Path
@@ -16,6 +17,30 @@ def evaluate(eval_step, params, batches: list, byte_level: bool) -> dict:
     if byte_level:  # one token per byte (document ends aside): nats/token -> bits/byte
         result["eval_bits_per_byte"] = loss / math.log(2)
     return result
+
+
+def make_score_step(graphdef, layout):
+    """The jitted step (params, tokens_BL, targets_BL, weights_BL) -> (logprob_B, greedy_B):
+    per row, the summed log-probability of the targets where `weights` is set (position i
+    predicts targets[i]) and whether every one of them is the most likely token. Rows are
+    right-padded, so padding comes after every scored position and changes nothing; the
+    caller keeps (B, L) to a few fixed shapes so that the step compiles once for each."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    def score(params, tokens_BL, targets_BL, weights_BL):
+        model = nnx.merge(graphdef, params)
+        positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1], dtype=jnp.int32),
+                                        tokens_BL.shape)
+        logits_BLV = model(tokens_BL, jnp.ones_like(tokens_BL), positions_BL).astype(jnp.float32)
+        target_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
+        logprob_BL = target_BL - jax.nn.logsumexp(logits_BLV, axis=-1)
+        greedy_BL = jnp.argmax(logits_BLV, axis=-1) == targets_BL
+        return (jnp.sum(jnp.where(weights_BL, logprob_BL, 0.0), axis=1),
+                jnp.all(greedy_BL | ~weights_BL, axis=1))
+
+    return jax.jit(score, out_shardings=layout.replicated())
 
 
 def evaluate_run(run: Path, step: int | None = None, batches: int | None = None, overrides=(),

@@ -116,15 +116,16 @@ class Generator:
 
     def generate(self, params, prompts: list[np.ndarray], max_new_tokens: int,
                  eos_id: int | None,
-                 on_tokens: Callable[[np.ndarray], None] | None = None) -> list[list[int]]:
+                 on_tokens: Callable[[np.ndarray], None] | None = None,
+                 pad_to: tuple[int, int] = (0, 0)) -> list[list[int]]:
         """New tokens for each prompt (without the prompt, stopping before an end token), from
         the model's parameters or those of `prepare`. `on_tokens` sees each step's tokens (-1
         for prompts already finished), as they come off the device in blocks of
-        `stream_block`."""
+        `stream_block`. `pad_to` (rows, length): see `prefill`."""
         if not isinstance(params, DecodeParams):
             params = self.prepare(params)
         n = len(prompts)
-        state = self.prefill(params, prompts, max_new_tokens, eos_id)
+        state = self.prefill(params, prompts, max_new_tokens, eos_id, pad_to)
         if on_tokens is None:
             state = self.decode(params, state, max_new_tokens, eos_id)
         else:
@@ -142,14 +143,15 @@ class Generator:
         return [[int(t) for t in row if t >= 0] for row in out]
 
     def prefill(self, params: "DecodeParams", prompts: list[np.ndarray], max_new_tokens: int,
-                eos_id: int | None) -> dict:
+                eos_id: int | None, pad_to: tuple[int, int] = (0, 0)) -> dict:
         """The decode state after running the prompts: the first new token of each written.
-        The batch is padded to split evenly over its mesh axes."""
+        The batch is padded to at least `pad_to` (rows, length), so that callers holding those
+        fixed reuse the compiled steps, and to split evenly over its mesh axes."""
         if any(len(p) == 0 for p in prompts):
             raise UserError("a prompt is empty; give at least one character")
         n, shards = len(prompts), self.layout.shards("batch")
-        B = -(-n // shards) * shards
-        T = max(len(p) for p in prompts)
+        B = -(-max(n, pad_to[0]) // shards) * shards
+        T = max(max(len(p) for p in prompts), pad_to[1])
         if T + max_new_tokens > self.model_cfg.max_len:
             raise UserError(f"prompt ({T} tokens) plus --max-new-tokens {max_new_tokens} exceeds "
                             f"model.max_len={self.model_cfg.max_len}")
@@ -186,28 +188,16 @@ def generate_texts(run: Path, prompts: list[str], max_new_tokens: int, sampling:
     printed as it is produced. With `chat`, each prompt is a user's message put through the
     tokenizer's chat template with the generation prompt, the reply stops at the template's
     end token, and only the reply is printed."""
-    from pjit_llm.checkpoint.runs import inference_params, run_config
-    from pjit_llm.data.tokenizer import load_tokenizer
-    from pjit_llm.parallel.mesh import use_emulated_devices
-    from pjit_llm.training.build import build
-
-    cfg = run_config(run, overrides, emulate_devices)
-    use_emulated_devices(cfg.mesh.emulate_devices)
-    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path, _dataset_dir(cfg))
-    # Decoding attends over a cache under a general mask, which XLA's kernel does: there is no
-    # kernel to choose (and no line about it in the generated text).
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention="xla"))
-    parts = build(cfg, tokenizer.vocab_size)
-    params, _, _ = inference_params(parts.cfg, parts.layout, step, quantize)
+    tokenizer, parts, params = load_for_inference(run, step, overrides, emulate_devices, quantize)
     generator = Generator(parts.model, parts.layout, sampling)
     params = generator.prepare(params, donate=True)
     eos_id = tokenizer.eos_id
     if chat:
         from pjit_llm.data.chat import chat_prompt, load_chat_template
-        if cfg.data.tokenizer != "hf":
+        if parts.cfg.data.tokenizer != "hf":
             raise UserError("--chat needs a run whose tokenizer is a Hugging Face tokenizer.json "
                             "with a chat template (data.tokenizer=hf)")
-        template = load_chat_template(cfg.data.tokenizer_path)
+        template = load_chat_template(parts.cfg.data.tokenizer_path)
         prompts = [chat_prompt(template, p) for p in prompts]
         if template.eos_token is not None:  # the end of a turn, e.g. <|im_end|>
             eos_id = tokenizer.impl.token_to_id(template.eos_token)
@@ -228,6 +218,27 @@ def generate_texts(run: Path, prompts: list[str], max_new_tokens: int, sampling:
     if stream:
         sys.stdout.write("\n")
     return [tokenizer.decode(o) for o in out]
+
+
+def load_for_inference(run: Path, step: int | None = None, overrides=(), emulate_devices: int = 0,
+                       quantize: str = "none"):
+    """(tokenizer, builder components, parameters in model order) of the run directory (or
+    export) `run` at checkpoint `step` (default the latest), on the mesh of its config with
+    `overrides`, with quantize="int8" its weights quantized to int8."""
+    from pjit_llm.checkpoint.runs import inference_params, run_config
+    from pjit_llm.data.tokenizer import load_tokenizer
+    from pjit_llm.parallel.mesh import use_emulated_devices
+    from pjit_llm.training.build import build
+
+    cfg = run_config(run, overrides, emulate_devices)
+    use_emulated_devices(cfg.mesh.emulate_devices)
+    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path, _dataset_dir(cfg))
+    # Decoding attends over a cache under a general mask, which XLA's kernel does: there is no
+    # kernel to choose (and no line about it in the generated text).
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention="xla"))
+    parts = build(cfg, tokenizer.vocab_size)
+    params, _, _ = inference_params(parts.cfg, parts.layout, step, quantize)
+    return tokenizer, parts, params
 
 
 def _dataset_dir(cfg):
