@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from pjit_llm.errors import UserError
+from pjit_llm.models.llama.model import kv_heads_axis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +57,8 @@ class Generator:
     def __init__(self, graphdef, model_cfg, layout, sampling: Sampling, stream_block: int = 8):
         self.model_cfg, self.layout, self.sampling = model_cfg, layout, sampling
         self.stream_block = stream_block
-        cache_sharding = layout.sharding(("layers", "batch", "length", "kv_heads", "head_dim"))
+        kv_axis = kv_heads_axis(model_cfg, layout)[1]  # the heads repeated where tensor needs
+        cache_sharding = layout.sharding(("layers", "batch", "length", kv_axis, "head_dim"))
         self.cache_sharding = {"k": cache_sharding, "v": cache_sharding}
 
         def step(params, tokens_BL, positions_BL, last_B, cache, key):

@@ -17,7 +17,7 @@ from flax import nnx
 from pjit_llm.models.llama.config import ModelConfig
 from pjit_llm.models.matmul import matmul, take_rows
 from pjit_llm.models.quantize import Int8Weight
-from pjit_llm.parallel.layout import Layout
+from pjit_llm.parallel.layout import Layout, attention_kv_heads
 from pjit_llm.parallel.stages import STAGE_AXIS, Pipeline, merge_microbatches, split_microbatches
 
 Axes = tuple[str | None, ...]
@@ -46,7 +46,27 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 
 
 def padded_vocab(tokenizer_vocab: int, multiple: int = 128) -> int:
+    """The vocabulary rounded up to a multiple of 128: it then splits over any power-of-two
+    number of shards up to 128 whatever the mesh, so one checkpoint serves every mesh (and
+    the vocabulary projection gets whole matmul tiles)."""
     return -(-tokenizer_vocab // multiple) * multiple
+
+
+def mask_padded_vocab(logits_BLV: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """The logits with those of the padding ids (model.real_vocab_size and above) at the
+    lowest finite value: they take no probability in the loss or in sampling, get no gradient,
+    and the real ids' logits are unchanged."""
+    real, V = cfg.true_vocab, logits_BLV.shape[-1]
+    if real >= V:
+        return logits_BLV
+    return jnp.where(jnp.arange(V) < real, logits_BLV, jnp.finfo(logits_BLV.dtype).min)
+
+
+def kv_heads_axis(cfg: ModelConfig, layout: Layout | None) -> tuple[int, str]:
+    """(key/value heads attention computes with, the logical axis they are sharded as): the
+    model's own as `kv_heads`, or, repeated to match the tensor shards, as `heads`."""
+    used = attention_kv_heads(layout, cfg.num_heads, cfg.num_kv_heads)
+    return used, "kv_heads" if used == cfg.num_kv_heads else "heads"
 
 
 def _param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...], axes: Axes, dtype) -> nnx.Param:
@@ -108,6 +128,8 @@ class Attention(nnx.Module):
         self.wv = _param(rngs, std, (D, G, K), ("embed", "kv_heads", "head_dim"), pd)
         self.wo = _param(rngs, out_std, (H, K, D), ("heads", "head_dim", "embed"), pd)
         self.cfg, self.layout = cfg, layout
+        used, self.kv_axis = kv_heads_axis(cfg, layout)
+        self.kv_repeats = used // G
 
     def __call__(self, x_BLD, sin, cos, mask_B1LS, kv=None):
         """Without `kv`: causal attention within the segments of `mask`. With
@@ -115,13 +137,16 @@ class Attention(nnx.Module):
         cache at each row's start and the queries attend over the cache under `mask`.
         Returns (output, (k_cache, v_cache) or None)."""
         dt, kind = self.cfg.dtype, self.cfg.matmul
+        wk_DGK, wv_DGK = self.wk[...], self.wv[...]
+        if self.kv_repeats > 1:  # G is here the repeated heads: each shard computes its own
+            wk_DGK, wv_DGK = (_repeat_heads(w, self.kv_repeats, self.layout) for w in (wk_DGK, wv_DGK))
         q_BLHK = matmul("BLD,DHK->BLHK", x_BLD, self.wq[...], dt, "q_proj", kind)
-        k_BLGK = matmul("BLD,DGK->BLGK", x_BLD, self.wk[...], dt, "k_proj", kind)
-        v_BLGK = matmul("BLD,DGK->BLGK", x_BLD, self.wv[...], dt, "v_proj", kind)
+        k_BLGK = matmul("BLD,DGK->BLGK", x_BLD, wk_DGK, dt, "k_proj", kind)
+        v_BLGK = matmul("BLD,DGK->BLGK", x_BLD, wv_DGK, dt, "v_proj", kind)
         q_BLHK = _constrain(self.layout, apply_rope(q_BLHK, sin, cos),
                             ("batch", "length", "heads", "head_dim"))
         k_BLGK = _constrain(self.layout, apply_rope(k_BLGK, sin, cos),
-                            ("batch", "length", "kv_heads", "head_dim"))
+                            ("batch", "length", self.kv_axis, "head_dim"))
         if kv is not None:
             k_cache, v_cache, start_B = kv
             write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice(c, new, (i, 0, 0)))
@@ -227,7 +252,7 @@ class Transformer(nnx.Module):
         return _constrain_table(self.layout, w_VD)
 
     def project(self, x_BLD: jax.Array, w_VD: jax.Array) -> jax.Array:
-        logits_BLV = matmul("BLD,VD->BLV", x_BLD, w_VD, self.cfg.dtype)
+        logits_BLV = mask_padded_vocab(matmul("BLD,VD->BLV", x_BLD, w_VD, self.cfg.dtype), self.cfg)
         return _constrain(self.layout, logits_BLV, ("batch", "length", "vocab"))
 
     def decode(self, tokens_BL, positions_BL, cache: dict):
@@ -243,7 +268,7 @@ class Transformer(nnx.Module):
 
     def init_cache(self, batch: int, length: int) -> dict:
         cfg = self.cfg
-        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, batch, length, kv_heads_axis(cfg, self.layout)[0], cfg.head_dim)
         return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
 
     def _embed(self, tokens_BL):
@@ -258,8 +283,8 @@ class Transformer(nnx.Module):
         and writes its cache slice."""
         graphdef, all_layers = nnx.split(self.blocks)
         stacked = all_layers if stacked is None else stacked
-        cache_axes = ("batch", "length", "kv_heads", "head_dim")
         layout = self.block_layout
+        cache_axes = ("batch", "length", kv_heads_axis(self.cfg, layout)[1], "head_dim")
 
         def apply(x, layer):
             layer_state, k, v = layer
@@ -300,6 +325,17 @@ class Transformer(nnx.Module):
         y_MbLD = self.pipeline.run(stage, nnx.split(self.blocks)[1], x_MbLD, extras,
                                    self.layout.mesh, self.block_layout.spec(activation_axes))
         return _constrain(self.layout, merge_microbatches(y_MbLD), activation_axes)
+
+
+def _repeat_heads(w_DGK, repeats: int, layout: Layout | None):
+    """A key/value projection with each head repeated `repeats` times in place, sharded like
+    the query projection, so each shard slices the heads it uses from its whole copy (and
+    their gradients sum back into the true heads). An int8 one with its scales."""
+    if isinstance(w_DGK, Int8Weight):
+        return Int8Weight(_repeat_heads(w_DGK.values, repeats, layout),
+                          _constrain(layout, jnp.repeat(w_DGK.scale, repeats, axis=0),
+                                     ("heads", "head_dim")))
+    return _constrain(layout, jnp.repeat(w_DGK, repeats, axis=1), ("embed", "heads", "head_dim"))
 
 
 def _index(a: jax.Array, i: int) -> jax.Array:
