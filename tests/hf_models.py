@@ -51,15 +51,17 @@ def hf_logits(model, tokens):
         return model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
 
 
-def our_logits(run: Path, tokens, mesh=None):
+def our_logits(run: Path, tokens, mesh=None, padded=False):
     """Our logits for `tokens` from the run directory's latest parameters, restored onto a
-    mesh of these sizes (None: one device)."""
+    mesh of these sizes (None: one device): over the true vocabulary, or with `padded` over
+    the padded one."""
     parts = build_on(run_config(run), mesh)
     params, _ = restore_params(parts.cfg, parts.layout, None)
     graphdef = parts.graphdef
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     forward = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t, jnp.ones_like(t), positions))
-    return np.asarray(forward(params, jnp.asarray(tokens)), np.float32)
+    logits = np.asarray(forward(params, jnp.asarray(tokens)), np.float32)
+    return logits if padded else logits[..., :parts.model.true_vocab]
 
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,

@@ -12,9 +12,11 @@ from pjit_llm.training.build import build, conversion_build
 
 def test_vocabulary_follows_the_tokenizer_and_is_refused_when_too_small():
     cfg = tiny_config("model.vocab_size=0")
-    assert build(cfg, tokenizer_vocab=300, devices=jax.devices()[:1]).cfg.model.vocab_size == 384
-    assert build(cfg, devices=jax.devices()[:1]).cfg.model.vocab_size == 384  # bytes + end: 257
-    assert build(cfg, tokenizer_vocab=32_000, devices=jax.devices()[:1]).model.vocab_size == 32_000
+    vocab = lambda **kw: (lambda m: (m.vocab_size, m.real_vocab_size))(  # noqa: E731
+        build(cfg, devices=jax.devices()[:1], **kw).cfg.model)
+    assert vocab(tokenizer_vocab=300) == (384, 300)  # ids 300-383 pad: never predicted
+    assert vocab() == (384, 257)  # bytes + end: 257
+    assert vocab(tokenizer_vocab=32_000) == (32_000, 0)  # 0: all are real
     with pytest.raises(UserError) as e:
         build(tiny_config("model.vocab_size=256"), tokenizer_vocab=300)
     assert str(e.value) == ("model.vocab_size=256 is smaller than the tokenizer's 300 tokens; "

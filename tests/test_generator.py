@@ -2,6 +2,8 @@
 reproducible from its seed; stops at the end token; int8 weights generate alike on any mesh.
 (The command: e2e/test_generate_cli.py.)"""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,7 +113,7 @@ def host_loop(graphdef, params, model_cfg, prompt, n, sampling) -> list[int]:
     as training holds them (the generator runs them as a layer list)."""
     step = jax.jit(lambda p, t, pos, c, k: _sampled(nnx.merge(graphdef, p).decode(t, pos, c), k,
                                                      sampling))
-    cache = init_cache(model_cfg, 1, len(prompt) + n)
+    cache = init_cache(model_cfg, None, 1, len(prompt) + n)
     key, sub = jax.random.split(jax.random.key(sampling.seed))
     token, cache = step(params, jnp.asarray(prompt)[None], jnp.arange(len(prompt))[None], cache,
                         sub)
@@ -172,3 +174,21 @@ def test_int8_weights_quantized_on_any_mesh_generate_the_same_counts(trained):
             int8, PROMPTS, 12, eos_id=None))
     assert outs[0] == outs[1] == outs[2]
     assert outs[0][0][:4] == [13, 14, 15, 16]  # it still counts
+
+
+def test_padding_ids_are_never_sampled_and_repeated_kv_heads_decode_alike(trained):
+    """model.real_vocab_size=300 of 384: hot sampling, which would draw ids 300-383 about
+    once in three tokens if they counted, never returns one; on 8 tensor shards (the 4
+    key/value heads repeated, the cache holding one per shard) greedy decoding equals one
+    device's."""
+    cfg, _, params = trained
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, real_vocab_size=300))
+    layout, graphdef, placed = _on(cfg, params, {"tensor": 8})
+    hot = Generator(graphdef, cfg.model, layout, Sampling(temperature=50.0, seed=3))
+    assert tuple(hot.cache_sharding["k"].spec)[3] == "tensor"  # 8 repeated heads, one a shard
+    drawn = sum(hot.generate(placed, PROMPTS, 24, None), [])
+    assert len(drawn) == 72 and max(drawn) < 300 and len(set(drawn)) > 30
+    greedy = Generator(graphdef, cfg.model, layout, Sampling()).generate(placed, PROMPTS, 12, None)
+    layout1, graphdef1, placed1 = _on(cfg, params, None)
+    assert greedy == Generator(graphdef1, cfg.model, layout1, Sampling()).generate(
+        placed1, PROMPTS, 12, None)

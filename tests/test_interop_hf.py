@@ -23,6 +23,9 @@ from pjit_llm.interop import safetensors_io
 from pjit_llm.models.llama import hf as hf_config
 from pjit_llm.training.build import conversion_build
 
+# A vocabulary no tensor size divides (515) and fewer key/value heads (2) than tensor shards.
+ODD = {"vocab_size": 515, "num_key_value_heads": 2, "tie_word_embeddings": False}
+
 
 @pytest.mark.parametrize("overrides, mesh", [
     ({}, None),  # multi-head attention, tied embeddings
@@ -39,8 +42,9 @@ def test_imported_model_gives_the_logits_of_transformers(tmp_path, overrides, me
           f"{np.abs(expected).max():.2f}")
     assert np.abs(expected).max() > 1.0  # logits large enough for a wrong layout to show
     assert np.abs(got - expected).max() < 5e-5
-    cfg = run_config(run)
-    assert (cfg.model.vocab_size, cfg.model.num_kv_heads) == (300, overrides.get("num_key_value_heads", 8))
+    cfg = run_config(run)  # 300 tokens, padded to 384
+    assert (cfg.model.vocab_size, cfg.model.real_vocab_size, cfg.model.num_kv_heads) == (
+        384, 300, overrides.get("num_key_value_heads", 8))
     assert cfg.data.tokenizer == "hf" and Path(cfg.data.tokenizer_path) == run / "tokenizer.json"
 
 
@@ -62,7 +66,10 @@ def test_float16_checkpoint_imports_exactly_in_float32_and_says_so(tmp_path, cap
     weights = model.state_dict()
     for name, path, in_dims, layer, _ in convert.hf_tensors(cfg.model):
         ours = params[path] if layer is None else params[path][layer]
-        assert ours.dtype == np.float32
+        real = tuple(slice(0, n) for n in hf_config.unpadded_shape(cfg.model, path, ours.shape))
+        # the padding ids' rows hold zeros
+        assert ours.dtype == np.float32 and np.count_nonzero(ours) == np.count_nonzero(ours[real])
+        ours = ours[real]
         assert np.array_equal(convert.to_hf(ours, in_dims), weights[name].float().numpy()), name
     # transformers' float32 model of the same weights (model.float() would keep the rotary
     # frequencies that the cast to float16 rounded)
@@ -94,11 +101,13 @@ def test_fine_tuned_export_loads_in_transformers_and_reimports_bit_identically(
         tmp_path, monkeypatch, capsys):
     from pjit_llm.train import main as train
     transformers = pytest.importorskip("transformers")
-    hf_llama(tmp_path / "hf", num_key_value_heads=4, tie_word_embeddings=False)
+    hf_llama(tmp_path / "hf", **ODD)
     base = convert.import_hf(tmp_path / "hf", tmp_path / "base")
     monkeypatch.chdir(tmp_path)
-    # The training command, in this process: fine-tune the import for three steps.
-    train(["--config", str(base / "config.yaml"), f"train.init_from={base}",
+    # The training command, in this process: fine-tune the import for three steps on 4 tensor
+    # shards, which its vocabulary (515, padded to 640) and its 2 key/value heads meet padded
+    # and repeated.
+    train(["--config", str(base / "config.yaml"), f"train.init_from={base}", "mesh.tensor=4",
            "train.run_dir=tuned", "train.steps=3", "optimizer.warmup_steps=1",
            "data.seq_len=32", "data.batch_size=8", "train.eval_every=0",
            "train.sample_tokens=0", "train.eval_batches=1", "data.num_workers=0"])
@@ -118,6 +127,8 @@ def test_fine_tuned_export_loads_in_transformers_and_reimports_bit_identically(
     assert (out / "tokenizer.json").read_bytes() == (tmp_path / "hf/tokenizer.json").read_bytes()
     model, info = transformers.LlamaForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert (model.config.vocab_size, model.config.num_key_value_heads) == (515, 2)
+    assert model.lm_head.weight.shape == (515, 64) and model.model.embed_tokens.weight.shape == (515, 64)
     ours = our_logits(run, TOKENS)
     difference = np.abs(hf_logits(model.eval(), TOKENS) - ours).max()
     print(f"exported float32: max |logit difference| {difference:.2e}")
@@ -171,3 +182,22 @@ def test_an_int8_export_is_refused_in_one_line(tmp_path):
                                         "do not; export the run it was written from instead"):
         convert.export_hf(int8, tmp_path / "out", None, None, shard_bytes=10**9)
     assert not (tmp_path / "out").exists()
+
+
+
+def test_odd_vocabulary_and_few_kv_heads_give_transformers_logits_on_tensor_meshes(tmp_path):
+    model = hf_llama(tmp_path / "hf", **ODD)
+    run = convert.import_hf(tmp_path / "hf", tmp_path / "run")
+    cfg = run_config(run)
+    assert (cfg.model.vocab_size, cfg.model.real_vocab_size, cfg.model.num_kv_heads) == (640, 515, 2)
+    params = restore_params(cfg, build_on(cfg).layout, None)[0]
+    assert params["blocks"]["attn"]["wk"].shape == (2, 64, 2, 8)  # the true heads on disk
+    unembed = np.asarray(params["unembed"][...])
+    assert unembed.shape == (64, 640) and not unembed[:, 515:].any()  # padding: zeros
+    expected = hf_logits(model, TOKENS)
+    for mesh in ({"data": 2, "tensor": 4}, {"data": 1, "fsdp": 2, "tensor": 4}):
+        got = our_logits(run, TOKENS, mesh, padded=True)
+        difference = np.abs(got[..., :515] - expected).max()
+        print(f"{mesh}: max |logit difference| {difference:.2e} of {np.abs(expected).max():.2f}")
+        assert difference < 5e-5, mesh
+        assert (got[..., 515:] == np.finfo(np.float32).min).all()  # never predicted

@@ -6,6 +6,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import build_on
+from pjit_llm.errors import UserError
+from pjit_llm.models.llama.model import abstract_model
+from pjit_llm.parallel.layout import Layout, attention_kv_heads, fit_kv_heads, param_shardings
+from pjit_llm.parallel.mesh import make_mesh
 
 # Expected specs written out by hand from the default rules: batch->(data, stage, fsdp),
 # embed->fsdp, heads/kv_heads/mlp/vocab->tensor, layers->stage (size 1 here), head_dim->none.
@@ -86,3 +90,23 @@ def test_activation_specs_skip_a_mesh_axis_already_used(tiny):
     assert layout.spec(("batch", "length", "embed")) == P(("data", "fsdp"), None, None)
     assert layout.spec(("batch", "length", "heads", "head_dim")) == P(("data", "fsdp"), None, "tensor", None)
     assert layout.spec(("embed", "mlp")) == P("fsdp", "tensor")
+
+
+@pytest.mark.parametrize("kv_heads, tensor, repeated", [(4, 2, 4), (4, 8, 8), (2, 8, 8), (1, 4, 4)])
+def test_fewer_kv_heads_than_tensor_shards_are_kept_whole_and_repeated(tiny, kv_heads, tensor,
+                                                                       repeated):
+    cfg = tiny(f"model.num_kv_heads={kv_heads}", "mesh.data=1", f"mesh.tensor={tensor}")
+    mesh = make_mesh(cfg.mesh, jax.devices()[:tensor])
+    layout = fit_kv_heads(Layout(mesh, cfg.mesh.rules), 8, kv_heads)
+    assert attention_kv_heads(layout, 8, kv_heads) == repeated
+    wk = P(None, None, "tensor" if repeated == kv_heads else None, None)  # else whole on each shard
+    shardings = param_shardings(layout, abstract_model(cfg.model, layout)[1])
+    assert shardings["blocks"]["attn"]["wk"].get_value().spec == wk
+
+
+def test_query_heads_that_do_not_split_over_tensor_are_refused_in_one_line(tiny):
+    with pytest.raises(UserError) as e:
+        build_on(tiny("model.num_heads=4", "model.num_kv_heads=2"), tensor=8)
+    assert str(e.value) == ("model.num_heads=4 query heads (model.num_kv_heads=2) do not split over "
+                            "mesh axes tensor=8; use a tensor size that divides 4 (key/value heads "
+                            "are repeated across the shards when there are fewer)")

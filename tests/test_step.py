@@ -12,7 +12,8 @@ from pjit_llm.models.llama.model import Transformer
 from pjit_llm.training.step import loss_terms
 
 MESHES = {"one device": None, "dp": {"data": 8}, "fsdp": {"fsdp": 8}, "tensor": {"fsdp": 2, "tensor": 4},
-          "hybrid": {"data": 2, "fsdp": 2, "tensor": 2}}
+          "hybrid": {"data": 2, "fsdp": 2, "tensor": 2},
+          "kv heads repeated": {"tensor": 8}}  # 4 key/value heads on 8 tensor shards
 
 
 def random_rows(cfg, n_rows=64, seed=0) -> dict:
@@ -183,6 +184,34 @@ def test_the_loss_mask_keeps_only_its_targets_and_counts_them_by_hand(tiny):
     del batch["loss_mask"], changed["loss_mask"]
     a, b = (loss_terms(graphdef, params, jax.tree.map(jnp.asarray, x)) for x in (batch, changed))
     assert float(a[0]) != float(b[0])
+
+
+def test_the_loss_ignores_the_padding_ids_of_the_vocabulary(tiny):
+    """With model.real_vocab_size=300 of 384, ids 300-383 take no part in the loss: it equals
+    cross-entropy over the first 300 logits, and their output weights get no gradient, even
+    when those weights would make them the largest logits."""
+    cfg = tiny("model.real_vocab_size=300", "model.tie_embeddings=false")
+    graphdef, params = nnx.split(Transformer(cfg.model, None, nnx.Rngs(params=0)))
+    unembed = params["unembed"]
+    unembed[...] = unembed[...].at[:, 300:].set(
+        3.0 * jax.random.normal(jax.random.key(1), (cfg.model.embed_dim, 84)))
+    batch = {k: jnp.asarray(v[:2]) for k, v in random_rows(cfg).items()}
+    (loss_sum, count), grads = jax.value_and_grad(
+        lambda p: loss_terms(graphdef, p, batch), has_aux=True)(params)
+    model = nnx.merge(graphdef, params)
+    logits = np.asarray(model(batch["tokens"], batch["segment_ids"], batch["positions"]),
+                        np.float64)
+    assert (logits[..., 300:] == np.finfo(np.float32).min).all()
+    real = logits[..., :300]
+    targets, seg = np.asarray(batch["tokens"])[:, 1:], np.asarray(batch["segment_ids"])
+    weights = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
+    top = real.max(-1, keepdims=True)
+    nll = (np.log(np.exp(real - top).sum(-1)) + top[..., 0])[:, :-1] \
+        - np.take_along_axis(real[:, :-1], targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(float(loss_sum), (nll * weights).sum(), rtol=1e-5)
+    assert float(count) == weights.sum()
+    g = np.asarray(grads["unembed"][...])
+    assert not g[:, 300:].any() and g[:, :300].any()
 
 
 def test_skipping_a_non_finite_step_leaves_the_state_unchanged(tiny):

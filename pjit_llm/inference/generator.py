@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from pjit_llm.errors import UserError
-from pjit_llm.models.llama.model import CACHE_AXES, abstract_model, init_cache, unstack_layers
+from pjit_llm.models.llama.model import abstract_model, cache_axes, init_cache, unstack_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +62,7 @@ class Generator:
         self.stream_block = stream_block
         # The loop runs the model with one parameter tree per layer (`prepare`).
         graphdef, _ = abstract_model(model_cfg, layout, layer_list=True)
-        layer_cache = layout.sharding(CACHE_AXES)
+        layer_cache = layout.sharding(cache_axes(model_cfg, layout))
         self.cache_sharding = ({"k": layer_cache, "v": layer_cache},) * model_cfg.num_layers
 
         def step(params, tokens_BL, positions_BL, last_B, cache, key):
@@ -105,7 +105,7 @@ class Generator:
 
         self._prefill = jax.jit(prefill, static_argnums=(6, 7), donate_argnums=4)
         self._decode = jax.jit(decode, static_argnums=3, donate_argnums=1)
-        self._init_cache = jax.jit(partial(init_cache, model_cfg), static_argnums=(0, 1),
+        self._init_cache = jax.jit(partial(init_cache, model_cfg, layout), static_argnums=(0, 1),
                                    out_shardings=self.cache_sharding)
 
     @staticmethod

@@ -33,7 +33,8 @@ from pjit_llm.data.tokenizer import HFTokenizer
 from pjit_llm.errors import UserError
 from pjit_llm.interop import safetensors_io
 from pjit_llm.models.llama import hf as llama_hf
-from pjit_llm.models.llama.hf import hf_tensors, param_path, to_hf, to_ours
+from pjit_llm.models.llama.hf import (hf_tensors, param_path, to_hf, to_ours, unpadded_shape,
+                                      zero_padded)
 from pjit_llm.models.llama.model import abstract_model
 from pjit_llm.parallel.layout import param_shardings
 from pjit_llm.training.build import conversion_build
@@ -87,12 +88,14 @@ def import_hf(hf_dir: Path, out: Path, dtype: str | None = None) -> Path:
     np_dtype = jax.numpy.dtype(model.param_dtype)
 
     def build(keys, var, sharding):
-        sources, shape, sharding = by_path[param_path(keys)], var.shape, sharding.get_value()
+        path = param_path(keys)
+        sources, shape, sharding = by_path[path], var.shape, sharding.get_value()
         if sources[0][2] is None:  # one HF tensor: each device reads the rows of its shard
             name, in_dims, _ = sources[0]
+            unpadded = unpadded_shape(model, path, shape)  # the vocabulary's padding: zeros
             return var.replace(jax.make_array_from_callback(
-                shape, sharding, lambda index: np.asarray(
-                    to_ours(tensors[name], shape, in_dims)[index], np_dtype)))
+                shape, sharding, lambda index: np.asarray(zero_padded(
+                    to_ours(tensors[name], unpadded, in_dims), shape, index), np_dtype)))
         # Stacked layers: written into the sharded array one layer at a time, so the host never
         # holds more than one layer (a callback would build all layers of a shard at once).
         layer_sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
@@ -203,6 +206,8 @@ def export_hf(run_dir: Path, out: Path, step: int | None, dtype: str | None,
             current.clear()
             current[path] = restore_partial(where, prefix + path, targets[path])[...]
         a = current[path] if layer is None else current[path][layer]
+        if layer is None:  # without the vocabulary's padding ids
+            a = a[tuple(slice(0, n) for n in unpadded_shape(cfg.model, path, a.shape))]
         return np.ascontiguousarray(to_hf(a, in_dims), dtype=np_dtype)
 
     eos = HFTokenizer(cfg.data.tokenizer_path).eos_id if cfg.data.tokenizer == "hf" else None

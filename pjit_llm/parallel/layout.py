@@ -85,6 +85,33 @@ def check_divisible(layout: Layout, abstract_params) -> None:
                     f"mesh.rules.{logical}")
 
 
+def attention_kv_heads(layout: Layout | None, num_heads: int, num_kv_heads: int) -> int:
+    """How many key/value heads attention runs with on this layout. The model's own when they
+    split over the shards of `heads`; else each is repeated (the fewest times that make the
+    count divide over those shards), so that every shard holds the key/value head its query
+    heads use, as Megatron and MaxText replicate them when tensor parallelism outnumbers them.
+    Query head h still reads head h // (num_heads / num_kv_heads) of the model."""
+    shards = 1 if layout is None else layout.shards("heads")
+    used = math.lcm(num_kv_heads, shards)
+    if num_heads % used:  # only when the shards do not divide the query heads
+        axes = "x".join(layout.mesh_axes("heads"))
+        raise UserError(f"model.num_heads={num_heads} query heads (model.num_kv_heads="
+                        f"{num_kv_heads}) do not split over mesh axes {axes}={shards}; use a "
+                        f"{axes} size that divides {num_heads} (key/value heads are repeated "
+                        "across the shards when there are fewer)")
+    return used
+
+
+def fit_kv_heads(layout: Layout, num_heads: int, num_kv_heads: int) -> Layout:
+    """The layout a model with these head counts runs on: when attention repeats the key/value
+    heads (attention_kv_heads), their projections are kept whole on every shard of `heads`
+    (the parameters' `kv_heads` dimension is not sharded; checkpoints keep the true heads) and
+    each shard computes its own repeated heads from them."""
+    if attention_kv_heads(layout, num_heads, num_kv_heads) == num_kv_heads:
+        return layout
+    return dataclasses.replace(layout, rules=dataclasses.replace(layout.rules, kv_heads=()))
+
+
 def check_batch(layout: Layout, micro_batch: int) -> None:
     """Each micro-batch must split evenly over the mesh axes that carry `batch`."""
     n = layout.shards("batch")

@@ -24,7 +24,7 @@ from pjit_llm.errors import UserError
 from pjit_llm.models.attention import resolve_attention
 from pjit_llm.models.llama.config import ModelConfig
 from pjit_llm.models.llama.model import padded_vocab
-from pjit_llm.parallel.layout import Layout, check_batch, conversion_mesh
+from pjit_llm.parallel.layout import Layout, check_batch, conversion_mesh, fit_kv_heads
 from pjit_llm.parallel.mesh import make_mesh
 from pjit_llm.parallel.stages import STAGE_AXIS, Pipeline
 from pjit_llm.training.optim import make_optimizer, make_schedule
@@ -81,12 +81,18 @@ class Components:
 
 
 def resolve_vocab(cfg: Config, tokenizer_vocab: int) -> Config:
-    """model.vocab_size=0 made concrete: the tokenizer's, rounded up to a multiple of 128."""
-    vocab = cfg.model.vocab_size or padded_vocab(tokenizer_vocab)
-    if vocab < tokenizer_vocab:
-        raise UserError(f"model.vocab_size={vocab} is smaller than the tokenizer's "
+    """model.vocab_size=0 made concrete: the tokenizer's, rounded up to a multiple of 128,
+    with model.real_vocab_size recording the tokenizer's when that pads it (the padding ids
+    are then never predicted). An imported model arrives padded the same way."""
+    model = cfg.model
+    if not model.vocab_size:
+        vocab = padded_vocab(tokenizer_vocab)
+        model = dataclasses.replace(model, vocab_size=vocab,
+                                    real_vocab_size=0 if vocab == tokenizer_vocab else tokenizer_vocab)
+    if model.vocab_size < tokenizer_vocab:
+        raise UserError(f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's "
                         f"{tokenizer_vocab} tokens; raise it or set 0 to follow the tokenizer")
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+    return dataclasses.replace(cfg, model=model)
 
 
 def build(cfg: Config, tokenizer_vocab: int = ByteTokenizer.vocab_size,
@@ -96,7 +102,7 @@ def build(cfg: Config, tokenizer_vocab: int = ByteTokenizer.vocab_size,
     refuses a batch that does not split over the mesh (off for conversions, which feed none)."""
     cfg = resolve_vocab(cfg, tokenizer_vocab)
     mesh = make_mesh(cfg.mesh, devices)
-    layout = Layout(mesh, cfg.mesh.rules)
+    layout = fit_kv_heads(Layout(mesh, cfg.mesh.rules), cfg.model.num_heads, cfg.model.num_kv_heads)
     if batches:
         check_batch(layout, cfg.data.batch_size // cfg.train.grad_accum)
     pipeline = plan_pipeline(cfg, layout, batches)

@@ -174,9 +174,9 @@ def _resume_or_init(parts: Components, ckpts: Checkpoints, loader: Loader) -> Tr
 
 # Model fields that must agree with train.init_from's: they fix parameter shapes or the
 # function the parameters compute. Dtypes, remat, scanning and max_len may differ.
-INIT_FIELDS = FIXED_FIELDS["model"] + ("norm_eps", "rope_theta", "rope_scaling", "rope_factor",
-                                       "rope_low_freq_factor", "rope_high_freq_factor",
-                                       "rope_original_max_len")
+INIT_FIELDS = FIXED_FIELDS["model"] + ("real_vocab_size", "norm_eps", "rope_theta",
+                                       "rope_scaling", "rope_factor", "rope_low_freq_factor",
+                                       "rope_high_freq_factor", "rope_original_max_len")
 
 
 def _init_source(cfg: Config) -> Config:

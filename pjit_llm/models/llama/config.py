@@ -11,6 +11,10 @@ DType = Literal["float32", "bfloat16"]
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 0  # 0: the tokenizer's vocabulary, rounded up to a multiple of 128
+    # How many of the vocab_size ids are real tokens (0: all). The ids above pad the
+    # vocabulary to a multiple of 128 so that it shards over the mesh; their logits are masked
+    # out of the loss, evaluation and sampling, and a Hugging Face export drops them.
+    real_vocab_size: int = 0
     num_layers: int = 2
     embed_dim: int = 256
     num_heads: int = 8
@@ -48,6 +52,11 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
 
+    @property
+    def true_vocab(self) -> int:
+        """The ids the model can predict (the rest of vocab_size is padding)."""
+        return self.real_vocab_size or self.vocab_size
+
     def validate(self) -> None:
         require_positive(self, "model", "num_layers", "embed_dim", "num_heads", "num_kv_heads",
                   "mlp_dim", "max_len", "rope_theta", "norm_eps", "init_std", "rope_factor",
@@ -55,10 +64,13 @@ class ModelConfig:
         if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
             raise UserError("model.rope_high_freq_factor must exceed model.rope_low_freq_factor "
                             "for rope_scaling=llama3")
-        for name in ("vocab_size", "loss_chunk"):
+        for name, zero in (("vocab_size", "follow the tokenizer"), ("loss_chunk", "no chunks"),
+                           ("real_vocab_size", "all of model.vocab_size")):
             if getattr(self, name) < 0:
-                raise UserError(f"model.{name} must be >= 0 (0: "
-                                f"{'follow the tokenizer' if name == 'vocab_size' else 'no chunks'})")
+                raise UserError(f"model.{name} must be >= 0 (0: {zero})")
+        if self.vocab_size and self.real_vocab_size > self.vocab_size:
+            raise UserError(f"model.real_vocab_size={self.real_vocab_size} exceeds "
+                            f"model.vocab_size={self.vocab_size}; it counts the real tokens among them")
         if self.embed_dim % self.num_heads:
             raise UserError(f"model.num_heads={self.num_heads} does not divide model.embed_dim="
                             f"{self.embed_dim}; pick a head count that divides the width")

@@ -19,7 +19,7 @@ from flax import nnx
 
 from pjit_llm.errors import UserError
 from pjit_llm.models.llama.config import DType, ModelConfig
-from pjit_llm.models.llama.model import abstract_model
+from pjit_llm.models.llama.model import abstract_model, padded_vocab
 
 ARCHITECTURE = "LlamaForCausalLM"
 # Mistral computes the same function as Llama when it has no sliding window.
@@ -52,8 +52,12 @@ def model_config(hf: dict, source: str, param_dtype: str | None = None) -> tuple
         raise refuse(f"pretraining_tp={hf['pretraining_tp']}")
     field = lambda name, cast, default=None: _number(hf, name, cast, source, default)  # noqa: E731
     D, H = field("hidden_size", int), field("num_attention_heads", int)
+    # The vocabulary padded as a tokenizer's is, so that it shards over any mesh; the true
+    # size is kept, and the padding never predicted nor exported.
+    V = field("vocab_size", int)
     cfg = ModelConfig(
-        vocab_size=field("vocab_size", int), num_layers=field("num_hidden_layers", int),
+        vocab_size=padded_vocab(V), real_vocab_size=0 if padded_vocab(V) == V else V,
+        num_layers=field("num_hidden_layers", int),
         embed_dim=D, num_heads=H, num_kv_heads=field("num_key_value_heads", int, H),
         mlp_dim=field("intermediate_size", int),
         max_len=field("max_position_embeddings", int, 2048),
@@ -123,7 +127,7 @@ def hf_config(cfg: ModelConfig, dtype: str, eos_id: int | None = None) -> dict:
     scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
     out = {
         "architectures": [ARCHITECTURE], "model_type": "llama",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.embed_dim,
+        "vocab_size": cfg.true_vocab, "hidden_size": cfg.embed_dim,
         "intermediate_size": cfg.mlp_dim, "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
         "head_dim": cfg.head_dim, "hidden_act": "silu",
@@ -160,6 +164,27 @@ TOP_WEIGHTS = [
     (("final_norm", "scale"), "model.norm.weight", 0),
     (("unembed",), "lm_head.weight", 1),
 ]
+# Our parameters' vocabulary dimension: it holds the padding ids (model.real_vocab_size and
+# above), which Hugging Face's tensors do not.
+VOCAB_DIM = {("embed",): 0, ("unembed",): 1}
+
+
+def unpadded_shape(model: ModelConfig, path: tuple, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of our parameter `path` without the vocabulary's padding ids."""
+    if path not in VOCAB_DIM:
+        return tuple(shape)
+    dim = VOCAB_DIM[path]
+    return (*shape[:dim], model.true_vocab, *shape[dim + 1:])
+
+
+def zero_padded(w: np.ndarray, shape: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
+    """`w[index]` as if `w` were padded with zeros at the end of each dimension to `shape`
+    (reads only the rows of `w` the index covers)."""
+    ranges = [range(*s.indices(n)) for s, n in zip(index, shape)]
+    block = w[tuple(slice(r.start, max(r.start, min(r.stop, n))) for r, n in zip(ranges, w.shape))]
+    out = np.zeros([len(r) for r in ranges], w.dtype)
+    out[tuple(slice(0, n) for n in block.shape)] = block
+    return out
 
 
 def to_ours(w: np.ndarray, shape: tuple[int, ...], in_dims: int) -> np.ndarray:
@@ -179,8 +204,9 @@ def hf_tensors(model: ModelConfig) -> list[tuple[str, tuple, int, int | None, tu
     """Every HF tensor of a model config, in HF's order: (name, our path, in_dims, layer or
     None, HF shape)."""
     abstract = abstract_model(model, None)[1]
-    shapes = {param_path(p): v.shape for p, v in jax.tree_util.tree_leaves_with_path(
-        abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))}
+    shapes = {param_path(p): unpadded_shape(model, param_path(p), v.shape)
+              for p, v in jax.tree_util.tree_leaves_with_path(
+                  abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))}
 
     def hf_shape(shape, in_dims):  # (out, in) for a Linear weight
         return (math.prod(shape[in_dims:]), math.prod(shape[:in_dims])) if in_dims else shape

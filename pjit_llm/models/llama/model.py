@@ -17,7 +17,7 @@ from flax import nnx
 from pjit_llm.models.llama.config import ModelConfig
 from pjit_llm.models.matmul import matmul, take_rows
 from pjit_llm.models.quantize import Int8Weight
-from pjit_llm.parallel.layout import Layout
+from pjit_llm.parallel.layout import Layout, attention_kv_heads
 from pjit_llm.parallel.stages import STAGE_AXIS, Pipeline, merge_microbatches, split_microbatches
 
 Axes = tuple[str | None, ...]
@@ -34,8 +34,6 @@ QUANTIZED_WEIGHTS: dict[str, Axes] = {
     "w_gate": ("embed",), "w_up": ("embed",), "w_down": ("mlp",),
     "embed": ("embed",), "unembed": ("embed",)}
 
-CACHE_AXES: Axes = ("batch", "length", "kv_heads", "head_dim")  # one layer's keys or values
-
 REMAT_POLICIES: dict[str, Callable | None] = {
     "full": None,  # save nothing, recompute the whole block in the backward pass
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # every matmul output
@@ -48,7 +46,27 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 
 
 def padded_vocab(tokenizer_vocab: int, multiple: int = 128) -> int:
+    """The vocabulary rounded up to a multiple of 128: it then splits over any power-of-two
+    number of shards up to 128 whatever the mesh, so one checkpoint serves every mesh (and
+    the vocabulary projection gets whole matmul tiles)."""
     return -(-tokenizer_vocab // multiple) * multiple
+
+
+def mask_padded_vocab(logits_BLV: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """The logits with those of the padding ids (model.real_vocab_size and above) at the
+    lowest finite value: they take no probability in the loss or in sampling, get no gradient,
+    and the real ids' logits are unchanged."""
+    real, V = cfg.true_vocab, logits_BLV.shape[-1]
+    if real >= V:
+        return logits_BLV
+    return jnp.where(jnp.arange(V) < real, logits_BLV, jnp.finfo(logits_BLV.dtype).min)
+
+
+def kv_heads_axis(cfg: ModelConfig, layout: Layout | None) -> tuple[int, str]:
+    """(key/value heads attention computes with, the logical axis they are sharded as): the
+    model's own as `kv_heads`, or, repeated to match the tensor shards, as `heads`."""
+    used = attention_kv_heads(layout, cfg.num_heads, cfg.num_kv_heads)
+    return used, "kv_heads" if used == cfg.num_kv_heads else "heads"
 
 
 def _param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...], axes: Axes, dtype) -> nnx.Param:
@@ -110,6 +128,8 @@ class Attention(nnx.Module):
         self.wv = _param(rngs, std, (D, G, K), ("embed", "kv_heads", "head_dim"), pd)
         self.wo = _param(rngs, out_std, (H, K, D), ("heads", "head_dim", "embed"), pd)
         self.cfg, self.layout = cfg, layout
+        used, self.kv_axis = kv_heads_axis(cfg, layout)
+        self.kv_repeats = used // G
 
     def __call__(self, x_BLD, sin, cos, mask_B1LS, kv=None):
         """Without `kv`: causal attention within the segments of `mask`. With
@@ -117,13 +137,16 @@ class Attention(nnx.Module):
         cache at each row's start and the queries attend over the cache under `mask`.
         Returns (output, (k_cache, v_cache) or None)."""
         dt, kind = self.cfg.dtype, self.cfg.matmul
+        wk_DGK, wv_DGK = self.wk[...], self.wv[...]
+        if self.kv_repeats > 1:  # G is here the repeated heads: each shard computes its own
+            wk_DGK, wv_DGK = (_repeat_heads(w, self.kv_repeats, self.layout) for w in (wk_DGK, wv_DGK))
         q_BLHK = matmul("BLD,DHK->BLHK", x_BLD, self.wq[...], dt, "q_proj", kind)
-        k_BLGK = matmul("BLD,DGK->BLGK", x_BLD, self.wk[...], dt, "k_proj", kind)
-        v_BLGK = matmul("BLD,DGK->BLGK", x_BLD, self.wv[...], dt, "v_proj", kind)
+        k_BLGK = matmul("BLD,DGK->BLGK", x_BLD, wk_DGK, dt, "k_proj", kind)
+        v_BLGK = matmul("BLD,DGK->BLGK", x_BLD, wv_DGK, dt, "v_proj", kind)
         q_BLHK = _constrain(self.layout, apply_rope(q_BLHK, sin, cos),
                             ("batch", "length", "heads", "head_dim"))
         k_BLGK = _constrain(self.layout, apply_rope(k_BLGK, sin, cos),
-                            ("batch", "length", "kv_heads", "head_dim"))
+                            ("batch", "length", self.kv_axis, "head_dim"))
         if kv is not None:
             k_cache, v_cache, start_B = kv
             write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice(c, new, (i, 0, 0)))
@@ -252,7 +275,7 @@ class Transformer(nnx.Module):
         return _constrain_table(self.layout, w_VD)
 
     def project(self, x_BLD: jax.Array, w_VD: jax.Array) -> jax.Array:
-        logits_BLV = matmul("BLD,VD->BLV", x_BLD, w_VD, self.cfg.dtype)
+        logits_BLV = mask_padded_vocab(matmul("BLD,VD->BLV", x_BLD, w_VD, self.cfg.dtype), self.cfg)
         return _constrain(self.layout, logits_BLV, ("batch", "length", "vocab"))
 
     def decode(self, tokens_BL, positions_BL, cache: tuple[dict, ...]):
@@ -267,9 +290,10 @@ class Transformer(nnx.Module):
         cfg, layout = self.cfg, self.block_layout
         sin, cos = rope_angles(positions_BL, cfg.head_dim, cfg.rope_theta, cfg)
         x_BLD = self._embed(tokens_BL)
+        axes = cache_axes(cfg, layout)
         written = []
         for i, layer_cache in enumerate(cache):
-            k, v = (_constrain(layout, layer_cache[n], CACHE_AXES) for n in ("k", "v"))
+            k, v = (_constrain(layout, layer_cache[n], axes) for n in ("k", "v"))
             x_BLD, (k, v) = self._layer(i)(x_BLD, sin, cos, mask_B1LS, (k, v, positions_BL[:, 0]))
             written.append({"k": k, "v": v})
         return self.logits(self.final_norm(x_BLD)), tuple(written)
@@ -323,6 +347,17 @@ class Transformer(nnx.Module):
         return _constrain(self.layout, merge_microbatches(y_MbLD), activation_axes)
 
 
+def _repeat_heads(w_DGK, repeats: int, layout: Layout | None):
+    """A key/value projection with each head repeated `repeats` times in place, sharded like
+    the query projection, so each shard slices the heads it uses from its whole copy (and
+    their gradients sum back into the true heads). An int8 one with its scales."""
+    if isinstance(w_DGK, Int8Weight):
+        return Int8Weight(_repeat_heads(w_DGK.values, repeats, layout),
+                          _constrain(layout, jnp.repeat(w_DGK.scale, repeats, axis=0),
+                                     ("heads", "head_dim")))
+    return _constrain(layout, jnp.repeat(w_DGK, repeats, axis=1), ("embed", "heads", "head_dim"))
+
+
 def _index(a: jax.Array, i: int) -> jax.Array:
     return a[i]
 
@@ -339,10 +374,17 @@ def _constrain_table(layout: Layout | None, w_VD):
     return _constrain(layout, w_VD, ("vocab", None))
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int) -> tuple[dict, ...]:
+def cache_axes(cfg: ModelConfig, layout: Layout | None) -> Axes:
+    """The logical axes of one layer's cached keys or values, (B, S, G, K): the heads as
+    attention uses them (`kv_heads_axis`)."""
+    return ("batch", "length", kv_heads_axis(cfg, layout)[1], "head_dim")
+
+
+def init_cache(cfg: ModelConfig, layout: Layout | None, batch: int,
+               length: int) -> tuple[dict, ...]:
     """An empty key/value cache for `Transformer.decode`: per layer, `length` slots for each
     of `batch` rows."""
-    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch, length, kv_heads_axis(cfg, layout)[0], cfg.head_dim)
     return tuple({"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
                  for _ in range(cfg.num_layers))
 
