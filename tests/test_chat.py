@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from hf_models import CHAT_TEMPLATE, chat_tokenizer
+from hf_models import chat_tokenizer
 from pjit_llm.data.chat import (Encode, chat_prompt, chat_tokens, completion_tokens,
                                 load_chat_template, to_record)
 from pjit_llm.data.tokenizer import HFTokenizer

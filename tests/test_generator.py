@@ -184,11 +184,11 @@ def test_padding_ids_are_never_sampled_and_repeated_kv_heads_decode_alike(traine
     cfg, _, params = trained
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, real_vocab_size=300))
     layout, graphdef, placed = _on(cfg, params, {"tensor": 8})
-    hot = Generator(graphdef, cfg.model, layout, Sampling(temperature=50.0, seed=3))
-    assert tuple(hot.cache_sharding["k"].spec)[3] == "tensor"  # 8 repeated heads, one a shard
+    hot = Generator(cfg.model, layout, Sampling(temperature=50.0, seed=3))
+    assert tuple(hot.cache_sharding[0]["k"].spec)[2] == "tensor"  # 8 repeated heads, one a shard
     drawn = sum(hot.generate(placed, PROMPTS, 24, None), [])
     assert len(drawn) == 72 and max(drawn) < 300 and len(set(drawn)) > 30
-    greedy = Generator(graphdef, cfg.model, layout, Sampling()).generate(placed, PROMPTS, 12, None)
-    layout1, graphdef1, placed1 = _on(cfg, params, None)
-    assert greedy == Generator(graphdef1, cfg.model, layout1, Sampling()).generate(
+    greedy = Generator(cfg.model, layout, Sampling()).generate(placed, PROMPTS, 12, None)
+    layout1, _, placed1 = _on(cfg, params, None)
+    assert greedy == Generator(cfg.model, layout1, Sampling()).generate(
         placed1, PROMPTS, 12, None)
