@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from pjit_llm.errors import UserError
+from pjit_llm.models.llama.model import abstract_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,13 @@ class Generator:
     the same loop `stream_block` tokens at a time and hands those to the caller."""
 
     def __init__(self, graphdef, model_cfg, layout, sampling: Sampling, stream_block: int = 8):
+        if layout.shards("length") > 1:
+            # The decode step writes one position of the cache at a time, which a cache whose
+            # length is cut into context shards cannot take: those devices decode the same
+            # rows instead, the cache's length whole on each (the rest of the mesh as it was).
+            for axis in layout.mesh_axes("length"):
+                layout = layout.without(axis)
+            graphdef = abstract_model(model_cfg, layout)[0]
         self.model_cfg, self.layout, self.sampling = model_cfg, layout, sampling
         self.stream_block = stream_block
         cache_sharding = layout.sharding(("layers", "batch", "length", "kv_heads", "head_dim"))
