@@ -91,7 +91,7 @@ def loss_terms(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, balance:
         order_L = balanced_order(tokens.shape[1], balance)
         slots_BL = jnp.broadcast_to(jnp.asarray(order_L), tokens.shape)
         tokens, seg, positions, targets_BL, weights_BL = (
-            x if model.layout is None else model.layout.constrain(x[:, order_L], ("batch", "length"))
+            _constrain(model.layout, x[:, order_L], ("batch", "length"))
             for x in (tokens, seg, positions, targets_BL, weights_BL))
         slots_BL = _constrain(model.layout, slots_BL, ("batch", "length"))
     x_BLD = model.hidden(tokens, seg, positions, slots_BL)
@@ -185,6 +185,7 @@ def compile_steps(graphdef, tx, schedule, grad_accum: int, layout: Layout, shard
                                     balance),
                     in_shardings=(shardings, batch_sharding),
                     out_shardings=(shardings, layout.replicated()), donate_argnums=0)
-    evaluate = jax.jit(make_eval_step(graphdef, balance), in_shardings=(shardings.params, batch_sharding),
+    evaluate = jax.jit(make_eval_step(graphdef, balance),
+                       in_shardings=(shardings.params, batch_sharding),
                        out_shardings=layout.replicated())
     return train, evaluate
