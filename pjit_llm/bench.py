@@ -7,6 +7,9 @@ data: packed, batched tokens per second the input pipeline delivers from the con
   source and tokenizer, for each worker count, after a warm-up that covers starting workers.
 save: how long a checkpoint save blocks the training loop, asynchronous against synchronous,
   for the configured model (parameters and AdamW state).
+memory: XLA's per-device memory plan of the compiled training step (arguments, temporaries,
+  peak) without running it, for each `--variant`; with `--cap GIB`, also the longest
+  sequence (doubling data.seq_len) whose step plans to fit that many GiB per device.
 generate: prefill time and TFLOP/s, decode tokens/s and time per output token for each batch
   size, and the decode step's memory traffic, for a run (trained or imported) or a config with
   random weights; `--transformers HF_DIR` adds transformers' generate on the same model.
@@ -79,6 +82,34 @@ def bench_step(args) -> list[dict]:
                              **measure(cfg, args.steps, args.warmup, trace)})
     finally:
         distributed.shutdown()
+    return rows
+
+
+def bench_memory(args) -> list[dict]:
+    import dataclasses
+
+    from pjit_llm.config import load_config
+    from pjit_llm.parallel.mesh import use_emulated_devices
+    from pjit_llm.training.measure import step_memory
+
+    base = list(args.overrides) + ([f"mesh.emulate_devices={args.emulate_devices}"]
+                                   if args.emulate_devices else [])
+    rows = []
+    for name, extra in [("", [])] + [(v, v.split()) for v in args.variant]:
+        cfg = load_config(args.config, base + extra)
+        use_emulated_devices(cfg.mesh.emulate_devices)
+        row = {"variant": name or "base", **step_memory(cfg)}
+        if args.cap:
+            # Double the sequence while the plan fits the cap: the longest that did.
+            cap, fits, seq = args.cap * 2**30, None, cfg.data.seq_len
+            while seq <= args.max_seq:
+                data = dataclasses.replace(cfg.data, seq_len=seq)
+                model = dataclasses.replace(cfg.model, max_len=max(cfg.model.max_len, seq))
+                if step_memory(dataclasses.replace(cfg, data=data, model=model))["peak"] > cap:
+                    break
+                fits, seq = seq, seq * 2
+            row.update(cap_gib=args.cap, longest_seq=fits)
+        rows.append(row)
     return rows
 
 
@@ -164,6 +195,17 @@ def print_rows(command: str, rows: list[dict]) -> None:
                       "n/a" if r["peak_memory"] is None else human_bytes(r["peak_memory"]),
                       human_bytes(r["state_bytes_per_device"]), f"{r['compile_s']:.1f}"]
                      for r in rows])
+    elif command == "memory":
+        print("XLA's per-device memory plan of the compiled train step (not run)")
+        cap = "cap_gib" in rows[0]
+        print_table(["variant", "mesh", "batch x seq", "load balance", "arguments", "temporaries",
+                     "peak", "compile s"] + ([f"longest seq in {rows[0]['cap_gib']:g} GiB"]
+                                             if cap else []),
+                    [[r["variant"], r["mesh"], f"{r['batch']}x{r['seq_len']}",
+                      "on" if r["load_balance"] else "off",
+                      _maybe(r["arguments"], human_bytes), _maybe(r["temporaries"], human_bytes),
+                      _maybe(r["peak"], human_bytes), f"{r['compile_s']:.1f}"]
+                     + ([_maybe(r["longest_seq"], "{:,}")] if cap else []) for r in rows])
     elif command == "generate":
         from pjit_llm.metrics import human_bytes
         print(f"prompts of {rows[0]['prompt_len']} tokens, {rows[0]['new_tokens']} new tokens "
@@ -233,6 +275,16 @@ def main(argv=None) -> None:
     g.add_argument("--emulate-devices", type=int, default=0, metavar="N")
     g.add_argument("--json", action="store_true", help="print a JSON list of rows instead")
     g.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    m = sub.add_parser("memory", help="the compiled step's per-device memory plan, not run")
+    m.add_argument("--config")
+    m.add_argument("--variant", action="append", default=[], metavar="'key=value ...'",
+                   help="a further row: these overrides on top of the others (repeatable)")
+    m.add_argument("--cap", type=float, default=0.0, metavar="GIB",
+                   help="also find the longest sequence whose step plans to fit GIB per device")
+    m.add_argument("--max-seq", type=int, default=2**20, help="where --cap stops doubling")
+    m.add_argument("--emulate-devices", type=int, default=0, metavar="N")
+    m.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    m.add_argument("overrides", nargs="*", metavar="key.sub=value")
     c = sub.add_parser("save", help="how long a checkpoint save blocks the loop")
     c.add_argument("--config")
     c.add_argument("--repeats", type=int, default=5)
@@ -243,7 +295,7 @@ def main(argv=None) -> None:
     if not argv or argv[0] not in sub.choices and argv[0] not in ("-h", "--help"):
         argv.insert(0, "step")
     args = p.parse_args(argv)
-    if args.repeats < 1:
+    if getattr(args, "repeats", 1) < 1:
         raise UserError("--repeats must be >= 1")
     if args.command == "step":
         if args.steps < 1 or args.warmup < 0:
@@ -268,6 +320,11 @@ def main(argv=None) -> None:
             raise UserError("give --run or --config, not both")
         with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
             rows = bench_generate(args)
+    elif args.command == "memory":
+        if args.cap < 0:
+            raise UserError("--cap must be >= 0 GiB")
+        with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
+            rows = bench_memory(args)
     else:
         rows = bench_save(args)
     import jax

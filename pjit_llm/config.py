@@ -31,7 +31,7 @@ class Rules:
     """
 
     batch: tuple[str, ...] = ("data", "stage", "fsdp")
-    length: tuple[str, ...] = ()
+    length: tuple[str, ...] = ("context",)  # activations only: no parameter has a length
     embed: tuple[str, ...] = ("fsdp",)
     heads: tuple[str, ...] = ("tensor",)
     kv_heads: tuple[str, ...] = ("tensor",)
@@ -191,6 +191,9 @@ class TrainConfig:
     resume: bool = True  # continue from the run directory's latest checkpoint
     init_from: str = ""  # a run directory (imported or trained): start from its parameters
     max_bad_steps: int = 0  # steps with a non-finite loss to skip before stopping
+    # With mesh.context > 1: reorder each sequence so that every context shard holds one early
+    # and one late chunk, which evens out the causal attention work between them.
+    context_load_balance: bool = True
 
     def validate(self) -> None:
         require_positive(self, "train", "steps", "grad_accum", "log_every", "eval_batches",

@@ -50,3 +50,12 @@ def test_generation_benchmark_prints_a_json_list(capsys):
     assert all(r["prefill_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows)
     with pytest.raises(UserError, match="--new-tokens >= 2"):
         bench_main(["generate", "--new-tokens", "1"])
+
+
+def test_memory_benchmark_plans_each_mesh_without_running(capsys):
+    bench_main(["memory", *TINY, "model.num_layers=1", "mesh.data=1", "--variant",
+                "mesh.context=2", "--json"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+            if line.startswith("{")]
+    assert [r["mesh"] for r in rows] == ["1 device", "context=2"]
+    assert rows[1]["load_balance"] and rows[1]["temporaries"] < rows[0]["temporaries"]

@@ -53,7 +53,8 @@ def test_conversion_build_places_fsdp_over_the_devices_the_width_divides(width, 
     cfg = tiny_config(f"model.embed_dim={width}", f"model.num_heads={heads}",
                       f"model.num_kv_heads={kv_heads}", "data.batch_size=3")  # no batch is fed
     parts = conversion_build(cfg)
-    assert dict(parts.mesh.shape) == {"data": 1, "stage": 1, "fsdp": fsdp, "tensor": 1}
+    assert dict(parts.mesh.shape) == {"data": 1, "stage": 1, "fsdp": fsdp, "context": 1,
+                                      "tensor": 1}
     assert list(parts.mesh.devices.flat) == jax.devices()[:fsdp]
     assert parts.model.attention == "xla"
     embed = parts.abstract_state.params["embed"]

@@ -70,7 +70,7 @@ def evaluate_run(run: Path, step: int | None = None, batches: int | None = None,
         params = parts.to_run_order(params)
         eval_step = parts.eval_step  # compiled for float parameters; int8 ones need their own
         if model.quantize != "none":
-            eval_step = jax.jit(make_eval_step(parts.graphdef),
+            eval_step = jax.jit(make_eval_step(parts.graphdef, parts.balance),
                                 out_shardings=parts.layout.replicated())
         val = eval_batches(dataset, tokenizer, cfg.data, parts.batch_sharding,
                            batches or cfg.train.eval_batches)

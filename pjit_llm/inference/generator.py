@@ -58,6 +58,12 @@ class Generator:
     the same loop `stream_block` tokens at a time and hands those to the caller."""
 
     def __init__(self, model_cfg, layout, sampling: Sampling, stream_block: int = 8):
+        if layout.shards("length") > 1:
+            # The decode step writes one position of the cache at a time, which a cache whose
+            # length is cut into context shards cannot take: those devices decode the same
+            # rows instead, the cache's length whole on each (the rest of the mesh as it was).
+            for axis in layout.mesh_axes("length"):
+                layout = layout.without(axis)
         self.model_cfg, self.layout, self.sampling = model_cfg, layout, sampling
         self.stream_block = stream_block
         # The loop runs the model with one parameter tree per layer (`prepare`).

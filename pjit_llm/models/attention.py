@@ -40,10 +40,20 @@ def cudnn_unsupported(cfg: ModelConfig, seq_len: int) -> str | None:
     return None
 
 
-def resolve_attention(cfg: ModelConfig, seq_len: int) -> ModelConfig:
-    """`cfg` with model.attention set to the kernel this run will use: xla or cudnn."""
+def resolve_attention(cfg: ModelConfig, seq_len: int, context: int = 1) -> ModelConfig:
+    """`cfg` with model.attention set to the kernel this run will use: xla or cudnn. A
+    sequence sharded over `context` shards attends under a dense mask of global positions,
+    which cuDNN's kernel has no mask type for: XLA's then."""
     if cfg.attention == "xla":
         return cfg
+    if context > 1:
+        reason = (f"a sequence split into {context} context shards needs a mask from global "
+                  "positions, which it has no mask type for")
+        if cfg.attention == "cudnn":
+            raise UserError(f"model.attention=cudnn cannot be used: {reason}; set "
+                            "model.attention=auto or xla, or mesh.context=1")
+        info(f"attention: XLA (cuDNN flash attention not used: {reason})")
+        return dataclasses.replace(cfg, attention="xla")
     reason = cudnn_unsupported(cfg, seq_len)
     if reason is None:
         if cfg.attention == "auto":

@@ -20,6 +20,7 @@ MESH_AXES: tuple[MeshAxis, ...] = (
     MeshAxis("data", -1, "batch rows; parameters replicated"),
     MeshAxis("stage", 1, "the stacked layers, in contiguous blocks run as pipeline stages"),
     MeshAxis("fsdp", 1, "batch rows, and parameters with optimizer state"),
+    MeshAxis("context", 1, "each sequence's positions in every activation (not parameters)"),
     MeshAxis("tensor", 1, "attention heads, MLP and vocabulary dimensions"),
 )
 AXIS_NAMES: tuple[str, ...] = tuple(a.name for a in MESH_AXES)

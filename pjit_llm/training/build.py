@@ -24,6 +24,7 @@ from pjit_llm.errors import UserError
 from pjit_llm.models.attention import resolve_attention
 from pjit_llm.models.llama.config import ModelConfig
 from pjit_llm.models.llama.model import padded_vocab
+from pjit_llm.parallel.context import check_sequence, context_shards
 from pjit_llm.parallel.layout import Layout, check_batch, conversion_mesh, fit_kv_heads
 from pjit_llm.parallel.mesh import make_mesh
 from pjit_llm.parallel.stages import STAGE_AXIS, Pipeline
@@ -45,6 +46,7 @@ class Components:
     train_step: Callable  # jitted (state, batch) -> (state, metrics); donates the state
     eval_step: Callable  # jitted (params, batch) -> {"loss_sum", "tokens"}
     pipeline: Pipeline | None  # the schedule of the layers' stages; None without mesh.stage
+    balance: int = 0  # context shards the steps reorder each row for (0: no reordering)
 
     def to_model_order(self, state):
         """The state (or parameters) with the stacked layers in model order, as checkpoints and
@@ -106,14 +108,18 @@ def build(cfg: Config, tokenizer_vocab: int = ByteTokenizer.vocab_size,
     if batches:
         check_batch(layout, cfg.data.batch_size // cfg.train.grad_accum)
     pipeline = plan_pipeline(cfg, layout, batches)
+    context = context_shards(layout)
+    balance = context if context > 1 and cfg.train.context_load_balance else 0
+    check_sequence(layout, cfg.data.seq_len, bool(balance), cfg.model.loss_chunk)
     schedule = make_schedule(cfg.optimizer, cfg.train.steps)
     tx = make_optimizer(cfg.optimizer, schedule)
-    model = resolve_attention(cfg.model, cfg.data.seq_len)
+    model = resolve_attention(cfg.model, cfg.data.seq_len, context)
     graphdef, abstract_state, shardings = plan_state(model, layout, tx, pipeline)
     train_step, eval_step = compile_steps(graphdef, tx, schedule, cfg.train.grad_accum, layout,
-                                          shardings, skip_nonfinite=cfg.train.max_bad_steps > 0)
+                                          shardings, skip_nonfinite=cfg.train.max_bad_steps > 0,
+                                          balance=balance)
     return Components(cfg, model, mesh, layout, schedule, tx, graphdef, abstract_state, shardings,
-                      train_step, eval_step, pipeline)
+                      train_step, eval_step, pipeline, balance)
 
 
 def plan_pipeline(cfg: Config, layout: Layout, batches: bool = True) -> Pipeline | None:

@@ -9,6 +9,7 @@ checkpoint save holds the training loop.
 """
 
 import gc
+import math
 import statistics
 import time
 from pathlib import Path
@@ -84,6 +85,30 @@ def measure(cfg: Config, steps: int, warmup: int, profile_dir: str | None = None
         "bubble": pipeline.bubble if pipeline else 0.0,  # the schedule's idle share, (S-1)/(MR+S-1)
     }
     del state, batch, compiled
+    gc.collect()
+    return row
+
+
+def step_memory(cfg: Config) -> dict:
+    """XLA's per-device memory plan of the configured train step, compiled for abstract state
+    and batch: nothing is allocated or run, so a step far too big for this machine still
+    reports what it would need. A mesh whose sizes are all given (no -1) spans that many of
+    the devices, so rows on 1, 2, 4 and 8 devices compare in one process."""
+    sizes = cfg.mesh.shape
+    parts = build(cfg, devices=None if -1 in sizes else jax.devices()[:math.prod(sizes)])
+    B, L = parts.cfg.data.batch_size, parts.cfg.data.seq_len
+    batch = {k: jax.ShapeDtypeStruct((B, L), np.int32, sharding=parts.batch_sharding)
+             for k in ("tokens", "segment_ids", "positions")}
+    start = time.perf_counter()
+    compiled = parts.train_step.lower(parts.abstract_state, batch).compile()
+    compile_s = time.perf_counter() - start
+    memory = perf.compiled_memory(compiled) or {}
+    mesh = parts.mesh.shape
+    row = {"devices": parts.mesh.devices.size, "seq_len": L, "batch": B,
+           "mesh": " x ".join(f"{a}={n}" for a, n in mesh.items() if n > 1) or "1 device",
+           "load_balance": parts.balance > 0, "compile_s": compile_s,
+           **{k: memory.get(k) for k in ("arguments", "outputs", "temporaries", "peak")}}
+    del compiled
     gc.collect()
     return row
 

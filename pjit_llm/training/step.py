@@ -16,6 +16,7 @@ from flax import nnx
 
 from pjit_llm.models.llama.config import ModelConfig
 from pjit_llm.models.llama.model import Transformer, abstract_model
+from pjit_llm.parallel.context import balanced_order
 from pjit_llm.parallel.layout import Layout, check_divisible, param_shardings
 from pjit_llm.parallel.stages import Pipeline, split_microbatches
 
@@ -74,22 +75,32 @@ def init_state(cfg: ModelConfig, layout: Layout, tx: optax.GradientTransformatio
     return graphdef, state, shardings
 
 
-def loss_terms(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch):
+def loss_terms(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, balance: int = 0):
     """(sum of token losses, number of predicted tokens), both float32.
 
     Position i predicts token i+1 when both lie in the same segment and, with a `loss_mask`,
     the mask keeps token i+1. With model.loss_chunk the
     vocabulary projection and the loss run over chunks of positions under a rematerialised
-    scan, so float32 logits exist for one chunk at a time, forward and backward."""
+    scan, so float32 logits exist for one chunk at a time, forward and backward. With
+    `balance` (context shards), the rows are reordered for load balance (parallel/context.py)
+    once targets and weights are known; the sums do not depend on the order."""
     model = nnx.merge(graphdef, params)
-    tokens, seg = batch["tokens"], batch["segment_ids"]
-    x_BLD = model.hidden(tokens, seg, batch["positions"])
+    tokens, seg, positions = batch["tokens"], batch["segment_ids"], batch["positions"]
     last = ((0, 0), (0, 1))  # the last position predicts nothing
     targets_BL = jnp.pad(tokens[:, 1:], last)
     keep_BL = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
     if "loss_mask" in batch:
         keep_BL &= batch["loss_mask"][:, 1:] > 0
     weights_BL = jnp.pad(keep_BL, last).astype(jnp.float32)
+    slots_BL = None
+    if balance:
+        order_L = balanced_order(tokens.shape[1], balance)
+        slots_BL = jnp.broadcast_to(jnp.asarray(order_L), tokens.shape)
+        tokens, seg, positions, targets_BL, weights_BL = (
+            _constrain(model.layout, x[:, order_L], ("batch", "length"))
+            for x in (tokens, seg, positions, targets_BL, weights_BL))
+        slots_BL = _constrain(model.layout, slots_BL, ("batch", "length"))
+    x_BLD = model.hidden(tokens, seg, positions, slots_BL)
 
     w_VD = model.output_weights()
 
@@ -116,6 +127,10 @@ def loss_terms(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch):
     return loss_sum, jnp.sum(weights_BL)
 
 
+def _constrain(layout: Layout | None, x: jax.Array, axes) -> jax.Array:
+    return x if layout is None else layout.constrain(x, axes)
+
+
 def _micro_batches(batch: Batch, k: int, layout: Layout) -> Batch:
     """(B, L) -> (k, B/k, L), micro-batch j holding rows j, j+k, ... so that every device keeps
     its own rows and splitting moves no data."""
@@ -124,10 +139,12 @@ def _micro_batches(batch: Batch, k: int, layout: Layout) -> Batch:
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    grad_accum: int, layout: Layout, skip_nonfinite: bool = False) -> Callable:
+                    grad_accum: int, layout: Layout, skip_nonfinite: bool = False,
+                    balance: int = 0) -> Callable:
     """The training step. With `skip_nonfinite`, a step whose loss or gradient norm is not
-    finite leaves parameters and optimizer state as they were (the step still counts)."""
-    grad_fn = jax.value_and_grad(lambda p, b: loss_terms(graphdef, p, b), has_aux=True)
+    finite leaves parameters and optimizer state as they were (the step still counts).
+    `balance`: the context shards the rows are reordered for (0: none)."""
+    grad_fn = jax.value_and_grad(lambda p, b: loss_terms(graphdef, p, b, balance), has_aux=True)
 
     def train_step(state: TrainState, batch: Batch):
         if grad_accum == 1:
@@ -162,20 +179,22 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
     return train_step
 
 
-def make_eval_step(graphdef) -> Callable:
+def make_eval_step(graphdef, balance: int = 0) -> Callable:
     def eval_step(params: nnx.State, batch: Batch):
-        loss_sum, count = loss_terms(graphdef, params, batch)
+        loss_sum, count = loss_terms(graphdef, params, batch, balance)
         return {"loss_sum": loss_sum, "tokens": count}
     return eval_step
 
 
 def compile_steps(graphdef, tx, schedule, grad_accum: int, layout: Layout, shardings: TrainState,
-                  skip_nonfinite: bool = False):
+                  skip_nonfinite: bool = False, balance: int = 0):
     """jit the steps once with explicit shardings; the train step donates its state."""
     batch_sharding = layout.sharding(("batch", "length"))
-    train = jax.jit(make_train_step(graphdef, tx, schedule, grad_accum, layout, skip_nonfinite),
+    train = jax.jit(make_train_step(graphdef, tx, schedule, grad_accum, layout, skip_nonfinite,
+                                    balance),
                     in_shardings=(shardings, batch_sharding),
                     out_shardings=(shardings, layout.replicated()), donate_argnums=0)
-    evaluate = jax.jit(make_eval_step(graphdef), in_shardings=(shardings.params, batch_sharding),
+    evaluate = jax.jit(make_eval_step(graphdef, balance),
+                       in_shardings=(shardings.params, batch_sharding),
                        out_shardings=layout.replicated())
     return train, evaluate

@@ -131,8 +131,9 @@ class Attention(nnx.Module):
         used, self.kv_axis = kv_heads_axis(cfg, layout)
         self.kv_repeats = used // G
 
-    def __call__(self, x_BLD, sin, cos, mask_B1LS, kv=None):
-        """Without `kv`: causal attention within the segments of `mask`. With
+    def __call__(self, x_BLD, sin, cos, mask_B1LS, kv=None, causal=True):
+        """Without `kv`: attention under `mask`, causal by array order too unless `causal` is
+        off (a reordered row's mask holds its causal part). With
         kv=(k_cache_BSGK, v_cache_BSGK, start_B): the new keys and values are written into the
         cache at each row's start and the queries attend over the cache under `mask`.
         Returns (output, (k_cache, v_cache) or None)."""
@@ -153,6 +154,15 @@ class Attention(nnx.Module):
             k_BLGK = write(k_cache, k_BLGK.astype(k_cache.dtype), start_B)
             v_BLGK = write(v_cache, v_BLGK.astype(v_cache.dtype), start_B)
             kv = (k_BLGK, v_BLGK)
+        else:
+            # Context parallelism (no-ops without it): queries stay in this device's slice of
+            # the sequence and keys and values are gathered whole over `context`, so each
+            # device's scores and mask are (L/C, L), shrinking as 1/C like the activations.
+            # Only the (B, L, G, K) keys and values cross devices (with grouped-query heads,
+            # less than the queries would), once per layer; the backward pass reduce-scatters
+            # their gradients. A ring would also keep them at L/C, but the scores dominate.
+            k_BLGK = _constrain(self.layout, k_BLGK, ("batch", None, self.kv_axis, "head_dim"))
+            v_BLGK = _constrain(self.layout, v_BLGK, ("batch", None, self.kv_axis, "head_dim"))
         if kv is not None and q_BLHK.shape[1] == 1:  # a decode step
             out_BLHK = attend_one_position(q_BLHK, k_BLGK, v_BLGK, mask_B1LS)
         else:
@@ -160,7 +170,7 @@ class Attention(nnx.Module):
             # unless resolved); a prefill attends over a cache under a general mask: XLA's.
             impl = "cudnn" if self.cfg.attention == "cudnn" and kv is None else "xla"
             out_BLHK = jax.nn.dot_product_attention(
-                q_BLHK, k_BLGK, v_BLGK, mask=mask_B1LS, is_causal=kv is None,
+                q_BLHK, k_BLGK, v_BLGK, mask=mask_B1LS, is_causal=kv is None and causal,
                 implementation=impl)
         return matmul("BLHK,HKD->BLD", out_BLHK, self.wo[...], dt, "attn_out", kind), kv
 
@@ -205,8 +215,8 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, layout, rngs)
         self.layout = layout
 
-    def __call__(self, x_BLD, sin, cos, mask_B1LS, kv=None):
-        attn_BLD, kv = self.attn(self.attn_norm(x_BLD), sin, cos, mask_B1LS, kv)
+    def __call__(self, x_BLD, sin, cos, mask_B1LS, kv=None, causal=True):
+        attn_BLD, kv = self.attn(self.attn_norm(x_BLD), sin, cos, mask_B1LS, kv, causal)
         x_BLD = x_BLD + attn_BLD
         x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD))
         return _constrain(self.layout, x_BLD, ("batch", "length", "embed")), kv
@@ -243,25 +253,36 @@ class Transformer(nnx.Module):
         self.cfg, self.layout, self.pipeline = cfg, layout, pipeline
         self.block_layout = block_layout
 
-    def __call__(self, tokens_BL, segment_ids_BL, positions_BL) -> jax.Array:
+    def __call__(self, tokens_BL, segment_ids_BL, positions_BL, slots_BL=None) -> jax.Array:
         """Logits (B, L, V) in the compute dtype."""
-        return self.logits(self.hidden(tokens_BL, segment_ids_BL, positions_BL))
+        return self.logits(self.hidden(tokens_BL, segment_ids_BL, positions_BL, slots_BL))
 
-    def hidden(self, tokens_BL, segment_ids_BL, positions_BL) -> jax.Array:
+    def hidden(self, tokens_BL, segment_ids_BL, positions_BL, slots_BL=None) -> jax.Array:
         """The final normalised hidden states (B, L, D), which `logits` projects onto the
-        vocabulary. Tokens attend only within their segment unless model.segment_mask is off."""
+        vocabulary. Tokens attend only within their segment unless model.segment_mask is off.
+        `slots_BL`: each token's place in its row when the rows come reordered (context load
+        balance); causality then follows the slots, not the array order."""
         x_BLD = self._embed(tokens_BL)
         if self.pipeline is None:
             sin, cos = rope_angles(positions_BL, self.cfg.head_dim, self.cfg.rope_theta, self.cfg)
-            x_BLD = self._run_blocks(x_BLD, sin, cos, self._segment_mask(segment_ids_BL))
+            mask_B1LS = self._mask(segment_ids_BL, slots_BL, self.layout)
+            x_BLD = self._run_blocks(x_BLD, sin, cos, mask_B1LS, causal=slots_BL is None)
         else:
-            x_BLD = self._run_pipeline(x_BLD, segment_ids_BL, positions_BL)
+            x_BLD = self._run_pipeline(x_BLD, segment_ids_BL, positions_BL, slots_BL)
         return self.final_norm(x_BLD)
 
-    def _segment_mask(self, segment_ids_BL):
-        if not self.cfg.segment_mask:
+    def _mask(self, segment_ids_BL, slots_BL, layout: Layout | None):
+        """(B, 1, L, L) or None: same segment (model.segment_mask), and with `slots_BL` key
+        slot <= query slot. Its query axis is sharded like the queries (`length`)."""
+        mask_B1LS = None
+        if self.cfg.segment_mask:
+            mask_B1LS = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
+        if slots_BL is not None:
+            causal_B1LS = slots_BL[:, None, :, None] >= slots_BL[:, None, None, :]
+            mask_B1LS = causal_B1LS if mask_B1LS is None else mask_B1LS & causal_B1LS
+        if mask_B1LS is None:
             return None
-        return segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
+        return _constrain(layout, mask_B1LS, ("batch", None, "length", None))
 
     def logits(self, x_BLD: jax.Array) -> jax.Array:
         return self.project(x_BLD, self.output_weights())
@@ -311,13 +332,14 @@ class Transformer(nnx.Module):
         x_BLD = take_rows(table_VD, tokens_BL, self.cfg.dtype)
         return _constrain(self.layout, x_BLD, ("batch", "length", "embed"))
 
-    def _run_blocks(self, x_BLD, sin, cos, mask_B1LS, stacked=None):
+    def _run_blocks(self, x_BLD, sin, cos, mask_B1LS, stacked=None, causal=True):
         """The stacked layers (all, or the block `stacked`), scanned or unrolled."""
         graphdef, all_layers = nnx.split(self.blocks)
         stacked = all_layers if stacked is None else stacked
 
         def apply(x, layer_state):
-            return nnx.merge(graphdef, layer_state)(x, sin, cos, mask_B1LS)[0], None
+            block = nnx.merge(graphdef, layer_state)
+            return block(x, sin, cos, mask_B1LS, causal=causal)[0], None
 
         if self.cfg.remat != "none":
             apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.cfg.remat],
@@ -328,7 +350,7 @@ class Transformer(nnx.Module):
             x_BLD = apply(x_BLD, jax.tree.map(partial(_index, i=i), stacked))[0]
         return x_BLD
 
-    def _run_pipeline(self, x_BLD, segment_ids_BL, positions_BL):
+    def _run_pipeline(self, x_BLD, segment_ids_BL, positions_BL, slots_BL=None):
         """The layers as pipeline stages over micro-batches of the batch."""
         cfg, M = self.cfg, self.pipeline.microbatches
         activation_axes = ("batch", "length", "embed")
@@ -336,12 +358,14 @@ class Transformer(nnx.Module):
                             (None, *activation_axes))
 
         def stage(layers, x_bLD, extras):
-            segment_ids_bL, positions_bL = extras
+            segment_ids_bL, positions_bL, slots_bL = extras
             sin, cos = rope_angles(positions_bL, cfg.head_dim, cfg.rope_theta, cfg)
-            return self._run_blocks(x_bLD, sin, cos, self._segment_mask(segment_ids_bL),
-                                    stacked=layers)
+            mask_b1LS = self._mask(segment_ids_bL, slots_bL, self.block_layout)
+            return self._run_blocks(x_bLD, sin, cos, mask_b1LS, stacked=layers,
+                                    causal=slots_bL is None)
 
-        extras = (split_microbatches(segment_ids_BL, M), split_microbatches(positions_BL, M))
+        extras = (split_microbatches(segment_ids_BL, M), split_microbatches(positions_BL, M),
+                  None if slots_BL is None else split_microbatches(slots_BL, M))
         y_MbLD = self.pipeline.run(stage, nnx.split(self.blocks)[1], x_MbLD, extras,
                                    self.layout.mesh, self.block_layout.spec(activation_axes))
         return _constrain(self.layout, merge_microbatches(y_MbLD), activation_axes)
