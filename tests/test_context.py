@@ -152,7 +152,7 @@ def test_generation_on_a_context_mesh_matches_one_device():
     def generate(mesh):
         parts = build_on(tiny_config(), mesh)
         params = parts.init_state().params
-        generator = Generator(parts.graphdef, parts.model, parts.layout, Sampling())
+        generator = Generator(parts.model, parts.layout, Sampling())
         return generator.generate(params, [np.arange(5), np.arange(3) + 7], 6, None)
 
     assert generate({"context": 4, "tensor": 2}) == generate(None)
