@@ -91,10 +91,15 @@ def measure(cfg: Config, steps: int, warmup: int, profile_dir: str | None = None
 def data_throughput(dataset, tokenizer, cfg, workers: int, batches: int, warmup: int) -> float:
     """Tokens per second (padding excluded) the pipeline delivers with `workers` worker
     processes, over `batches` batches after `warmup` batches (which cover starting them)."""
-    from pjit_llm.data.pipeline import packed_batches  # Grain: only this benchmark needs it
+    from pjit_llm.data.mixture import Mixture, mixed_batches  # Grain: only this benchmark
+    from pjit_llm.data.pipeline import packed_batches
 
-    it = iter(packed_batches(dataset.train, tokenizer, dataset.text_field, cfg, cfg.batch_size,
-                             0, 1, train=True, num_workers=workers))
+    if isinstance(dataset, Mixture):
+        batches = mixed_batches(dataset, tokenizer, cfg, cfg.batch_size, 0, 1, workers)
+    else:
+        batches = packed_batches(dataset.train, tokenizer, dataset.text_field, cfg,
+                                 cfg.batch_size, 0, 1, train=True, num_workers=workers)
+    it = iter(batches)
     try:
         for _ in range(warmup):
             next(it)
