@@ -95,11 +95,11 @@ def data_throughput(dataset, tokenizer, cfg, workers: int, batches: int, warmup:
     from pjit_llm.data.pipeline import packed_batches
 
     if isinstance(dataset, Mixture):
-        batches = mixed_batches(dataset, tokenizer, cfg, cfg.batch_size, 0, 1, workers)
+        pipeline = mixed_batches(dataset, tokenizer, cfg, cfg.batch_size, 0, 1, workers)
     else:
-        batches = packed_batches(dataset.train, tokenizer, dataset.text_field, cfg,
-                                 cfg.batch_size, 0, 1, train=True, num_workers=workers)
-    it = iter(batches)
+        pipeline = packed_batches(dataset.train, tokenizer, dataset.text_field, cfg,
+                                  cfg.batch_size, 0, 1, train=True, num_workers=workers)
+    it = iter(pipeline)
     try:
         for _ in range(warmup):
             next(it)
