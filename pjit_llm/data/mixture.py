@@ -29,6 +29,9 @@ from pjit_llm.data.pipeline import ToBatch, batched, packed_rows
 from pjit_llm.data.tokenizer import Tokenizer
 from pjit_llm.errors import UserError
 
+# The keys a mixture entry shares with the single-source data settings.
+SOURCE_KEYS = ("source", "paths", "text_field", "name", "train_split", "val_split")
+
 
 @dataclass
 class Part:
@@ -62,13 +65,20 @@ class Mixture:
 def prepare(cfg: DataConfig, prepare_one) -> Mixture:
     """Each source of data.mixture prepared by `prepare_one(DataConfig)` (sources.prepare)."""
     parts = []
-    for entry in cfg.mixture:
-        one = dataclasses.replace(cfg, mixture=(), source=entry.source, paths=entry.paths,
-                                  text_field=entry.text_field, name=entry.name,
-                                  train_split=entry.train_split, val_split=entry.val_split)
-        signature = (entry.tag, entry.source, list(entry.paths), entry.text_field, entry.name,
-                     entry.train_split, entry.val_split)
-        parts.append(Part(entry.tag, entry.weight, prepare_one(one), signature))
+    for i, entry in enumerate(cfg.mixture):
+        keys = {key: getattr(entry, key) for key in SOURCE_KEYS}
+        one = dataclasses.replace(cfg, mixture=(), **keys)
+        try:
+            dataset = prepare_one(one)
+        except UserError as e:  # name the key where the user wrote it
+            message = str(e)
+            for key in SOURCE_KEYS:
+                message = message.replace(f"data.{key}", f"data.mixture[{i}].{key}")
+            if message == str(e):
+                message = f"data.mixture[{i}] ({entry.tag}): {message}"
+            raise UserError(message) from None
+        signature = (entry.tag, *(list(v) if isinstance(v, tuple) else v for v in keys.values()))
+        parts.append(Part(entry.tag, entry.weight, dataset, signature))
     as_text = [grain.MapDataset.source(p.dataset.train).map(AsText(p.dataset.text_field))
                for p in parts]
     val = [grain.MapDataset.source(p.dataset.val).map(AsText(p.dataset.text_field))

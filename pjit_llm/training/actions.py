@@ -97,7 +97,9 @@ def global_source_tokens(local: dict[str, int]) -> dict[str, int]:
     counts = np.array(list(local.values()), np.int64)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
-        counts = np.asarray(multihost_utils.process_allgather(counts)).sum(axis=0)
+        # JAX arrays hold 32-bit integers unless x64 is on: gather the int64s as pairs of them.
+        pairs = np.asarray(multihost_utils.process_allgather(counts.view(np.int32)))
+        counts = np.ascontiguousarray(pairs).view(np.int64).sum(axis=0)
     return {f"tokens_{tag}": int(n) for tag, n in zip(local, counts)}
 
 
