@@ -40,8 +40,8 @@ def bench_data(args) -> list[dict]:
         rates = [data_throughput(dataset, tokenizer, cfg.data, workers, args.batches, args.warmup)
                  for _ in range(args.repeats)]
         gc.collect()
-        rows.append({"source": cfg.data.source, "format": cfg.data.format,
-                     "tokenizer": cfg.data.tokenizer,
+        source = (f"mixture of {len(cfg.data.mixture)}" if cfg.data.mixture else cfg.data.source)
+        rows.append({"source": source, "format": cfg.data.format, "tokenizer": cfg.data.tokenizer,
                      "workers": workers, "batch": f"{cfg.data.batch_size}x{cfg.data.seq_len}",
                      "tokens_per_s": statistics.median(rates),
                      "min": min(rates), "max": max(rates), "repeats": len(rates)})

@@ -9,6 +9,7 @@ the `mesh` section is made from the list of mesh axes (parallel/axes.py).
 
 import dataclasses
 import difflib
+import os
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -97,6 +98,32 @@ MeshConfig = dataclasses.make_dataclass(
 
 
 @dataclass(frozen=True)
+class MixtureSource:
+    """One source of data.mixture: the same keys as the single-source data settings, a weight
+    (its share of the packed rows, so of the tokens) and a label for the metrics."""
+
+    source: Literal["builtin", "local", "tfds"] = "builtin"
+    weight: float = 1.0
+    label: str = ""  # "" : builtin, the TFDS name, or the first path's file name
+    paths: tuple[str, ...] = ()
+    text_field: str = "text"
+    name: str = ""
+    train_split: str = "train"
+    val_split: str = ""
+
+    @property
+    def tag(self) -> str:
+        """The label in metrics (`tokens_<tag>`)."""
+        if self.label:
+            return self.label
+        if self.source == "tfds":
+            return self.name.replace("/", "_")
+        if self.source == "local" and self.paths:
+            return os.path.basename(self.paths[0].rstrip("/")).split(".")[0] or "local"
+        return self.source
+
+
+@dataclass(frozen=True)
 class DataConfig:
     source: Literal["builtin", "local", "tfds"] = "builtin"
     paths: tuple[str, ...] = ()  # local: text/JSONL files, globs or directories
@@ -120,6 +147,9 @@ class DataConfig:
     batch_size: int = 16  # global, in sequences
     val_fraction: float = 0.05  # share of records held out when the data has no own split
     seed: int = 0
+    # Several sources drawn in proportion to their weights (data/mixture.py), instead of
+    # data.source/paths/name; the settings above (tokenizer, packing, ...) apply to all.
+    mixture: tuple[MixtureSource, ...] = ()
 
     def validate(self) -> None:
         require_positive(self, "data", "seq_len", "batch_size")
@@ -139,12 +169,38 @@ class DataConfig:
             raise UserError("data.source=tfds needs data.name, a TFDS catalogue name such as lm1b")
         if self.tokenizer == "hf" and not self.tokenizer_path:
             raise UserError("data.tokenizer=hf needs data.tokenizer_path, a tokenizer.json file")
-        if self.format != "text" and self.source != "local":
+        if self.format != "text" and self.source != "local" and not self.mixture:
             raise UserError(f"data.format={self.format} reads JSONL files: set data.source=local "
                             "and data.paths")
         if self.format == "chat" and self.tokenizer != "hf":
             raise UserError("data.format=chat needs data.tokenizer=hf and data.tokenizer_path: the "
                             "chat template comes with the model's tokenizer.json")
+        if self.mixture:
+            self._validate_mixture()
+
+    def _validate_mixture(self) -> None:
+        for key, default in (("source", "builtin"), ("paths", ()), ("name", "")):
+            if getattr(self, key) != default:
+                raise UserError(f"data.mixture names its own sources; remove data.{key} (or move "
+                                "it into a data.mixture entry)")
+        tags = []
+        for i, part in enumerate(self.mixture):
+            where = f"data.mixture[{i}]"
+            if not 0 < part.weight < float("inf"):
+                raise UserError(f"{where}.weight={part.weight} must be positive (a share of the "
+                                "tokens); drop the entry to leave the source out")
+            if part.source == "local" and not part.paths:
+                raise UserError(f"{where}.source=local needs {where}.paths: files, globs or "
+                                "directories")
+            if part.source == "tfds" and not part.name:
+                raise UserError(f"{where}.source=tfds needs {where}.name, a TFDS catalogue name")
+            if self.format != "text" and part.source != "local":
+                raise UserError(f"{where}.source={part.source}: data.format={self.format} reads "
+                                "JSONL files, so every entry needs source=local")
+            if part.tag in tags:
+                raise UserError(f"{where} has the label {part.tag!r} of an earlier entry; set "
+                                f"{where}.label to tell them apart")
+            tags.append(part.tag)
 
 
 @dataclass(frozen=True)
@@ -194,6 +250,8 @@ class TrainConfig:
     # With mesh.context > 1: reorder each sequence so that every context shard holds one early
     # and one late chunk, which evens out the causal attention work between them.
     context_load_balance: bool = True
+    wandb_project: str = ""  # also log to this Weights & Biases project (extra `wandb`)
+    wandb_mode: Literal["auto", "online", "offline"] = "auto"  # auto: WANDB_MODE, else online
 
     def validate(self) -> None:
         require_positive(self, "train", "steps", "grad_accum", "log_every", "eval_batches",
@@ -406,4 +464,11 @@ def _coerce(value, hint, key: str):
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return tuple(value)
         raise UserError(f"{key} must be a string, a list of strings, or null; got {value!r}")
+    if typing.get_origin(hint) is tuple and dataclasses.is_dataclass(typing.get_args(hint)[0]):
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise UserError(f"{key} must be a list of mappings, got {value!r}")
+        return tuple(_build(typing.get_args(hint)[0], item, f"{key}[{i}].")
+                     for i, item in enumerate(value))
     raise TypeError(f"unsupported config type {hint} for {key}")

@@ -1,21 +1,29 @@
 """Where numbers go, from process 0 only: the console (a progress bar on a terminal, plain
-lines otherwise), `metrics.jsonl`, and TensorBoard event files (tensorboardX, no TensorFlow)
-in the run directory."""
+lines otherwise), `metrics.jsonl`, TensorBoard event files (tensorboardX, no TensorFlow) in
+the run directory, and with train.wandb_project a Weights & Biases run (the same scalars and
+samples, and the resolved config)."""
 
 import json
 import math
+import secrets
 import sys
 from pathlib import Path
 
 import jax
 
+from pjit_llm.errors import UserError, first_line
+
+WANDB_ID_FILE = "wandb_run_id"  # in the run directory: a resumed run continues the W&B run
+
 
 class MetricsLog:
     def __init__(self, run_dir: Path, append: bool = False, total_steps: int | None = None,
-                 first_step: int = 0):
-        """`append` continues the files of a resumed run instead of starting afresh."""
+                 first_step: int = 0, wandb: "WandbRun | None" = None):
+        """`append` continues the files of a resumed run instead of starting afresh;
+        `wandb` (process 0's) receives what TensorBoard does, and is closed with the log."""
         self.enabled = jax.process_index() == 0
         self._file = self._tb = self._bar = None
+        self._wandb = wandb
         if not self.enabled:
             return
         self._file = open(run_dir / "metrics.jsonl", "a" if append else "w")
@@ -32,10 +40,13 @@ class MetricsLog:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         step = record["step"]
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
-                self._tb.add_scalar(("eval/" if key.startswith("eval_") else "train/") + key,
-                                    value, step)
+        scalars = {("eval/" if key.startswith("eval_") else "train/") + key: value
+                   for key, value in record.items()
+                   if key != "step" and isinstance(value, (int, float))}
+        for tag, value in scalars.items():
+            self._tb.add_scalar(tag, value, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step)
         if self._bar is not None and "loss" in record:
             self._bar.update(step - self._bar.n)
             self._bar.set_postfix(loss=f"{record['loss']:.4g}",
@@ -48,14 +59,61 @@ class MetricsLog:
     def text(self, tag: str, text: str, step: int) -> None:
         if self.enabled:
             self._tb.add_text(tag, text, step)
+            if self._wandb is not None:
+                self._wandb.log({tag: text}, step)
 
     def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.close()
         if self._bar is not None:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
         if self._file:
             self._file.close()
+
+
+def require_wandb():
+    """The wandb module, or the one-line error that names the extra to install."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("train.wandb_project needs the wandb package: pip install "
+                        "'pjit_llm[wandb]' (or clear train.wandb_project)") from None
+    return wandb
+
+
+class WandbRun:
+    """A Weights & Biases run in `run_dir`/wandb, for process 0. Its id is kept in the run
+    directory, so resuming the training resumes the W&B run; offline mode (train.wandb_mode or
+    WANDB_MODE=offline) writes it to disk for `wandb sync` later, with no network."""
+
+    def __init__(self, run_dir: Path, project: str, mode: str, config: dict, resume: bool):
+        wandb = require_wandb()
+        id_file = run_dir / WANDB_ID_FILE
+        run_id = (id_file.read_text().strip() if resume and id_file.exists()
+                  else secrets.token_hex(4))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id + "\n")
+        try:
+            self._run = wandb.init(project=project, id=run_id, resume="allow", dir=str(run_dir),
+                                   name=run_dir.absolute().name, config=config,
+                                   mode=None if mode == "auto" else mode,
+                                   # Leave stdout alone: the progress bar and log lines own it.
+                                   settings=wandb.Settings(console="off"))
+        except wandb.errors.Error as e:
+            raise UserError(f"could not start the W&B run: {first_line(e, limit=300)}; run "
+                            "`wandb login` or set train.wandb_mode=offline") from None
+
+    @property
+    def id(self) -> str:
+        return self._run.id
+
+    def log(self, values: dict, step: int) -> None:
+        self._run.log(values, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
 
 
 def info(message: str) -> None:

@@ -27,13 +27,15 @@ def main(argv=None) -> None:
         overrides.append(f"mesh.emulate_devices={args.emulate_devices}")
 
     from pjit_llm.config import load_config
-    from pjit_llm.metrics import info
+    from pjit_llm.metrics import info, require_wandb
     from pjit_llm.parallel import distributed
     from pjit_llm.parallel.mesh import use_emulated_devices
     from pjit_llm.training.build import open_data
     from pjit_llm.training.loop import train
 
     cfg = load_config(args.config, overrides)
+    if cfg.train.wandb_project:
+        require_wandb()  # on every process, before any work: they all stop alike
     if cfg.model.quantize != "none":
         raise UserError(f"model.quantize={cfg.model.quantize} describes quantized parameters, which "
                         "only evaluate and generate read; train with model.quantize=none")

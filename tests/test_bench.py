@@ -36,6 +36,13 @@ def test_data_and_save_benchmarks_run(capsys, tmp_path):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()
             if line.startswith("{")]
     assert rows[0]["workers"] == 0 and rows[0]["tokens_per_s"] > 0
+    (tmp_path / "notes.txt").write_text("a line of notes\n" * 2000)
+    bench_main(["data", "--workers", "0", "--batches", "2", "--warmup", "1", "--repeats", "1",
+                "--json", *TINY, f"data.mixture=[{{source: builtin, weight: 2}}, "
+                f"{{source: local, paths: [{tmp_path / 'notes.txt'}]}}]"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+            if line.startswith("{")]
+    assert rows[0]["source"] == "mixture of 2" and rows[0]["tokens_per_s"] > 0
     bench_main(["save", "--repeats", "1", "--dir", str(tmp_path), *TINY])
     out = capsys.readouterr().out
     assert "async" in out and "sync" in out

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from pjit_llm.config import Config, Rules, _coerce, load_config
+from pjit_llm.config import Config, MixtureSource, Rules, _coerce, load_config
 from pjit_llm.errors import UserError
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -40,7 +40,7 @@ def test_every_field_type_is_read_and_no_other():
             raw = functools.reduce(dict.__getitem__, key.split("."), plain)
             assert _coerce(raw, hint, key) == value, (path.name, key)
     assert {h for _, h in _field_types(Config) if typing.get_origin(h) is tuple} \
-        == {tuple[int, ...], tuple[str, ...]}
+        == {tuple[int, ...], tuple[str, ...], tuple[MixtureSource, ...]}
     for hint in (tuple[float, ...], str | None):
         with pytest.raises(TypeError, match="unsupported config type"):
             _coerce(["a"], hint, "x")
@@ -93,6 +93,25 @@ def test_round_trip_through_dict(tmp_path):
     (["model=3"], "config section model must be a mapping"),
     (["model.num_layers.x=3"], "model.num_layers must be an integer"),
     (["model.num_layers=3", "model.num_layers.x=3"], "model.num_layers is a value, not a section"),
+    (["data.mixture=[{source: builtin, weight: 0}]"],
+     "data.mixture[0].weight=0.0 must be positive (a share of the tokens)"),
+    (["data.mixture=[{source: builtin}, {source: local, paths: [a.txt], weight: -2}]"],
+     "data.mixture[1].weight=-2.0 must be positive"),
+    (["data.mixture=[{source: builtin}, {source: hf, name: x}]"],
+     "data.mixture[1].source='hf' is not one of: builtin, local, tfds"),
+    (["data.mixture=[{source: builtin, wieght: 2}]"],
+     "unknown config key data.mixture[0].wieght; did you mean data.mixture[0].weight?"),
+    (["data.mixture=[builtin]"], "config section data.mixture[0] must be a mapping"),
+    (["data.mixture={source: builtin}"], "data.mixture must be a list of mappings"),
+    (["data.mixture=[{source: builtin}]", "data.paths=[a.txt]"],
+     "data.mixture names its own sources; remove data.paths"),
+    (["data.mixture=[{source: builtin}]", "data.source=tfds", "data.name=lm1b"],
+     "data.mixture names its own sources; remove data.source"),
+    (["data.mixture=[{source: local}]"], "data.mixture[0].source=local needs data.mixture[0].paths"),
+    (["data.mixture=[{source: tfds}]"], "data.mixture[0].source=tfds needs data.mixture[0].name"),
+    (["data.mixture=[{source: local, paths: [a/x.txt]}, {source: local, paths: [b/x.txt]}]"],
+     "data.mixture[1] has the label 'x' of an earlier entry; set data.mixture[1].label"),
+    (["train.wandb_mode=cloud"], "train.wandb_mode='cloud' is not one of: auto, online, offline"),
 ])
 def test_bad_values_are_refused_with_one_line(overrides, message):
     with pytest.raises(UserError) as e:
@@ -112,6 +131,14 @@ def test_missing_and_malformed_files(tmp_path):
     scalar.write_text("3\n")
     with pytest.raises(UserError, match="must hold a mapping"):
         load_config(str(scalar))
+
+
+def test_a_mixture_reads_from_yaml_with_labels(tmp_path):
+    cfg = load_config(str(CONFIGS / "mixture.yaml"))
+    assert [(m.source, m.tag, m.weight) for m in cfg.data.mixture] == [
+        ("builtin", "builtin", 6.0), ("local", "docs", 3.0), ("local", "scripts", 1.0)]
+    assert MixtureSource(source="tfds", name="wikitext/raw").tag == "wikitext_raw"
+    assert MixtureSource(source="local", paths=("data/web.jsonl",)).tag == "web"
 
 
 def test_config_is_frozen():

@@ -53,6 +53,12 @@ def test_config_errors_are_refused_with_one_line(tmp_path, monkeypatch, args, me
     ({"c.txt": "some text\n" * 4000}, ["data.source=local", "data.paths=[c.txt]", "data.tokenizer=hf"],
      "data.tokenizer=hf needs data.tokenizer_path"),
     ({}, ["data.source=tfds"], "data.source=tfds needs data.name"),
+    ({"a.txt": "some text\n" * 4000}, ["data.mixture=[{source: local, paths: [a.txt]}, "
+                                      "{source: local, paths: [missing/*.txt], label: b}]"],
+     "data.mixture[1].paths: nothing found at 'missing/*.txt'"),
+    ({"a.txt": "some text\n" * 4000, "b.jsonl": "not json\n"},
+     ["data.mixture=[{source: local, paths: [a.txt]}, {source: local, paths: [b.jsonl]}]"],
+     "data.mixture[1] (b): the corpus gives no train records (1 files; skipped 1 not JSON)"),
     ({}, ["data.seq_len=4096"], "data.seq_len=4096 exceeds model.max_len=2048"),
 ])
 def test_data_errors_are_refused_with_one_line(tmp_path, monkeypatch, files, args, message):

@@ -4,7 +4,8 @@ The records are split into `data.shards` interleaved shards (default: one per pr
 read by its own Grain pipeline; a process reads only its shards and concatenates their rows.
 Fixing `data.shards` makes the global batches independent of how many processes read them.
 `Loader` assembles global `jax.Array`s sharded over the batch mesh axes with
-`jax.make_array_from_process_local_data`; `get_state` / `set_state` resume exactly.
+`jax.make_array_from_process_local_data`; `get_state` / `set_state` resume exactly. With a
+mixture (data/mixture.py) it also counts the tokens each source gave, part of its state.
 """
 
 import gc
@@ -14,6 +15,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from pjit_llm.config import DataConfig
+from pjit_llm.data import mixture
 from pjit_llm.data.pipeline import batch_keys, packed_batches
 from pjit_llm.data.sources import Dataset
 from pjit_llm.data.tokenizer import Tokenizer
@@ -56,8 +58,15 @@ class Loader:
         self.shape = (cfg.batch_size, cfg.seq_len)
         self.keys = batch_keys(cfg)
         rows = local_rows(sharding, cfg.batch_size, cfg.seq_len)
-        self._iters = _shard_iterators(dataset.train, tokenizer, dataset.text_field, cfg, rows,
-                                       train=True)
+        self.mixture = dataset if isinstance(dataset, mixture.Mixture) else None
+        if self.mixture:
+            shards, total = process_shards(cfg, rows)
+            self._iters = [iter(mixture.mixed_batches(dataset, tokenizer, cfg, rows // len(shards),
+                                                      s, total)) for s in shards]
+            self._tokens = np.zeros(len(dataset.parts), np.int64)
+        else:
+            self._iters = _shard_iterators(dataset.train, tokenizer, dataset.text_field, cfg,
+                                           rows, train=True)
 
     def __iter__(self):
         return self
@@ -65,18 +74,43 @@ class Loader:
     def __next__(self) -> dict[str, jax.Array]:
         parts = [next(it) for it in self._iters]
         local = {k: np.concatenate([p[k] for p in parts]) for k in self.keys}
+        if self.mixture:
+            self._tokens += mixture.source_tokens(np.concatenate([p["source"] for p in parts]),
+                                                  local["segment_ids"], len(self._tokens))
         return to_global(local, self.sharding, self.shape)
 
+    def source_tokens(self) -> dict[str, int]:
+        """Tokens each mixture source has given this process's rows so far (resumed runs
+        included); empty for a single source."""
+        if not self.mixture:
+            return {}
+        return dict(zip(self.mixture.tags, self._tokens.tolist()))
+
     def get_state(self) -> dict:
-        return {"shards": [it.get_state() for it in self._iters]}
+        state = {"shards": [it.get_state() for it in self._iters]}
+        if self.mixture:
+            state["mixture"] = self.mixture.signature
+            state["source_tokens"] = self._tokens.tolist()
+        return state
 
     def set_state(self, state: dict) -> None:
         if len(state["shards"]) != len(self._iters):
             raise UserError(f"the saved data position has {len(state['shards'])} shards for this "
                             f"process, the loader {len(self._iters)}; keep data.shards and the "
                             "process count of the saved run")
+        saved = state.get("mixture")
+        if self.mixture and saved != self.mixture.signature:
+            names = [s[0] for s in saved] if saved else "a single source"
+            raise UserError(f"the saved data position is of {names}, not of this data.mixture's "
+                            f"sources {self.mixture.tags}; keep the saved run's sources (only "
+                            "their weights may change) or use a new train.run_dir")
+        if saved and not self.mixture:
+            raise UserError(f"the saved data position is of the mixture {[s[0] for s in saved]}; "
+                            "keep the saved run's data.mixture or use a new train.run_dir")
         for it, shard_state in zip(self._iters, state["shards"]):
             it.set_state(shard_state)
+        if self.mixture:
+            self._tokens = np.asarray(state["source_tokens"], np.int64)
 
     def close(self) -> None:
         """Stop the worker processes. Dropping the iterators now, not at interpreter exit,

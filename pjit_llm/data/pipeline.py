@@ -65,9 +65,17 @@ def packed_batches(source, tokenizer: Tokenizer, field: str, cfg: DataConfig, lo
     Training data is shuffled with the seed (a new order each epoch) and repeats forever;
     evaluation data is read once, in order, and its last batch may be short.
     """
+    rows = packed_rows(source, tokenizer, field, cfg, local_batch, shard_index, shard_count,
+                       train=train, seed=cfg.seed)
+    return batched(rows, cfg, local_batch, train=train, num_workers=num_workers)
+
+
+def packed_rows(source, tokenizer: Tokenizer, field: str, cfg: DataConfig, local_batch: int,
+                shard_index: int, shard_count: int, *, train: bool, seed: int) -> grain.IterDataset:
+    """One shard's records, shuffled (training) and tokenized, packed into rows of seq_len."""
     ds = grain.MapDataset.source(source)[shard_index::shard_count]
     if train:
-        ds = ds.seed(cfg.seed).shuffle().repeat(None)
+        ds = ds.seed(seed).shuffle().repeat(None)
     first_fit = cfg.packing == "first_fit" or cfg.format != "text"
     if cfg.format == "text":
         ds = ds.map(Tokenize(tokenizer, field, cfg.seq_len if first_fit else None))
@@ -77,16 +85,20 @@ def packed_batches(source, tokenizer: Tokenizer, field: str, cfg: DataConfig, lo
         length = dict.fromkeys(("tokens",) + MASK_KEYS, cfg.seq_len)
     ids = ds.filter(NotEmpty()).to_iter_dataset()
     if not first_fit:
-        packed = grain.experimental.ConcatThenSplitIterDataset(ids, length_struct=length)
-    else:
-        packed = grain.experimental.FirstFitPackIterDataset(
-            ids, length_struct=length, num_packing_bins=local_batch, seed=cfg.seed,
-            shuffle_bins=train)
+        return grain.experimental.ConcatThenSplitIterDataset(ids, length_struct=length)
+    return grain.experimental.FirstFitPackIterDataset(
+        ids, length_struct=length, num_packing_bins=local_batch, seed=seed, shuffle_bins=train)
+
+
+def batched(packed: grain.IterDataset, cfg: DataConfig, local_batch: int, *, train: bool,
+            num_workers: int | None = None, to_batch: grain.transforms.Map | None = None
+            ) -> grain.IterDataset:
+    """Packed rows -> (window-shuffled) batches of the model's keys, made in worker processes."""
     if train and cfg.shuffle_window > 1:
         # Consecutive rows of a long document would otherwise fill whole batches.
         packed = grain.experimental.WindowShuffleIterDataset(
             packed, window_size=cfg.shuffle_window, seed=cfg.seed)
-    batches = packed.batch(local_batch, drop_remainder=train).map(ToBatch())
+    batches = packed.batch(local_batch, drop_remainder=train).map(to_batch or ToBatch())
     workers = cfg.num_workers if num_workers is None else num_workers
     if workers > 0:
         _allow_absl_in_workers()

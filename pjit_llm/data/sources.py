@@ -35,8 +35,11 @@ class Dataset:
 
 
 def prepare(cfg: DataConfig) -> Dataset:
-    """The configured dataset, prepared on first use."""
+    """The configured dataset, prepared on first use (a mixture.Mixture for data.mixture)."""
     _quiet_tfds()
+    if cfg.mixture:
+        from pjit_llm.data import mixture
+        return mixture.prepare(cfg, prepare)
     if cfg.source == "tfds":
         return _catalogue(cfg)
     files = builtin.files() if cfg.source == "builtin" else expand_paths(cfg.paths)

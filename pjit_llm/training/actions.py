@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from pjit_llm import perf
 from pjit_llm.config import Config
@@ -33,14 +34,18 @@ class MetricsReader:
         self.resumed_step = first_step or None
         self.peak = perf.peak_flops(jax.devices()[0].device_kind, cfg.train.peak_tflops)
         self.unread: list[tuple[int, dict]] = []
+        self.source_tokens: dict[str, int] = {}  # per mixture source, at the last step added
         self.bad_steps = 0
         self.records = self.truncated = 0  # chat/prompt_completion records read, and cut short
         self.last: dict = {}
         self.start = time.perf_counter()
         self.mark = (first_step, self.start)  # (step, time) throughput is measured from
 
-    def add(self, step: int, metrics: dict) -> None:
+    def add(self, step: int, metrics: dict, source_tokens: dict[str, int] | None = None) -> None:
+        """`source_tokens`: the loader's count per mixture source after this step's batch."""
         self.unread.append((step, metrics))
+        if source_tokens:
+            self.source_tokens = source_tokens
 
     def restart_clock(self, step: int) -> None:
         """Time spent from here to `step` (evaluating, say) is not training throughput."""
@@ -84,9 +89,24 @@ class MetricsReader:
             record["skipped_steps"] = self.bad_steps
         if "truncated" in host[-1]:  # since this process started (or resumed) the run
             record["records"], record["truncated_records"] = self.records, self.truncated
+        record.update(global_source_tokens(self.source_tokens))
         self.mark = (steps[-1], now)
         self.log.write(record)
         self.last.update(record)
+
+
+def global_source_tokens(local: dict[str, int]) -> dict[str, int]:
+    """`tokens_<source>`: the tokens each mixture source gave the whole batch, summed over
+    processes (every process logs at the same steps, so the gather lines up)."""
+    if not local:
+        return {}
+    counts = np.array(list(local.values()), np.int64)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        # JAX arrays hold 32-bit integers unless x64 is on: gather the int64s as pairs of them.
+        pairs = np.asarray(multihost_utils.process_allgather(counts.view(np.int32)))
+        counts = np.ascontiguousarray(pairs).view(np.int64).sum(axis=0)
+    return {f"tokens_{tag}": int(n) for tag, n in zip(local, counts)}
 
 
 # A loss that turns non-finite within this many steps of a resume points at the checkpoint

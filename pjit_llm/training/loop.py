@@ -21,7 +21,7 @@ from pjit_llm.data.loader import Loader, eval_batches
 from pjit_llm.data.sources import Dataset
 from pjit_llm.data.tokenizer import ByteTokenizer, Tokenizer
 from pjit_llm.errors import UserError
-from pjit_llm.metrics import MetricsLog, human_bytes, human_count, info
+from pjit_llm.metrics import MetricsLog, WandbRun, human_bytes, human_count, info
 from pjit_llm.parallel.layout import bytes_per_device
 from pjit_llm.parallel.mesh import describe
 from pjit_llm.training.actions import (Evaluation, InFlight, MetricsReader, Profiler,
@@ -57,8 +57,15 @@ def train(cfg: Config, dataset: Dataset, tokenizer: Tokenizer) -> dict:
         info(f"data: {len(dataset.train):,} train / {len(dataset.val):,} validation records in "
              f"{dataset.directory}; {type(tokenizer).__name__} of {tokenizer.vocab_size} tokens; "
              f"global batch {cfg.data.batch_size} x {cfg.data.seq_len}")
-        log = MetricsLog(run_dir, append=int(state.step) > 0, total_steps=cfg.train.steps,
-                         first_step=int(state.step))
+        if getattr(dataset, "parts", None):  # a mixture
+            info("mixture: " + "; ".join(f"{p.tag} weight {p.weight:g} ({len(p.dataset.train):,} "
+                                         "records)" for p in dataset.parts))
+        resumed = int(state.step) > 0
+        wandb = (WandbRun(run_dir, cfg.train.wandb_project, cfg.train.wandb_mode, cfg.to_dict(),
+                          resume=resumed)
+                 if cfg.train.wandb_project and jax.process_index() == 0 else None)
+        log = MetricsLog(run_dir, append=resumed, total_steps=cfg.train.steps,
+                         first_step=int(state.step), wandb=wandb)
         sampled = cfg.train.sample_tokens and cfg.train.sample_prompts
         generator = sample_generator(cfg, parts.layout) if sampled else None
         evaluation = Evaluation(cfg, parts.eval_step, val_batches, tokenizer, log, generator,
@@ -103,7 +110,7 @@ def run_loop(parts: Components, state: TrainState, loader, log: MetricsLog,
         profiler.after(done, metrics)
         if log_due:  # the device is busy with this step while the host reads the last ones
             reader.read(log_it=True)
-        reader.add(done, metrics)
+        reader.add(done, metrics, loader.source_tokens())
         in_flight.add(metrics)
         stopping = stop.stop_after(done)
         final = done == total or stopping

@@ -116,10 +116,15 @@ def step_memory(cfg: Config) -> dict:
 def data_throughput(dataset, tokenizer, cfg, workers: int, batches: int, warmup: int) -> float:
     """Tokens per second (padding excluded) the pipeline delivers with `workers` worker
     processes, over `batches` batches after `warmup` batches (which cover starting them)."""
-    from pjit_llm.data.pipeline import packed_batches  # Grain: only this benchmark needs it
+    from pjit_llm.data.mixture import Mixture, mixed_batches  # Grain: only this benchmark
+    from pjit_llm.data.pipeline import packed_batches
 
-    it = iter(packed_batches(dataset.train, tokenizer, dataset.text_field, cfg, cfg.batch_size,
-                             0, 1, train=True, num_workers=workers))
+    if isinstance(dataset, Mixture):
+        pipeline = mixed_batches(dataset, tokenizer, cfg, cfg.batch_size, 0, 1, workers)
+    else:
+        pipeline = packed_batches(dataset.train, tokenizer, dataset.text_field, cfg,
+                                  cfg.batch_size, 0, 1, train=True, num_workers=workers)
+    it = iter(pipeline)
     try:
         for _ in range(warmup):
             next(it)
