@@ -32,7 +32,7 @@ def test_two_processes_through_the_launcher_match_one_process(tmp_path, monkeypa
                           "--", *args, "mesh.dcn_data=2", "train.run_dir=multi", cwd=tmp_path)
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert "process 0 of 2 (from environment" in launched.stdout
-    assert "mesh data=2 x stage=1 x fsdp=2 x tensor=2 over 8 cpu device(s)" in launched.stdout
+    assert "mesh data=2 x stage=1 x fsdp=2 x context=1 x tensor=2 over 8 cpu device(s)" in launched.stdout
     # The same run in one process of 8 devices: this one.
     from pjit_llm.train import main as train
     monkeypatch.chdir(tmp_path)
