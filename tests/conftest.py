@@ -22,6 +22,10 @@ SESSION_DIR = Path(tempfile.mkdtemp(prefix="pjit-llm-tests-"))
 # Both are read once, when TFDS or JAX is first imported: set them first.
 os.environ["TFDS_DATA_DIR"] = str(SESSION_DIR / "tensorflow_datasets")
 os.environ["JAX_COMPILATION_CACHE_DIR"] = str(SESSION_DIR / "jax_compilation_cache")
+# Cache every compilation, not only those over a second: the tests build the same tiny steps
+# and generators many times over (measured: test_step, test_stages and test_generator take
+# 15 % less time).
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
