@@ -8,7 +8,7 @@ Shapes in names: B batch, L length, D embed, H heads, G kv heads, K head dim, F 
 """
 
 from collections.abc import Callable
-from functools import partial
+from functools import cache, partial
 
 import jax
 import jax.numpy as jnp
@@ -420,6 +420,13 @@ def abstract_model(cfg: ModelConfig, layout: Layout | None, pipeline: Pipeline |
     return nnx.split(model)
 
 
+@cache
+def _layer_splitter(layers: int, sharding: jax.sharding.NamedSharding):
+    """One compiled split per stacked sharding (and shape), reused by every `prepare`."""
+    one = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+    return jax.jit(lambda a: tuple(a[i] for i in range(layers)), out_shardings=(one,) * layers)
+
+
 def unstack_layers(params: nnx.State, donate: bool = False) -> nnx.State:
     """`params` with the stacked layers as one tree per layer, the state of
     `Transformer(..., layer_list=True)`: a decode step then reads each layer's weights where
@@ -428,10 +435,7 @@ def unstack_layers(params: nnx.State, donate: bool = False) -> nnx.State:
     split, so the weights are never held twice."""
     def split(a):
         if isinstance(a.sharding, jax.sharding.NamedSharding):
-            one = jax.sharding.NamedSharding(a.sharding.mesh,
-                                             jax.sharding.PartitionSpec(*a.sharding.spec[1:]))
-            layers = jax.jit(lambda a: tuple(a[i] for i in range(a.shape[0])),
-                             out_shardings=(one,) * a.shape[0])(a)
+            layers = _layer_splitter(a.shape[0], a.sharding)(a)
         else:
             layers = tuple(a[i] for i in range(a.shape[0]))
         if donate:
