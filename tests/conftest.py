@@ -23,8 +23,8 @@ SESSION_DIR = Path(tempfile.mkdtemp(prefix="pjit-llm-tests-"))
 os.environ["TFDS_DATA_DIR"] = str(SESSION_DIR / "tensorflow_datasets")
 os.environ["JAX_COMPILATION_CACHE_DIR"] = str(SESSION_DIR / "jax_compilation_cache")
 # Cache every compilation, not only those over a second: the tests build the same tiny steps
-# and generators many times over (measured: test_step, test_stages and test_generator take
-# 15 % less time).
+# and generators many times over (test_step, test_stages and test_generator: 328 s against
+# 386 s with `pytest -n 2`).
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import jax  # noqa: E402
