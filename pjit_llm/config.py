@@ -209,6 +209,11 @@ class OptimizerConfig:
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    # The warm-up and decay span schedule_start .. schedule_start + decay_steps (0: to
+    # train.steps); after the span the rate stays at its end value. Extending a run: keep the
+    # old span with decay_steps=<old train.steps>, or begin a new one at schedule_start.
+    decay_steps: int = 0
+    schedule_start: int = 0
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
@@ -217,12 +222,26 @@ class OptimizerConfig:
 
     def validate(self) -> None:
         require_positive(self, "optimizer", "lr", "eps")
-        for name in ("warmup_steps", "weight_decay", "clip_norm"):
+        for name in ("warmup_steps", "weight_decay", "clip_norm", "decay_steps", "schedule_start"):
             if getattr(self, name) < 0:
                 raise UserError(f"optimizer.{name} must be >= 0")
         for name in ("min_lr_ratio", "b1", "b2"):
             if not 0 <= getattr(self, name) <= 1:
                 raise UserError(f"optimizer.{name} must lie in [0, 1]")
+
+    def span(self, total_steps: int) -> int:
+        """The steps the warm-up and decay span in a run of `total_steps`, refused when the
+        warm-up does not fit in them."""
+        if self.decay_steps:
+            span, named = self.decay_steps, f"optimizer.decay_steps={self.decay_steps}"
+        else:
+            span, named = total_steps - self.schedule_start, f"train.steps={total_steps}"
+            if self.schedule_start:
+                named += f" less optimizer.schedule_start={self.schedule_start}"
+        if self.warmup_steps >= span:
+            raise UserError(f"optimizer.warmup_steps={self.warmup_steps} must be smaller than "
+                            f"{named}")
+        return span
 
 
 @dataclass(frozen=True)
@@ -324,6 +343,7 @@ class Config:
         if self.model.loss_chunk and self.data.seq_len % self.model.loss_chunk:
             raise UserError(f"model.loss_chunk={self.model.loss_chunk} must divide data.seq_len="
                             f"{self.data.seq_len}")
+        self.optimizer.span(self.train.steps)
         if self.data.batch_size % self.train.grad_accum:
             raise UserError(f"train.grad_accum={self.train.grad_accum} must divide "
                             f"data.batch_size={self.data.batch_size}")
@@ -355,6 +375,14 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Confi
         except yaml.YAMLError:
             value = text
         _set_dotted(raw, key.strip(), value)
+    cfg = _build(Config, raw, "")
+    cfg.validate()
+    return cfg
+
+
+def config_from_dict(raw: dict) -> Config:
+    """A whole config from its plain form (`Config.to_dict()`, as runs and checkpoints save
+    it), validated."""
     cfg = _build(Config, raw, "")
     cfg.validate()
     return cfg

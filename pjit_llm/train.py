@@ -30,7 +30,7 @@ def main(argv=None) -> None:
     from pjit_llm.metrics import info, require_wandb
     from pjit_llm.parallel import distributed
     from pjit_llm.parallel.mesh import use_emulated_devices
-    from pjit_llm.training.build import open_data
+    from pjit_llm.training.build import check, open_data
     from pjit_llm.training.loop import train
 
     cfg = load_config(args.config, overrides)
@@ -43,6 +43,7 @@ def main(argv=None) -> None:
     topology = distributed.initialize(cfg.distributed)
     try:
         info(distributed.describe(topology))
+        check(cfg)  # a mistake in the config stops the run before the data is prepared
         dataset, tokenizer = open_data(cfg)
         train(cfg, dataset, tokenizer)
     finally:

@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -6,7 +8,7 @@ from flax import nnx
 from pjit_llm.config import OptimizerConfig
 from pjit_llm.errors import UserError
 from pjit_llm.models.llama.model import Transformer
-from pjit_llm.training.optim import decay_mask, make_optimizer, make_schedule
+from pjit_llm.training.optim import decay_mask, make_optimizer, make_schedule, schedule_change
 
 
 def test_warmup_then_cosine_to_the_floor():
@@ -50,3 +52,31 @@ def test_decay_shrinks_matrices_but_not_norms(tiny):
     updates = jax.jit(lambda z, p: tx.update(z, tx.init(p), p)[0])(zeros, params)
     np.testing.assert_allclose(updates["embed"][...], -0.05 * params["embed"][...], rtol=1e-6)
     assert not np.any(updates["final_norm"]["scale"][...])
+
+
+def test_extending_a_run_keeps_the_old_tail_or_starts_a_new_schedule():
+    cfg = OptimizerConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    old = make_schedule(cfg, 300)
+    stretched = make_schedule(cfg, 400)
+    assert float(stretched(300)) > 0.2 > float(old(300))  # the default stretches the cosine
+    tail = make_schedule(dataclasses.replace(cfg, decay_steps=300), 400)
+    for step in (0, 5, 150, 300, 350, 400):
+        assert float(tail(step)) == pytest.approx(float(old(min(step, 300))))
+    new = make_schedule(dataclasses.replace(cfg, schedule_start=300), 400)
+    for step in (0, 5, 150, 299):
+        assert float(new(step)) == pytest.approx(float(old(step)))
+    assert float(new(300)) == 0.0 and float(new(310)) == pytest.approx(1.0)
+    assert float(new(400)) == pytest.approx(0.1)
+
+
+def test_a_resume_that_moves_the_learning_rate_says_so_and_offers_both_choices():
+    cfg = OptimizerConfig(lr=3e-4, warmup_steps=20)
+    line = schedule_change(cfg, 300, cfg, 400, 300)
+    assert "from 3.00e-05 to" in line and "ends at step 400 (it ended at 300)" in line
+    assert "optimizer.decay_steps=300" in line and "optimizer.schedule_start=300" in line
+    assert schedule_change(cfg, 300, cfg, 300, 300) is None
+    assert schedule_change(cfg, 300, dataclasses.replace(cfg, decay_steps=300), 400, 300) is None
+    chosen = schedule_change(cfg, 300, dataclasses.replace(cfg, schedule_start=300), 400, 300)
+    assert "to 0.00e+00" in chosen and "optimizer." not in chosen
+    with pytest.raises(UserError, match="warmup_steps=20 must be smaller than train.steps=300 less optimizer.schedule_start=290"):
+        make_schedule(dataclasses.replace(cfg, schedule_start=290), 300)

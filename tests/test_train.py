@@ -18,6 +18,7 @@ CONFIG_ERRORS = [
     (["--emulate-devices", "8", "data.batch_size=12"], "is not divisible by the 8 batch shards"),
     (["--config", "does/not/exist.yaml"], "config file does/not/exist.yaml does not exist"),
     (["optimizer.warmup_steps=500"], "optimizer.warmup_steps=500 must be smaller than train.steps=300"),
+    (["train.steps=1"], "optimizer.warmup_steps=20 must be smaller than train.steps=1"),
     (["model.attention=cudnn", "model.dtype=bfloat16"],
      "model.attention=cudnn cannot be used: it needs a GPU and the backend is cpu"),
     (["model.loss_chunk=48"], "model.loss_chunk=48 must divide data.seq_len=128"),
@@ -39,8 +40,8 @@ def assert_refused(args, message):
 @pytest.mark.parametrize("args, message", CONFIG_ERRORS)
 def test_config_errors_are_refused_with_one_line(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
-    assert_refused([*args, "train.run_dir=run"], message)
-    assert not (tmp_path / "run").exists()  # nothing written
+    assert_refused([*args, "train.run_dir=run", "data.data_dir=data"], message)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()  # nothing written
 
 
 @pytest.mark.parametrize("files, args, message", [

@@ -122,6 +122,13 @@ def build(cfg: Config, tokenizer_vocab: int = ByteTokenizer.vocab_size,
                       train_step, eval_step, pipeline, balance)
 
 
+def check(cfg: Config, devices: Sequence[jax.Device] | None = None) -> None:
+    """Refuse what `build` would refuse (mesh, batch split, stages, sequence, attention
+    kernel, optimizer), before any data is prepared: the vocabulary, which only the tokenizer
+    knows, is the one thing left unchecked (a one-token stand-in here)."""
+    build(cfg, tokenizer_vocab=1, devices=devices)
+
+
 def plan_pipeline(cfg: Config, layout: Layout, batches: bool = True) -> Pipeline | None:
     """The pipeline schedule when the mesh has stages (None without), checked against the
     model and, with `batches`, against the batch it must cut into micro-batches."""

@@ -16,7 +16,7 @@ import yaml
 from pjit_llm import perf
 from pjit_llm.checkpoint.manager import FIXED_FIELDS, Checkpoints, checkpoint_dir
 from pjit_llm.checkpoint.runs import restore_params, run_config
-from pjit_llm.config import Config
+from pjit_llm.config import Config, config_from_dict
 from pjit_llm.data.loader import Loader, eval_batches
 from pjit_llm.data.sources import Dataset
 from pjit_llm.data.tokenizer import ByteTokenizer, Tokenizer
@@ -27,6 +27,7 @@ from pjit_llm.parallel.mesh import describe
 from pjit_llm.training.actions import (Evaluation, InFlight, MetricsReader, Profiler,
                                        sample_generator)
 from pjit_llm.training.build import Components, build
+from pjit_llm.training.optim import schedule_change
 from pjit_llm.training.preemption import StopRequest
 from pjit_llm.training.step import TrainState
 
@@ -176,6 +177,10 @@ def _resume_or_init(parts: Components, ckpts: Checkpoints, loader: Loader) -> Tr
                         "damaged ones were moved aside); choose another train.run_dir to start afresh")
     state, step = restored
     info(f"resumed from step {step} of {ckpts.directory}")
+    saved = config_from_dict(ckpts.saved_config(step))
+    change = schedule_change(saved.optimizer, saved.train.steps, cfg.optimizer, cfg.train.steps, step)
+    if change:
+        info(change)
     return parts.to_run_order(state)
 
 

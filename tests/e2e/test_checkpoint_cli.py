@@ -85,6 +85,9 @@ def test_refusals_on_resume(tmp_path, copied_run):
                    "mesh.fsdp=2", "train.run_dir=run", cwd=tmp_path)
     assert more.returncode == 0, more.stderr
     assert "resumed from step 10" in more.stdout and steps_on_disk(copied_run) == [4, 8, 10, 12]
+    # The longer run stretches the cosine schedule, and says so with both other choices.
+    assert "the learning rate at step 10 changes from 3.00e-04 to" in more.stdout
+    assert "optimizer.decay_steps=10" in more.stdout and "optimizer.schedule_start=10" in more.stdout
 
 
 def test_sigterm_saves_and_a_restart_continues(tmp_path):
