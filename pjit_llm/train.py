@@ -26,14 +26,14 @@ def main(argv=None) -> None:
     if args.emulate_devices:
         overrides.append(f"mesh.emulate_devices={args.emulate_devices}")
 
-    from pjit_llm.config import load_config
+    from pjit_llm.checkpoint.runs import train_config
     from pjit_llm.metrics import info, require_wandb
     from pjit_llm.parallel import distributed
     from pjit_llm.parallel.mesh import use_emulated_devices
     from pjit_llm.training.build import check, open_data
     from pjit_llm.training.loop import train
 
-    cfg = load_config(args.config, overrides)
+    cfg = train_config(args.config, overrides)
     if cfg.train.wandb_project:
         require_wandb()  # on every process, before any work: they all stop alike
     if cfg.model.quantize != "none":

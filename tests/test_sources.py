@@ -43,11 +43,29 @@ def test_empty_corpus_is_refused_and_leaves_nothing(tmp_path):
     corpus = tmp_path / "empty.jsonl"
     corpus.write_text("not json\n{\"other\": 1}\n")
     data_dir = tmp_path / "data"
-    with pytest.raises(UserError, match=r"the corpus gives no train records .*skipped 1 not JSON"):
+    with pytest.raises(UserError) as e:
         prepare(DataConfig(source="local", paths=(str(corpus),), data_dir=str(data_dir)))
+    assert str(e.value) == (f"the corpus gives no train records (1 files; skipped 2 bad records "
+                            f"in {corpus}: line 1 is not JSON (Expecting value at column 1); "
+                            "line 2: field 'text' is missing); add text")
     leftovers = [p for p in data_dir.rglob("*") if p.is_file()] if data_dir.exists() else []
     assert leftovers == []
 
+
+def test_preparing_warns_of_binary_files_and_replaced_bytes_by_name(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    text = "".join(f"line {i} of the corpus\n" for i in range(1000))
+    Path("a.txt").write_bytes(text.encode().replace(b"line 500 ", b"line 500 \xe9 "))
+    Path("logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" + bytes(200))
+    ds = prepare(DataConfig(source="local", paths=("a.txt", "logo.png"),
+                            data_dir=str(tmp_path / "data"), val_fraction=0.5))
+    assert (len(ds.train), len(ds.val)) == (1, 1)  # the text file's two records, nothing else
+    first, second = sorted((ds.train[0]["text"].decode(), ds.val[0]["text"].decode()),
+                           key=lambda t: not t.startswith("line 0 "))
+    assert first + second == text.replace("line 500 ", "line 500 \ufffd ")
+    assert ("warning: skipped 1 file that is binary, not text: logo.png (a NUL byte at offset 8); "
+            "replaced 1 byte that is not UTF-8 with U+FFFD in a.txt (at line 501)\n"
+            in capsys.readouterr().err)
 
 
 def test_builtin_corpus_goes_through_the_same_path():

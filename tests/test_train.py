@@ -47,7 +47,8 @@ def test_config_errors_are_refused_with_one_line(tmp_path, monkeypatch, args, me
 @pytest.mark.parametrize("files, args, message", [
     ({}, ["data.source=local", "data.paths=[missing/*.txt]"], "data.paths: nothing found at 'missing/*.txt'"),
     ({"c.jsonl": "not json\n"}, ["data.source=local", "data.paths=[c.jsonl]"],
-     "the corpus gives no train records (1 files; skipped 1 not JSON)"),
+     "the corpus gives no train records (1 files; skipped 1 bad record in c.jsonl: line 1 is not "
+     "JSON (Expecting value at column 1))"),
     ({"c.txt": "some text\n" * 4000, "bad.model": "junk"},
      ["data.source=local", "data.paths=[c.txt]", "data.tokenizer=sentencepiece",
       "data.tokenizer_path=bad.model"], "bad.model is not a SentencePiece model"),
@@ -59,7 +60,8 @@ def test_config_errors_are_refused_with_one_line(tmp_path, monkeypatch, args, me
      "data.mixture[1].paths: nothing found at 'missing/*.txt'"),
     ({"a.txt": "some text\n" * 4000, "b.jsonl": "not json\n"},
      ["data.mixture=[{source: local, paths: [a.txt]}, {source: local, paths: [b.jsonl]}]"],
-     "data.mixture[1] (b): the corpus gives no train records (1 files; skipped 1 not JSON)"),
+     "data.mixture[1] (b): the corpus gives no train records (1 files; skipped 1 bad record in "
+     "b.jsonl: line 1 is not JSON (Expecting value at column 1))"),
     ({}, ["data.seq_len=4096"], "data.seq_len=4096 exceeds model.max_len=2048"),
 ])
 def test_data_errors_are_refused_with_one_line(tmp_path, monkeypatch, files, args, message):

@@ -7,6 +7,7 @@ params/, so it reads as an imported run (its parameters possibly int8: model.qua
 """
 
 import dataclasses
+import os
 from pathlib import Path
 
 import jax
@@ -34,7 +35,48 @@ def run_config(run_dir: Path, overrides=(), emulate_devices: int = 0) -> Config:
                         "train.run_dir of a training run")
     extra = [f"mesh.emulate_devices={emulate_devices}"] if emulate_devices else []
     cfg = load_config(str(path), list(overrides) + extra)
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=str(run_dir)))
+    return moved(cfg, cfg.train.run_dir, str(run_dir), _given(overrides))
+
+
+def train_config(path: str | None, overrides=()) -> Config:
+    """The config `train --config path` runs. A run's own config.yaml continues that run
+    where the file now lies, whatever train.run_dir it records (the directory may have been
+    moved or copied since); train.run_dir given among `overrides` starts a run there instead."""
+    cfg = load_config(path, overrides)
+    if not path or not is_run_config(Path(path)):
+        return cfg
+    given = _given(overrides)
+    run_dir = cfg.train.run_dir if "train.run_dir" in given else str(Path(path).parent)
+    recorded = load_config(path).train.run_dir  # written by training: valid on its own
+    if os.path.abspath(recorded) == os.path.abspath(run_dir):
+        return cfg
+    return moved(cfg, recorded, run_dir, given)
+
+
+def is_run_config(path: Path) -> bool:
+    """Whether `path` is the config.yaml that training wrote into its run directory (beside
+    the run's metrics or checkpoints)."""
+    return path.name == "config.yaml" and ((path.parent / "metrics.jsonl").is_file()
+                                           or (path.parent / "checkpoints").is_dir())
+
+
+def moved(cfg: Config, recorded: str, run_dir: str, given=frozenset()) -> Config:
+    """`cfg` with its run directory at `run_dir` instead of `recorded`; a checkpoint.directory
+    that lay inside the recorded one (and was not given on the command line) moves with it."""
+    checkpoint = cfg.checkpoint
+    # Relative paths were relative to the same (unknown) working directory: compare as such.
+    old_run, old_ckpt = Path(os.path.abspath(recorded)), Path(os.path.abspath(checkpoint.directory))
+    if (checkpoint.directory and "checkpoint.directory" not in given
+            and old_ckpt.is_relative_to(old_run)):
+        checkpoint = dataclasses.replace(
+            checkpoint, directory=str(Path(run_dir) / old_ckpt.relative_to(old_run)))
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=run_dir),
+                               checkpoint=checkpoint)
+
+
+def _given(overrides) -> set[str]:
+    """The dotted keys set on the command line."""
+    return {item.partition("=")[0].strip() for item in overrides}
 
 
 def restore_params(cfg: Config, layout: Layout, step: int | None):

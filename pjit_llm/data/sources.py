@@ -7,7 +7,6 @@ preparation leaves nothing behind. Reading needs no TensorFlow: `as_data_source`
 random access for Grain.
 """
 
-import collections
 import functools
 import hashlib
 import json
@@ -19,8 +18,7 @@ from typing import Any
 
 from pjit_llm.config import DataConfig
 from pjit_llm.data import builtin
-from pjit_llm.data.records import (describe_skipped, expand_paths, is_validation,
-                                   read_records)
+from pjit_llm.data.records import ReadReport, expand_paths, is_validation, read_records
 from pjit_llm.errors import UserError, first_line
 
 CORPUS_VERSION = "1.0.0"
@@ -127,9 +125,9 @@ def _corpus_builder_class():
                     "validation": self._generate_examples(True)}
 
         def _generate_examples(self, validation: bool):
-            skipped = collections.Counter()
+            report = ReadReport()
             kept = 0
-            records = read_records(self._files, self._field, skipped, self._fmt)
+            records = read_records(self._files, self._field, report, self._fmt)
             for index, (key, text) in enumerate(records):
                 if is_validation(index, self._val_fraction) == validation:
                     kept += 1
@@ -138,11 +136,10 @@ def _corpus_builder_class():
                 split = "validation" if validation else "train"
                 raise UserError(
                     f"the corpus gives no {split} records ({len(self._files)} files"
-                    + (f"; skipped {describe_skipped(skipped)}" if skipped else "")
+                    + (f"; {report.describe()}" if report else "")
                     + "); add text" + (" or raise data.val_fraction" if validation else ""))
-            if not validation and skipped:
-                print(f"warning: skipped {sum(skipped.values())} bad records "
-                      f"({describe_skipped(skipped)})", file=sys.stderr)
+            if not validation and report:
+                print(f"warning: {report.describe()}", file=sys.stderr)
 
     TextCorpus.__module__, TextCorpus.__qualname__ = __name__, "TextCorpus"
     TextCorpus.name = "text_corpus"

@@ -1,6 +1,7 @@
 """Checkpoints through the real command, with real Orbax on disk and real signals: exact
-resume (Grain worker processes on), retention, refusals on resume, SIGTERM, SIGKILL mid-save,
-and damaged or bit-rotten latest checkpoints falling back to the previous one.
+resume (Grain worker processes on), retention, refusals on resume, a moved run resumed
+through its config.yaml, SIGTERM, SIGKILL mid-save, and damaged or bit-rotten latest
+checkpoints falling back to the previous one.
 
 Most tests start from a copy of one run trained once per module (`base_run`), so each needs
 a single further process."""
@@ -12,6 +13,7 @@ import subprocess
 import time
 
 import pytest
+import yaml
 
 from conftest import TINY, run_cli, start_module
 
@@ -88,6 +90,26 @@ def test_refusals_on_resume(tmp_path, copied_run):
     # The longer run stretches the cosine schedule, and says so with both other choices.
     assert "the learning rate at step 10 changes from 3.00e-04 to" in more.stdout
     assert "optimizer.decay_steps=10" in more.stdout and "optimizer.schedule_start=10" in more.stdout
+
+
+def test_a_moved_run_resumes_through_its_config_where_it_now_is(tmp_path):
+    """The run records absolute locations of itself (run_dir, checkpoint.directory); after
+    `mv A B`, `--config B/config.yaml` continues in B from B's checkpoint."""
+    a, b = tmp_path / "A", tmp_path / "B"
+    args = [*RUN, "data.num_workers=0", "checkpoint.every=2"]
+    first = run_cli(*args, "train.steps=4", f"train.run_dir={a}",
+                    f"checkpoint.directory={a / 'ckpts'}", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    a.rename(b)
+    again = run_cli("--config", str(b / "config.yaml"), "train.steps=6", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert f"resumed from step 4 of {b / 'ckpts'}" in again.stdout
+    assert not a.exists()  # nothing created at the old place
+    assert sorted(int(p.name) for p in (b / "ckpts").iterdir()) == [2, 4, 6]
+    assert {step: len(seen) for step, seen in losses(b).items()} == {s: 1 for s in range(1, 7)}
+    recorded = yaml.safe_load((b / "config.yaml").read_text())
+    assert (recorded["train"]["run_dir"], recorded["checkpoint"]["directory"]) == (
+        str(b), str(b / "ckpts"))
 
 
 def test_sigterm_saves_and_a_restart_continues(tmp_path):

@@ -1,6 +1,6 @@
 """The training command in real processes: one refusal of each kind exits 2 with one line
-(the rest are checked in this process by test_train.py), a local JSONL run counts its bad
-records, and the session's short run on a hybrid mesh writes its run directory: config,
+(the rest are checked in this process by test_train.py), a local JSONL run names the file
+and line of its bad records, and the session's short run on a hybrid mesh writes its run directory: config,
 metrics, TensorBoard scalars and samples, a profile."""
 
 import json
@@ -28,13 +28,14 @@ def test_data_errors_exit_2_with_one_line(tmp_path):
     (tmp_path / "c.jsonl").write_text("not json\n")
     result = run_cli("data.source=local", "data.paths=[c.jsonl]", "train.run_dir=run",
                      "data.data_dir=data", cwd=tmp_path)
-    assert_refused(result, "the corpus gives no train records (1 files; skipped 1 not JSON)")
+    assert_refused(result, "the corpus gives no train records (1 files; skipped 1 bad record in "
+                   "c.jsonl: line 1 is not JSON (Expecting value at column 1))")
     assert not (tmp_path / "run").exists()
     # Nothing half-written: no dataset left in TFDS's temporary preparation directories.
     assert not [p for p in tmp_path.rglob("*") if "incomplete" in p.name]
 
 
-def test_local_jsonl_run_skips_bad_records_with_a_count(tmp_path):
+def test_local_jsonl_run_skips_bad_records_and_says_where(tmp_path):
     lines = [json.dumps({"text": f"record {i}: " + "the quick brown fox " * 8}) for i in range(60)]
     lines[5] = "{broken"
     (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
@@ -42,7 +43,8 @@ def test_local_jsonl_run_skips_bad_records_with_a_count(tmp_path):
                      "data.paths=[c.jsonl]", "data.num_workers=2", "train.run_dir=run",
                      "data.data_dir=data", "train.sample_tokens=0", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "warning: skipped 1 bad records (1 not JSON)" in result.stderr
+    assert ("warning: skipped 1 bad record in c.jsonl: line 6 is not JSON (Expecting property "
+            "name enclosed in double quotes at column 2)\n") in result.stderr
     assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
     records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [2, 4]
