@@ -3,7 +3,7 @@
 Each axis has a size inside a process (`mesh.<name>`) and a number of pieces across processes
 (`mesh.dcn_<name>`); the config section, the mesh, its checks and its messages are all made
 from this list. Adding a kind of parallelism is one entry here plus the rules that map
-logical axes onto it (config.Rules); nothing else names the axes.
+logical axes onto it (settings.Rules); nothing else names the axes.
 """
 
 from dataclasses import dataclass

@@ -23,7 +23,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from pjit_llm.config import DistributedConfig
+from pjit_llm.parallel.settings import DistributedConfig
 from pjit_llm.errors import UserError, first_line
 
 DEFAULT_PORT = 12345

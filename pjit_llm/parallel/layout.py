@@ -14,7 +14,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pjit_llm.config import MeshConfig, Rules
+from pjit_llm.parallel.settings import MeshConfig, Rules
 from pjit_llm.errors import UserError
 
 
@@ -56,6 +56,12 @@ class Layout:
     def shards(self, logical: str) -> int:
         """How many pieces a dimension with this logical axis is cut into (alone in its array)."""
         return math.prod(self.mesh.shape[a] for a in self.mesh_axes(logical))
+
+
+def constrain(layout: Layout | None, x: jax.Array, logical_axes) -> jax.Array:
+    """`x` constrained to `layout`'s sharding of these axes; as it is without a layout (a
+    model built outside any mesh)."""
+    return x if layout is None else layout.constrain(x, logical_axes)
 
 
 def _is_var(x) -> bool:

@@ -12,7 +12,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-from pjit_llm.config import MeshConfig
+from pjit_llm.parallel.settings import MeshConfig
 from pjit_llm.errors import UserError
 from pjit_llm.parallel.axes import AXIS_NAMES
 

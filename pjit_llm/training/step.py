@@ -1,9 +1,6 @@
-"""Training state, its shardings, and the pure steps: init_state, train_step, eval_step.
+"""Training state, its shardings, and the pure train step: plan_state, init_state, train_step.
 
-No I/O and no host syncs here. The loss is next-token cross-entropy in float32 over tokens
-whose successor belongs to the same segment (padding and document ends are masked out) and,
-when the batch carries a `loss_mask` (chat and prompt/completion data), is a target the mask
-keeps (assistant turns, completions).
+No I/O and no host syncs here. The loss they take is models/loss.py's.
 """
 
 from collections.abc import Callable
@@ -16,11 +13,9 @@ from flax import nnx
 
 from pjit_llm.models.llama.config import ModelConfig
 from pjit_llm.models.llama.model import Transformer, abstract_model
-from pjit_llm.parallel.context import balanced_order
-from pjit_llm.parallel.layout import Layout, check_divisible, param_shardings
+from pjit_llm.models.loss import Batch, loss_terms
+from pjit_llm.parallel.layout import Layout, param_shardings
 from pjit_llm.parallel.stages import Pipeline, split_microbatches
-
-Batch = dict[str, jax.Array]
 
 
 @flax.struct.dataclass
@@ -40,20 +35,16 @@ def state_shardings(layout: Layout, tx: optax.GradientTransformation, abstract_p
     return TrainState(step=layout.replicated(), params=params, opt_state=opt_state)
 
 
-def plan_state(cfg: ModelConfig, layout: Layout, tx: optax.GradientTransformation,
-               pipeline: Pipeline | None = None):
-    """(graphdef, abstract state, shardings): shapes, dtypes and layout, nothing allocated.
-
-    The abstract state's leaves carry their shardings, so it is also the target for
-    restoring a checkpoint straight into this mesh."""
-    graphdef, abstract_params = abstract_model(cfg, layout, pipeline)
-    check_divisible(layout, abstract_params)
+def plan_state(abstract_params: nnx.State, layout: Layout, tx: optax.GradientTransformation):
+    """(abstract state, shardings) of the parameters and their optimizer state: shapes,
+    dtypes and layout, nothing allocated. The abstract state's leaves carry their shardings,
+    so it is also the target for restoring a checkpoint straight into this mesh."""
     shardings = state_shardings(layout, tx, abstract_params)
     shapes = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
                                                  opt_state=tx.init(p)), abstract_params)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             shapes, shardings)
-    return graphdef, abstract, shardings
+    return abstract, shardings
 
 
 def init_state(cfg: ModelConfig, layout: Layout, tx: optax.GradientTransformation, seed: int,
@@ -63,7 +54,8 @@ def init_state(cfg: ModelConfig, layout: Layout, tx: optax.GradientTransformatio
 
     Returns (graphdef, state, shardings).
     """
-    graphdef, _, shardings = plan_state(cfg, layout, tx, pipeline)
+    graphdef, abstract_params = abstract_model(cfg, layout, pipeline)
+    _, shardings = plan_state(abstract_params, layout, tx)
 
     def init(key):
         params = nnx.split(Transformer(cfg, layout, nnx.Rngs(params=key), pipeline))[1]
@@ -73,62 +65,6 @@ def init_state(cfg: ModelConfig, layout: Layout, tx: optax.GradientTransformatio
 
     state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
     return graphdef, state, shardings
-
-
-def loss_terms(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, balance: int = 0):
-    """(sum of token losses, number of predicted tokens), both float32.
-
-    Position i predicts token i+1 when both lie in the same segment and, with a `loss_mask`,
-    the mask keeps token i+1. With model.loss_chunk the
-    vocabulary projection and the loss run over chunks of positions under a rematerialised
-    scan, so float32 logits exist for one chunk at a time, forward and backward. With
-    `balance` (context shards), the rows are reordered for load balance (parallel/context.py)
-    once targets and weights are known; the sums do not depend on the order."""
-    model = nnx.merge(graphdef, params)
-    tokens, seg, positions = batch["tokens"], batch["segment_ids"], batch["positions"]
-    last = ((0, 0), (0, 1))  # the last position predicts nothing
-    targets_BL = jnp.pad(tokens[:, 1:], last)
-    keep_BL = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
-    if "loss_mask" in batch:
-        keep_BL &= batch["loss_mask"][:, 1:] > 0
-    weights_BL = jnp.pad(keep_BL, last).astype(jnp.float32)
-    slots_BL = None
-    if balance:
-        order_L = balanced_order(tokens.shape[1], balance)
-        slots_BL = jnp.broadcast_to(jnp.asarray(order_L), tokens.shape)
-        tokens, seg, positions, targets_BL, weights_BL = (
-            _constrain(model.layout, x[:, order_L], ("batch", "length"))
-            for x in (tokens, seg, positions, targets_BL, weights_BL))
-        slots_BL = _constrain(model.layout, slots_BL, ("batch", "length"))
-    x_BLD = model.hidden(tokens, seg, positions, slots_BL)
-
-    w_VD = model.output_weights()
-
-    def chunk_loss(x_BcD, targets_Bc, weights_Bc):
-        logits_BcV = model.project(x_BcD, w_VD).astype(jnp.float32)
-        target_logit = jnp.take_along_axis(logits_BcV, targets_Bc[..., None], axis=-1)[..., 0]
-        return jnp.sum((jax.nn.logsumexp(logits_BcV, axis=-1) - target_logit) * weights_Bc)
-
-    B, L, D = x_BLD.shape
-    chunk = model.cfg.loss_chunk
-    if not chunk or chunk >= L:
-        return chunk_loss(x_BLD, targets_BL, weights_BL), jnp.sum(weights_BL)
-
-    def to_chunks(x, axes):  # (B, L, ...) -> (L/chunk, B, chunk, ...), chunks leading
-        x = jnp.swapaxes(x.reshape(B, L // chunk, chunk, *x.shape[2:]), 0, 1)
-        return x if model.layout is None else model.layout.constrain(x, (None, *axes))
-
-    def body(total, xs):
-        return total + jax.checkpoint(chunk_loss)(*xs), None
-
-    loss_sum, _ = jax.lax.scan(body, jnp.float32(0), (
-        to_chunks(x_BLD, ("batch", "length", "embed")), to_chunks(targets_BL, ("batch", "length")),
-        to_chunks(weights_BL, ("batch", "length"))))
-    return loss_sum, jnp.sum(weights_BL)
-
-
-def _constrain(layout: Layout | None, x: jax.Array, axes) -> jax.Array:
-    return x if layout is None else layout.constrain(x, axes)
 
 
 def _micro_batches(batch: Batch, k: int, layout: Layout) -> Batch:
@@ -179,22 +115,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
     return train_step
 
 
-def make_eval_step(graphdef, balance: int = 0) -> Callable:
-    def eval_step(params: nnx.State, batch: Batch):
-        loss_sum, count = loss_terms(graphdef, params, batch, balance)
-        return {"loss_sum": loss_sum, "tokens": count}
-    return eval_step
-
-
-def compile_steps(graphdef, tx, schedule, grad_accum: int, layout: Layout, shardings: TrainState,
-                  skip_nonfinite: bool = False, balance: int = 0):
-    """jit the steps once with explicit shardings; the train step donates its state."""
-    batch_sharding = layout.sharding(("batch", "length"))
-    train = jax.jit(make_train_step(graphdef, tx, schedule, grad_accum, layout, skip_nonfinite,
-                                    balance),
-                    in_shardings=(shardings, batch_sharding),
-                    out_shardings=(shardings, layout.replicated()), donate_argnums=0)
-    evaluate = jax.jit(make_eval_step(graphdef, balance),
-                       in_shardings=(shardings.params, batch_sharding),
-                       out_shardings=layout.replicated())
-    return train, evaluate
+def compile_train_step(graphdef, tx, schedule, grad_accum: int, layout: Layout,
+                       shardings: TrainState, skip_nonfinite: bool = False, balance: int = 0):
+    """jit the train step once with explicit shardings; it donates its state."""
+    return jax.jit(make_train_step(graphdef, tx, schedule, grad_accum, layout, skip_nonfinite,
+                                   balance),
+                   in_shardings=(shardings, layout.sharding(("batch", "length"))),
+                   out_shardings=(shardings, layout.replicated()), donate_argnums=0)

@@ -17,7 +17,7 @@ from flax import nnx
 from pjit_llm.models.llama.config import ModelConfig
 from pjit_llm.models.matmul import matmul, take_rows
 from pjit_llm.models.quantize import Int8Weight
-from pjit_llm.parallel.layout import Layout, attention_kv_heads
+from pjit_llm.parallel.layout import Layout, attention_kv_heads, constrain
 from pjit_llm.parallel.stages import STAGE_AXIS, Pipeline, merge_microbatches, split_microbatches
 
 Axes = tuple[str | None, ...]
@@ -144,9 +144,9 @@ class Attention(nnx.Module):
         q_BLHK = matmul("BLD,DHK->BLHK", x_BLD, self.wq[...], dt, "q_proj", kind)
         k_BLGK = matmul("BLD,DGK->BLGK", x_BLD, wk_DGK, dt, "k_proj", kind)
         v_BLGK = matmul("BLD,DGK->BLGK", x_BLD, wv_DGK, dt, "v_proj", kind)
-        q_BLHK = _constrain(self.layout, apply_rope(q_BLHK, sin, cos),
+        q_BLHK = constrain(self.layout, apply_rope(q_BLHK, sin, cos),
                             ("batch", "length", "heads", "head_dim"))
-        k_BLGK = _constrain(self.layout, apply_rope(k_BLGK, sin, cos),
+        k_BLGK = constrain(self.layout, apply_rope(k_BLGK, sin, cos),
                             ("batch", "length", self.kv_axis, "head_dim"))
         if kv is not None:
             k_cache, v_cache, start_B = kv
@@ -161,8 +161,8 @@ class Attention(nnx.Module):
             # Only the (B, L, G, K) keys and values cross devices (with grouped-query heads,
             # less than the queries would), once per layer; the backward pass reduce-scatters
             # their gradients. A ring would also keep them at L/C, but the scores dominate.
-            k_BLGK = _constrain(self.layout, k_BLGK, ("batch", None, self.kv_axis, "head_dim"))
-            v_BLGK = _constrain(self.layout, v_BLGK, ("batch", None, self.kv_axis, "head_dim"))
+            k_BLGK = constrain(self.layout, k_BLGK, ("batch", None, self.kv_axis, "head_dim"))
+            v_BLGK = constrain(self.layout, v_BLGK, ("batch", None, self.kv_axis, "head_dim"))
         if kv is not None and q_BLHK.shape[1] == 1:  # a decode step
             out_BLHK = attend_one_position(q_BLHK, k_BLGK, v_BLGK, mask_B1LS)
         else:
@@ -203,7 +203,7 @@ class MLP(nnx.Module):
         dt, kind = self.cfg.dtype, self.cfg.matmul
         gate_BLF = matmul("BLD,DF->BLF", x_BLD, self.w_gate[...], dt, "mlp_gate", kind)
         up_BLF = matmul("BLD,DF->BLF", x_BLD, self.w_up[...], dt, "mlp_up", kind)
-        h_BLF = _constrain(self.layout, jax.nn.silu(gate_BLF) * up_BLF, ("batch", "length", "mlp"))
+        h_BLF = constrain(self.layout, jax.nn.silu(gate_BLF) * up_BLF, ("batch", "length", "mlp"))
         return matmul("BLF,FD->BLD", h_BLF, self.w_down[...], dt, "mlp_down", kind)
 
 
@@ -219,12 +219,12 @@ class Block(nnx.Module):
         attn_BLD, kv = self.attn(self.attn_norm(x_BLD), sin, cos, mask_B1LS, kv, causal)
         x_BLD = x_BLD + attn_BLD
         x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD))
-        return _constrain(self.layout, x_BLD, ("batch", "length", "embed")), kv
+        return constrain(self.layout, x_BLD, ("batch", "length", "embed")), kv
 
 
 class Transformer(nnx.Module):
     """With `pipeline`, training and evaluation run the layers as pipeline stages along the
-    `stage` mesh axis (parallel/pipeline.py); the stacked layers are then in its stage order.
+    `stage` mesh axis (parallel/stages.py); the stacked layers are then in its stage order.
     Decoding with a cache always runs them one after another."""
 
     def __init__(self, cfg: ModelConfig, layout: Layout | None, rngs: nnx.Rngs,
@@ -282,7 +282,7 @@ class Transformer(nnx.Module):
             mask_B1LS = causal_B1LS if mask_B1LS is None else mask_B1LS & causal_B1LS
         if mask_B1LS is None:
             return None
-        return _constrain(layout, mask_B1LS, ("batch", None, "length", None))
+        return constrain(layout, mask_B1LS, ("batch", None, "length", None))
 
     def logits(self, x_BLD: jax.Array) -> jax.Array:
         return self.project(x_BLD, self.output_weights())
@@ -297,7 +297,7 @@ class Transformer(nnx.Module):
 
     def project(self, x_BLD: jax.Array, w_VD: jax.Array) -> jax.Array:
         logits_BLV = mask_padded_vocab(matmul("BLD,VD->BLV", x_BLD, w_VD, self.cfg.dtype), self.cfg)
-        return _constrain(self.layout, logits_BLV, ("batch", "length", "vocab"))
+        return constrain(self.layout, logits_BLV, ("batch", "length", "vocab"))
 
     def decode(self, tokens_BL, positions_BL, cache: tuple[dict, ...]):
         """Logits for new tokens at `positions` (consecutive per row) given the key/value
@@ -314,7 +314,7 @@ class Transformer(nnx.Module):
         axes = cache_axes(cfg, layout)
         written = []
         for i, layer_cache in enumerate(cache):
-            k, v = (_constrain(layout, layer_cache[n], axes) for n in ("k", "v"))
+            k, v = (constrain(layout, layer_cache[n], axes) for n in ("k", "v"))
             x_BLD, (k, v) = self._layer(i)(x_BLD, sin, cos, mask_B1LS, (k, v, positions_BL[:, 0]))
             written.append({"k": k, "v": v})
         return self.logits(self.final_norm(x_BLD)), tuple(written)
@@ -330,7 +330,7 @@ class Transformer(nnx.Module):
         # table sharded on `embed` cannot produce activations sharded on `batch` efficiently.
         table_VD = _constrain_table(self.layout, self.embed[...])
         x_BLD = take_rows(table_VD, tokens_BL, self.cfg.dtype)
-        return _constrain(self.layout, x_BLD, ("batch", "length", "embed"))
+        return constrain(self.layout, x_BLD, ("batch", "length", "embed"))
 
     def _run_blocks(self, x_BLD, sin, cos, mask_B1LS, stacked=None, causal=True):
         """The stacked layers (all, or the block `stacked`), scanned or unrolled."""
@@ -354,7 +354,7 @@ class Transformer(nnx.Module):
         """The layers as pipeline stages over micro-batches of the batch."""
         cfg, M = self.cfg, self.pipeline.microbatches
         activation_axes = ("batch", "length", "embed")
-        x_MbLD = _constrain(self.block_layout, split_microbatches(x_BLD, M),
+        x_MbLD = constrain(self.block_layout, split_microbatches(x_BLD, M),
                             (None, *activation_axes))
 
         def stage(layers, x_bLD, extras):
@@ -368,7 +368,7 @@ class Transformer(nnx.Module):
                   None if slots_BL is None else split_microbatches(slots_BL, M))
         y_MbLD = self.pipeline.run(stage, nnx.split(self.blocks)[1], x_MbLD, extras,
                                    self.layout.mesh, self.block_layout.spec(activation_axes))
-        return _constrain(self.layout, merge_microbatches(y_MbLD), activation_axes)
+        return constrain(self.layout, merge_microbatches(y_MbLD), activation_axes)
 
 
 def _repeat_heads(w_DGK, repeats: int, layout: Layout | None):
@@ -377,25 +377,21 @@ def _repeat_heads(w_DGK, repeats: int, layout: Layout | None):
     their gradients sum back into the true heads). An int8 one with its scales."""
     if isinstance(w_DGK, Int8Weight):
         return Int8Weight(_repeat_heads(w_DGK.values, repeats, layout),
-                          _constrain(layout, jnp.repeat(w_DGK.scale, repeats, axis=0),
+                          constrain(layout, jnp.repeat(w_DGK.scale, repeats, axis=0),
                                      ("heads", "head_dim")))
-    return _constrain(layout, jnp.repeat(w_DGK, repeats, axis=1), ("embed", "heads", "head_dim"))
+    return constrain(layout, jnp.repeat(w_DGK, repeats, axis=1), ("embed", "heads", "head_dim"))
 
 
 def _index(a: jax.Array, i: int) -> jax.Array:
     return a[i]
 
 
-def _constrain(layout: Layout | None, x: jax.Array, axes: Axes) -> jax.Array:
-    return x if layout is None else layout.constrain(x, axes)
-
-
 def _constrain_table(layout: Layout | None, w_VD):
     """A (V, D) table with its FSDP shards gathered; an int8 one with its row scales."""
     if isinstance(w_VD, Int8Weight):
-        return Int8Weight(_constrain(layout, w_VD.values, ("vocab", None)),
-                          _constrain(layout, w_VD.scale, ("vocab",)))
-    return _constrain(layout, w_VD, ("vocab", None))
+        return Int8Weight(constrain(layout, w_VD.values, ("vocab", None)),
+                          constrain(layout, w_VD.scale, ("vocab",)))
+    return constrain(layout, w_VD, ("vocab", None))
 
 
 def cache_axes(cfg: ModelConfig, layout: Layout | None) -> Axes:
