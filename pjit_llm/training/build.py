@@ -156,7 +156,7 @@ def conversion_build(cfg: Config) -> Components:
 def open_data(cfg: Config):
     """(dataset, tokenizer) of the config: the dataset prepared on first use (by process 0
     when there are several), the tokenizer that the model's vocabulary follows."""
-    from pjit_llm.data.sources import prepare_shared  # Grain and TFDS: only runs that read data
+    from pjit_llm.data.datasets import prepare_shared  # Grain and TFDS: only runs that read data
     from pjit_llm.data.tokenizer import load_tokenizer
 
     dataset = prepare_shared(cfg.data)
