@@ -9,7 +9,7 @@ import pytest
 COMMANDS = {"pjit-train": "pjit_llm.train", "pjit-evaluate": "pjit_llm.evaluate",
             "pjit-generate": "pjit_llm.generate", "pjit-export": "pjit_llm.export",
             "pjit-convert": "pjit_llm.convert", "pjit-bench": "pjit_llm.bench",
-            "pjit-launch": "pjit_llm.launch", "pjit-tokenizer": "pjit_llm.data.tokenizer"}
+            "pjit-launch": "pjit_llm.launch", "pjit-tokenizer": "pjit_llm.train_tokenizer"}
 
 
 def _scripts() -> dict:

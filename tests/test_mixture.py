@@ -7,8 +7,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pjit_llm.config import DataConfig, MeshConfig, MixtureSource
 from pjit_llm.data import mixture
+from pjit_llm.data.datasets import prepare
 from pjit_llm.data.loader import Loader
-from pjit_llm.data.sources import Dataset, prepare
+from pjit_llm.data.sources import Dataset
 from pjit_llm.data.tokenizer import ByteTokenizer
 from pjit_llm.errors import UserError
 from pjit_llm.parallel.mesh import make_mesh

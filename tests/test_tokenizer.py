@@ -1,14 +1,13 @@
-"""Byte, SentencePiece (trained by our command) and Hugging Face tokenizers. (The command in a
-real process: e2e/test_tokenizer_cli.py.)"""
+"""Byte, SentencePiece and Hugging Face tokenizers. (SentencePiece models trained by the
+command: test_train_tokenizer.py, and in a real process e2e/test_tokenizer_cli.py.)"""
 
-import json
 import pickle
 
 import numpy as np
 import pytest
 
 from pjit_llm.data.tokenizer import (ByteTokenizer, HFTokenizer, SentencePieceTokenizer,
-                                     load_tokenizer, main)
+                                     load_tokenizer)
 from pjit_llm.errors import UserError
 
 TEXT = "def f(x):\n    return x ** 2  # naïve — ok 🙂\n"
@@ -19,21 +18,6 @@ def test_byte_tokenizer_round_trip():
     ids = tok.encode(TEXT)
     assert ids.dtype == np.int32 and ids.max() < 256 and len(ids) == len(TEXT.encode())
     assert tok.decode(list(ids) + [tok.eos_id]) == TEXT
-
-
-def test_tokenizer_command_reads_a_local_jsonl_by_its_configured_field(tmp_path, capsys):
-    """Prepared local corpora store the text as `text`, whatever field the JSONL used; --out
-    may name a directory that does not exist yet."""
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"content": f"The {w} sat on mat {i}.", "id": i}) + "\n"
-                              for i, w in enumerate(["cat", "dog", "bird", "fish"] * 50)))
-    main(["train", "--vocab-size", "300", "--out", str(tmp_path / "models/code.model"),
-          "data.source=local", "data.text_field=content", f"data.paths=[{corpus}]",
-          f"data.data_dir={tmp_path / 'data'}"])
-    model = tmp_path / "models/code.model"
-    assert f"wrote {model} (" in capsys.readouterr().out
-    tok = SentencePieceTokenizer(str(model))
-    assert tok.decode(tok.encode("The cat sat on mat 7.")) == "The cat sat on mat 7."
 
 
 def test_hugging_face_tokenizer_json(tmp_path):
@@ -60,7 +44,7 @@ def test_tokenizer_files_that_do_not_load(tmp_path):
         SentencePieceTokenizer(str(junk))
     with pytest.raises(UserError, match="is not a Hugging Face tokenizer.json"):
         HFTokenizer(str(junk))
-    with pytest.raises(UserError, match="does not exist; train one with"):
+    with pytest.raises(UserError, match="does not exist; train one with `python -m pjit_llm.train_tokenizer train`"):
         load_tokenizer("sentencepiece", "", tmp_path)
     with pytest.raises(UserError, match="tokenizer file .* does not exist"):
         HFTokenizer(str(tmp_path / "missing.json"))

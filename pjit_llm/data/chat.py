@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pjit_llm.data.tokenizer import HFTokenizer
 from pjit_llm.errors import UserError
 
 TEMPLATE_FILE = "chat_template.jinja"
@@ -246,7 +247,6 @@ def completion_tokens(tokenizer, prompt: str, completion: str):
 def encoder(tokenizer, fmt: str, max_len: int) -> Encode:
     """The Grain map for a non-text format; loads (and checks) the chat template here, in the
     main process, so a missing one is reported before any worker starts."""
-    from pjit_llm.data.tokenizer import HFTokenizer
     template = None
     if fmt == "chat":
         if not isinstance(tokenizer, HFTokenizer):

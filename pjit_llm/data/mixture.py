@@ -25,6 +25,7 @@ import grain
 import numpy as np
 
 from pjit_llm.config import DataConfig
+from pjit_llm.data import sources
 from pjit_llm.data.pipeline import ToBatch, batched, packed_rows
 from pjit_llm.data.tokenizer import Tokenizer
 from pjit_llm.errors import UserError
@@ -37,7 +38,7 @@ SOURCE_KEYS = ("source", "paths", "text_field", "name", "train_split", "val_spli
 class Part:
     tag: str  # the label in metrics
     weight: float
-    dataset: "Dataset"  # noqa: F821 (sources.Dataset; imported lazily, it imports this module)
+    dataset: sources.Dataset
     signature: tuple  # what fixes this source's records: a saved position refers to them
 
 
@@ -62,14 +63,14 @@ class Mixture:
         return [list(p.signature) for p in self.parts]
 
 
-def prepare(cfg: DataConfig, prepare_one) -> Mixture:
-    """Each source of data.mixture prepared by `prepare_one(DataConfig)` (sources.prepare)."""
+def prepare(cfg: DataConfig) -> Mixture:
+    """Each source of data.mixture prepared (sources.prepare), then mixed."""
     parts = []
     for i, entry in enumerate(cfg.mixture):
         keys = {key: getattr(entry, key) for key in SOURCE_KEYS}
         one = dataclasses.replace(cfg, mixture=(), **keys)
         try:
-            dataset = prepare_one(one)
+            dataset = sources.prepare(one)
         except UserError as e:  # name the key where the user wrote it
             message = str(e)
             for key in SOURCE_KEYS:

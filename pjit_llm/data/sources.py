@@ -33,28 +33,16 @@ class Dataset:
 
 
 def prepare(cfg: DataConfig) -> Dataset:
-    """The configured dataset, prepared on first use (a mixture.Mixture for data.mixture)."""
-    _quiet_tfds()
+    """The configured single source, prepared on first use (datasets.prepare also takes a
+    data.mixture of them)."""
     if cfg.mixture:
-        from pjit_llm.data import mixture
-        return mixture.prepare(cfg, prepare)
+        raise ValueError("sources.prepare prepares one source; datasets.prepare takes a mixture")
+    _quiet_tfds()
     if cfg.source == "tfds":
         return _catalogue(cfg)
     files = builtin.files() if cfg.source == "builtin" else expand_paths(cfg.paths)
     field = cfg.text_field if cfg.source == "local" else "text"
     return _corpus(files, field, cfg)
-
-
-def prepare_shared(cfg: DataConfig) -> Dataset:
-    """With several processes, process 0 prepares the dataset (once, on shared storage)
-    while the others wait, then they open it."""
-    import jax
-    if jax.process_count() == 1:
-        return prepare(cfg)
-    from jax.experimental import multihost_utils
-    dataset = prepare(cfg) if jax.process_index() == 0 else None
-    multihost_utils.sync_global_devices("pjit_llm dataset prepared")
-    return dataset or prepare(cfg)
 
 
 def read_texts(source, field: str):

@@ -1,18 +1,17 @@
 """Tokenizers: byte-level (default), SentencePiece and Hugging Face `tokenizer.json`.
 
 All three are picklable (Grain ships them to worker processes): the file-backed ones load
-lazily in whichever process first uses them. `python -m pjit_llm.data.tokenizer train ...`
-trains a SentencePiece model on the configured corpus and saves it beside the prepared data.
+lazily in whichever process first uses them. `train_sentencepiece` trains a SentencePiece
+model (the command is `python -m pjit_llm.train_tokenizer train ...`).
 """
 
-import argparse
 import io
 import os
 from pathlib import Path
 
 import numpy as np
 
-from pjit_llm.errors import UserError, run_cli
+from pjit_llm.errors import UserError
 
 SENTENCEPIECE_FILE = "sentencepiece.model"
 _EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "[SEP]")
@@ -56,7 +55,7 @@ class SentencePieceTokenizer(_FileTokenizer):
         import sentencepiece as spm
         if not os.path.isfile(self.path):
             raise UserError(f"SentencePiece model {self.path} does not exist; train one with "
-                            "`python -m pjit_llm.data.tokenizer train` or set data.tokenizer_path")
+                            "`python -m pjit_llm.train_tokenizer train` or set data.tokenizer_path")
         try:
             self._impl = spm.SentencePieceProcessor(model_file=self.path)
         except (RuntimeError, OSError):
@@ -161,40 +160,3 @@ def train_sentencepiece(texts, out: Path, vocab_size: int, model_type: str = "bp
     tmp.write_bytes(model.getvalue())
     tmp.replace(out)
     return out
-
-
-def main(argv=None) -> None:
-    from pjit_llm.config import load_config
-    from pjit_llm.data.sources import prepare, read_texts
-
-    p = argparse.ArgumentParser(prog="python -m pjit_llm.data.tokenizer")
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a SentencePiece model on the configured corpus")
-    t.add_argument("--config", help="YAML config whose data section names the corpus")
-    t.add_argument("--vocab-size", type=int, default=8000)
-    t.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
-    t.add_argument("--max-texts", type=int, default=200_000, help="records to train on, at most")
-    t.add_argument("--out", help=f"output file (default: {SENTENCEPIECE_FILE} beside the data)")
-    t.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    args = p.parse_args(argv)
-    if args.vocab_size < 8:
-        raise UserError("--vocab-size must be at least 8")
-    cfg = load_config(args.config, args.overrides)
-    dataset = prepare(cfg.data)
-    out = Path(args.out) if args.out else dataset.directory / SENTENCEPIECE_FILE
-    # The prepared dataset names its own text field: local corpora store it as `text`
-    # whatever data.text_field named in the input files.
-    train_sentencepiece(read_texts(dataset.train, dataset.text_field), out, args.vocab_size,
-                        args.model_type, args.max_texts)
-    tok = SentencePieceTokenizer(str(out))
-    print(f"wrote {out} ({tok.vocab_size} pieces); train with data.tokenizer=sentencepiece"
-          + (f" data.tokenizer_path={out}" if args.out else ""))
-
-
-def cli() -> None:
-    """The console script: one-line errors, exit status 2."""
-    run_cli(main)
-
-
-if __name__ == "__main__":
-    cli()

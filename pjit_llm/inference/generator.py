@@ -251,5 +251,5 @@ def _dataset_dir(cfg):
     """Where a SentencePiece model trained beside the data lives (only that needs it)."""
     if cfg.data.tokenizer != "sentencepiece" or cfg.data.tokenizer_path:
         return None
-    from pjit_llm.data.sources import prepare
+    from pjit_llm.data.datasets import prepare
     return prepare(cfg.data).directory

@@ -15,7 +15,7 @@ def test_sentencepiece_trained_by_the_command_round_trips(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"The {w} sat on the mat number {i}.\n"
                               for i, w in enumerate(["cat", "dog", "bird", "fish"] * 300)))
-    result = run_module("pjit_llm.data.tokenizer", "train", "--vocab-size", "400",
+    result = run_module("pjit_llm.train_tokenizer", "train", "--vocab-size", "400",
                         "data.source=local", f"data.paths=[{corpus}]",
                         f"data.data_dir={tmp_path / 'data'}")
     assert result.returncode == 0, result.stderr
