@@ -30,11 +30,11 @@ def bench_data(args) -> list[dict]:
     import gc
 
     from pjit_llm.config import load_config
-    from pjit_llm.training.build import open_data
+    from pjit_llm.data.datasets import open_data
     from pjit_llm.training.measure import data_throughput
 
     cfg = load_config(args.config, args.overrides)
-    dataset, tokenizer = open_data(cfg)
+    dataset, tokenizer = open_data(cfg.data)
     rows = []
     for workers in args.workers:
         rates = [data_throughput(dataset, tokenizer, cfg.data, workers, args.batches, args.warmup)

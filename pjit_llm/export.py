@@ -30,11 +30,11 @@ def main(argv=None) -> None:
     from pjit_llm.checkpoint.exports import write_export
     from pjit_llm.checkpoint.runs import run_config
     from pjit_llm.parallel.mesh import use_emulated_devices
-    from pjit_llm.training.build import conversion_build
+    from pjit_llm.placement import place_for_conversion
 
     cfg = run_config(args.run.absolute(), emulate_devices=args.emulate_devices)
     use_emulated_devices(cfg.mesh.emulate_devices)
-    layout = conversion_build(cfg).layout
+    layout = place_for_conversion(cfg).layout
     out, step = write_export(cfg, layout, args.out and args.out.absolute(), args.step,
                              args.dtype, args.quantize)
     what = args.dtype if args.quantize == "none" else f"int8 (the rest in {args.dtype})"

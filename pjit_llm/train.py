@@ -30,7 +30,8 @@ def main(argv=None) -> None:
     from pjit_llm.metrics import info, require_wandb
     from pjit_llm.parallel import distributed
     from pjit_llm.parallel.mesh import use_emulated_devices
-    from pjit_llm.training.build import check, open_data
+    from pjit_llm.data.datasets import open_data
+    from pjit_llm.training.build import check
     from pjit_llm.training.loop import train
 
     cfg = train_config(args.config, overrides)
@@ -44,7 +45,7 @@ def main(argv=None) -> None:
     try:
         info(distributed.describe(topology))
         check(cfg)  # a mistake in the config stops the run before the data is prepared
-        dataset, tokenizer = open_data(cfg)
+        dataset, tokenizer = open_data(cfg.data)
         train(cfg, dataset, tokenizer)
     finally:
         distributed.shutdown()  # train() has closed the checkpoints and the data

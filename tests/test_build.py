@@ -7,7 +7,8 @@ import pytest
 
 from conftest import build_on, tiny_config
 from pjit_llm.errors import UserError
-from pjit_llm.training.build import build, conversion_build
+from pjit_llm.placement import place_for_conversion
+from pjit_llm.training.build import build
 
 
 def test_vocabulary_follows_the_tokenizer_and_is_refused_when_too_small():
@@ -49,13 +50,13 @@ def test_attention_is_resolved_but_the_config_keeps_what_was_asked(capsys):
 
 @pytest.mark.parametrize("width, heads, kv_heads, fsdp", [(64, 8, 4, 8), (36, 6, 3, 4), (40, 4, 2, 8),
                                                           (42, 3, 3, 2)])
-def test_conversion_build_places_fsdp_over_the_devices_the_width_divides(width, heads, kv_heads, fsdp):
+def test_conversion_places_fsdp_over_the_devices_the_width_divides(width, heads, kv_heads, fsdp):
     cfg = tiny_config(f"model.embed_dim={width}", f"model.num_heads={heads}",
                       f"model.num_kv_heads={kv_heads}", "data.batch_size=3")  # no batch is fed
-    parts = conversion_build(cfg)
+    parts = place_for_conversion(cfg)
     assert dict(parts.mesh.shape) == {"data": 1, "stage": 1, "fsdp": fsdp, "context": 1,
                                       "tensor": 1}
     assert list(parts.mesh.devices.flat) == jax.devices()[:fsdp]
     assert parts.model.attention == "xla"
-    embed = parts.abstract_state.params["embed"]
-    assert embed.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp" if fsdp > 1 else None)
+    embed = parts.param_shardings["embed"]
+    assert embed.spec == jax.sharding.PartitionSpec(None, "fsdp" if fsdp > 1 else None)

@@ -21,7 +21,7 @@ from pjit_llm.errors import UserError
 from pjit_llm.interop import hf as convert
 from pjit_llm.interop import safetensors_io
 from pjit_llm.models.llama import hf as hf_config
-from pjit_llm.training.build import conversion_build
+from pjit_llm.placement import place_for_conversion
 
 # A vocabulary no tensor size divides (515) and fewer key/value heads (2) than tensor shards.
 ODD = {"vocab_size": 515, "num_key_value_heads": 2, "tie_word_embeddings": False}
@@ -177,7 +177,7 @@ def test_an_int8_export_is_refused_in_one_line(tmp_path):
     write_hf(tmp_path / "hf", LLAMA)
     run = convert.import_hf(tmp_path / "hf", tmp_path / "run")
     cfg = run_config(run)
-    int8, _ = write_export(cfg, conversion_build(cfg).layout, None, None, "bfloat16", "int8")
+    int8, _ = write_export(cfg, place_for_conversion(cfg).layout, None, None, "bfloat16", "int8")
     with pytest.raises(UserError, match="holds int8 parameters, which Hugging Face Llama files "
                                         "do not; export the run it was written from instead"):
         convert.export_hf(int8, tmp_path / "out", None, None, shard_bytes=10**9)

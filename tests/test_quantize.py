@@ -12,7 +12,7 @@ from pjit_llm.errors import UserError
 from pjit_llm.models.llama.model import QUANTIZED_WEIGHTS, abstract_model
 from pjit_llm.models.quantize import (Int8Weight, check_quantize, dequantize, param_bytes,
                                       quantize, quantize_params)
-from pjit_llm.training.step import make_eval_step
+from pjit_llm.models.loss import make_eval_step
 
 
 @pytest.mark.parametrize("shape, contracted", [

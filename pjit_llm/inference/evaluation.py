@@ -56,15 +56,16 @@ def evaluate_run(run: Path, step: int | None = None, batches: int | None = None,
     from pjit_llm.metrics import info
     from pjit_llm.parallel import distributed
     from pjit_llm.parallel.mesh import describe, use_emulated_devices
-    from pjit_llm.training.build import build, open_data
-    from pjit_llm.training.step import make_eval_step
+    from pjit_llm.data.datasets import open_data
+    from pjit_llm.models.loss import make_eval_step
+    from pjit_llm.placement import place
 
     cfg = run_config(run, overrides, emulate_devices)
     use_emulated_devices(cfg.mesh.emulate_devices)
     distributed.initialize(cfg.distributed)
     try:
-        dataset, tokenizer = open_data(cfg)
-        parts = build(cfg, tokenizer.vocab_size)
+        dataset, tokenizer = open_data(cfg.data)
+        parts = place(cfg, tokenizer.vocab_size)
         info(describe(parts.mesh))
         params, step, model = inference_params(parts.cfg, parts.layout, step, quantize)
         params = parts.to_run_order(params)

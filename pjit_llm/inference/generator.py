@@ -234,7 +234,7 @@ def load_for_inference(run: Path, step: int | None = None, overrides=(), emulate
     from pjit_llm.checkpoint.runs import inference_params, run_config
     from pjit_llm.data.tokenizer import load_tokenizer
     from pjit_llm.parallel.mesh import use_emulated_devices
-    from pjit_llm.training.build import build
+    from pjit_llm.placement import place
 
     cfg = run_config(run, overrides, emulate_devices)
     use_emulated_devices(cfg.mesh.emulate_devices)
@@ -242,7 +242,7 @@ def load_for_inference(run: Path, step: int | None = None, overrides=(), emulate
     # Decoding attends over a cache under a general mask, which XLA's kernel does: there is no
     # kernel to choose (and no line about it in the generated text).
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention="xla"))
-    parts = build(cfg, tokenizer.vocab_size)
+    parts = place(cfg, tokenizer.vocab_size)
     params, _, _ = inference_params(parts.cfg, parts.layout, step, quantize)
     return tokenizer, parts, params
 

@@ -37,7 +37,7 @@ from pjit_llm.models.llama.hf import (hf_tensors, param_path, to_hf, to_ours, un
                                       zero_padded)
 from pjit_llm.models.llama.model import abstract_model
 from pjit_llm.parallel.layout import param_shardings
-from pjit_llm.training.build import conversion_build
+from pjit_llm.placement import place_for_conversion
 
 # Files of a Hugging Face tokenizer copied along with the weights.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -80,7 +80,7 @@ def import_hf(hf_dir: Path, out: Path, dtype: str | None = None) -> Path:
         print(note, flush=True)
 
     # Sharded over as many devices as the width divides: no device holds the whole model.
-    layout = conversion_build(Config(model=model)).layout
+    layout = place_for_conversion(Config(model=model)).layout
     _, abstract = abstract_model(model, layout)
     by_path: dict[tuple, list] = {}
     for name, path, in_dims, layer, _ in wanted:
