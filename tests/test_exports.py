@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from conftest import build_on, tiny_config
-from pjit_llm.checkpoint.exports import export_model, load_params, write_export
+from pjit_llm.checkpoint.exports import write_export
 from pjit_llm.checkpoint.manager import Checkpoints
-from pjit_llm.checkpoint.runs import run_config
+from pjit_llm.checkpoint.runs import inference_params, run_config
 from pjit_llm.config import CheckpointConfig
 from pjit_llm.errors import UserError
 from pjit_llm.models.quantize import Int8Weight, param_bytes, quantize
@@ -33,7 +33,7 @@ def test_export_reads_back_on_another_mesh_in_its_dtype(tmp_path):
     assert (out, step) == (run / "export" / "step_5-bfloat16", 5)
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary left beside it
     layout = build_on(tiny_config(), fsdp=4, tensor=2).layout
-    model, params = load_params(out, layout)
+    params, _, model = read_export(out, layout)
     assert model == parts.cfg.model.__class__(**{**parts.cfg.model.__dict__, "param_dtype": "bfloat16"})
     expected = jax.tree.map(lambda a: np.asarray(a).astype(ml_dtypes.bfloat16),
                             jax.device_get(state.params))
@@ -42,18 +42,6 @@ def test_export_reads_back_on_another_mesh_in_its_dtype(tmp_path):
     assert params["blocks"]["attn"]["wq"].sharding.spec[1] == "fsdp"
     with pytest.raises(UserError, match="already exists; remove it or pass another --out"):
         write_export(parts.cfg, parts.layout, out, None, "float32")
-    with pytest.raises(UserError, match="is not an export"):
-        export_model(run)
-
-
-def test_an_export_model_config_is_checked_like_any_config(tmp_path):
-    (tmp_path / "model.yaml").write_text("num_layer: 2\n")
-    with pytest.raises(UserError, match="unknown config key model.num_layer; did you mean "
-                                        "model.num_layers"):
-        export_model(tmp_path)
-    (tmp_path / "model.yaml").write_text("num_layers: 0\n")
-    with pytest.raises(UserError, match="model.num_layers=0 must be positive"):
-        export_model(tmp_path)
 
 
 def test_an_int8_export_holds_int8_weights_that_read_back_on_another_mesh(tmp_path):
@@ -62,7 +50,7 @@ def test_an_int8_export_holds_int8_weights_that_read_back_on_another_mesh(tmp_pa
     out, step = write_export(parts.cfg, parts.layout, None, None, "bfloat16", "int8")
     assert (out, step) == (run / "export" / "step_5-int8", 5)
     layout = build_on(tiny_config(), fsdp=4, tensor=2).layout
-    model, params = load_params(out, layout)
+    params, _, model = read_export(out, layout)
     assert (model.quantize, model.param_dtype) == ("int8", "bfloat16")
     assert run_config(out).model == model  # the whole config beside it says so too
     wq = params["blocks"]["attn"]["wq"][...]
@@ -72,7 +60,12 @@ def test_an_int8_export_holds_int8_weights_that_read_back_on_another_mesh(tmp_pa
     np.testing.assert_array_equal(np.asarray(wq.values), np.asarray(expected.values))
     np.testing.assert_array_equal(np.asarray(wq.scale), np.asarray(expected.scale))
     assert params["final_norm"]["scale"][...].dtype == jax.numpy.bfloat16
-    ratio = param_bytes(params) / param_bytes(load_params(bf16, layout)[1])
+    ratio = param_bytes(params) / param_bytes(read_export(bf16, layout)[0])
     assert 0.5 < ratio < 0.55, ratio  # int8 values, float32 scales, bfloat16 norms
     with pytest.raises(UserError, match="--quantize int4 is not supported; use none or int8"):
         write_export(parts.cfg, parts.layout, tmp_path / "x", None, "bfloat16", "int4")
+
+
+def read_export(out, layout):
+    """(params, step, model config) of an export, read as evaluate and generate read it."""
+    return inference_params(run_config(out), layout, None)

@@ -9,7 +9,7 @@ onto another, and an odd weight is invertible mod 2**32, so any single changed e
 changes the sum. One jitted pass over the whole tree, a few bytes back to the host.
 
 Verified: the full training state in `Checkpoints.restore`, the parameters alone in
-`export.restore_params`. Not verified: exports and imported parameters (written without
+`runs.restore_params`. Not verified: exports and imported parameters (written without
 checksums), single parameters read on the host by `convert`, and checkpoints saved before
 checksums existed.
 """

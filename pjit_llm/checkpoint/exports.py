@@ -15,10 +15,9 @@ import jax
 import orbax.checkpoint as ocp
 import yaml
 
-from pjit_llm.checkpoint.runs import PARAMS_DIR, inference_params, params_target, restore_partial
-from pjit_llm.config import Config, load_section
+from pjit_llm.checkpoint.runs import PARAMS_DIR, inference_params
+from pjit_llm.config import Config
 from pjit_llm.errors import UserError
-from pjit_llm.models.llama.config import ModelConfig
 from pjit_llm.models.quantize import Int8Weight
 from pjit_llm.parallel.layout import Layout
 
@@ -55,17 +54,3 @@ def write_export(cfg: Config, layout: Layout, out: Path | None, step: int | None
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out, step
-
-
-def load_params(export_dir: Path, layout: Layout):
-    """(ModelConfig, params) of an export, restored into `layout`'s shardings."""
-    model = export_model(export_dir)
-    return model, restore_partial(export_dir / PARAMS_DIR, (), params_target(model, layout))
-
-
-def export_model(export_dir: Path) -> ModelConfig:
-    """An export's model config, read and checked like every other config."""
-    if not (export_dir / MODEL_FILE).is_file():
-        raise UserError(f"{export_dir} is not an export (no {MODEL_FILE}); pass a directory "
-                        "written by pjit_llm.export")
-    return load_section(ModelConfig, str(export_dir / MODEL_FILE), "model")

@@ -36,16 +36,12 @@ from pjit_llm.models.llama import hf as llama_hf
 from pjit_llm.models.llama.hf import (hf_tensors, param_path, to_hf, to_ours, unpadded_shape,
                                       zero_padded)
 from pjit_llm.models.llama.model import abstract_model
-from pjit_llm.parallel.layout import param_shardings
+from pjit_llm.parallel.layout import is_variable, param_shardings
 from pjit_llm.placement import place_for_conversion
 
 # Files of a Hugging Face tokenizer copied along with the weights.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja")
-
-
-def _is_var(x) -> bool:
-    return isinstance(x, nnx.Variable)
 
 
 # ---------------------------------------------------------------- import
@@ -132,8 +128,8 @@ def _save_one_by_one(tmp: Path, abstract, shardings, build) -> None:
     from orbax.checkpoint.experimental.v1 import partial
 
     staging = tmp / "params.partial"
-    sharding_of = dict(jax.tree_util.tree_leaves_with_path(shardings, is_leaf=_is_var))
-    for keys, var in jax.tree_util.tree_leaves_with_path(abstract, is_leaf=_is_var):
+    sharding_of = dict(jax.tree_util.tree_leaves_with_path(shardings, is_leaf=is_variable))
+    for keys, var in jax.tree_util.tree_leaves_with_path(abstract, is_leaf=is_variable):
         item = build(keys, var, sharding_of[keys])
         for key in reversed(param_path(keys)):
             item = {key: item}
@@ -192,7 +188,7 @@ def export_hf(run_dir: Path, out: Path, step: int | None, dtype: str | None,
     np_dtype = np.dtype(jax.numpy.dtype(dtype))
     where, prefix, step = params_location(cfg, step)
     targets = {param_path(p): v for p, v in
-               jax.tree_util.tree_leaves_with_path(abstract_model(cfg.model, None)[1], is_leaf=_is_var)}
+               jax.tree_util.tree_leaves_with_path(abstract_model(cfg.model, None)[1], is_leaf=is_variable)}
     # Parameter by parameter (all layers of one before the next): each is read alone into
     # host memory (no device involved), written a layer at a time, and dropped before the next.
     tensors = sorted(hf_tensors(cfg.model), key=lambda t: list(targets).index(t[1]))

@@ -16,9 +16,9 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from pjit_llm.errors import UserError
+from pjit_llm.parallel.layout import is_variable
 
 QUANTIZE_CHOICES = ("none", "int8")
 Axes = tuple[str | None, ...]
@@ -69,10 +69,6 @@ def _quantized_name(path, table: Mapping[str, Axes]) -> str | None:
     return name if name in table else None
 
 
-def _is_var(x) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
 def quantized_target(abstract_params, layout, table: Mapping[str, Axes]):
     """The abstract parameters (Variables of ShapeDtypeStructs, as `abstract_model` gives) with
     every weight `table` names as an Int8Weight: int8 values in the weight's sharding, float32
@@ -89,7 +85,7 @@ def quantized_target(abstract_params, layout, table: Mapping[str, Axes]):
             jax.ShapeDtypeStruct(v.shape, jnp.int8, sharding=layout.sharding(axes)),
             jax.ShapeDtypeStruct(kept_shape, jnp.float32, sharding=layout.sharding(kept))))
 
-    return jax.tree_util.tree_map_with_path(plan, abstract_params, is_leaf=_is_var)
+    return jax.tree_util.tree_map_with_path(plan, abstract_params, is_leaf=is_variable)
 
 
 def quantize_params(params, layout, table: Mapping[str, Axes], abstract_params):
@@ -99,7 +95,7 @@ def quantize_params(params, layout, table: Mapping[str, Axes], abstract_params):
     target = quantized_target(abstract_params, layout, table)
     shardings = jax.tree.map(lambda a: a.sharding, target)
     contracted = {}
-    for path, v in jax.tree_util.tree_leaves_with_path(abstract_params, is_leaf=_is_var):
+    for path, v in jax.tree_util.tree_leaves_with_path(abstract_params, is_leaf=is_variable):
         name = _quantized_name(path, table)
         if name is not None:
             contracted[jax.tree_util.keystr(path)] = contracted_dims(v.logical_axes, table[name])
@@ -108,7 +104,7 @@ def quantize_params(params, layout, table: Mapping[str, Axes], abstract_params):
         def one(path, v):
             dims = contracted.get(jax.tree_util.keystr(path))
             return v if dims is None else v.replace(quantize(v[...], dims))
-        return jax.tree_util.tree_map_with_path(one, tree, is_leaf=_is_var)
+        return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_variable)
 
     return jax.jit(convert, out_shardings=shardings)(params)
 

@@ -16,8 +16,6 @@ import numpy as np
 from pjit_llm.errors import UserError
 from pjit_llm.parallel.layout import Layout
 
-CONTEXT_AXIS = "context"  # the mesh axis that shards sequences (parallel/axes.py)
-
 
 def context_shards(layout: Layout) -> int:
     """How many pieces each sequence is cut into (the mesh axes of the `length` rule)."""

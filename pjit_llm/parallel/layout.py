@@ -64,19 +64,20 @@ def constrain(layout: Layout | None, x: jax.Array, logical_axes) -> jax.Array:
     return x if layout is None else layout.constrain(x, logical_axes)
 
 
-def _is_var(x) -> bool:
+def is_variable(x) -> bool:
+    """The leaves of a parameter tree: pass as `is_leaf` to keep their logical axes."""
     return isinstance(x, nnx.Variable)
 
 
 def param_shardings(layout: Layout, abstract_params):
     """NamedShardings for a tree of nnx.Variables whose metadata names their logical axes."""
     return jax.tree.map(lambda v: v.replace(layout.sharding(v.logical_axes)),
-                        abstract_params, is_leaf=_is_var)
+                        abstract_params, is_leaf=is_variable)
 
 
 def check_divisible(layout: Layout, abstract_params) -> None:
     """Refuse a parameter dimension that its mesh axes do not divide, naming both."""
-    for path, v in jax.tree_util.tree_leaves_with_path(abstract_params, is_leaf=_is_var):
+    for path, v in jax.tree_util.tree_leaves_with_path(abstract_params, is_leaf=is_variable):
         spec = layout.spec(v.logical_axes)
         for dim, (size, axes, logical) in enumerate(zip(v.shape, spec, v.logical_axes)):
             if axes is None:

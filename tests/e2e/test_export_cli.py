@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from conftest import assert_refused, build_on, run_module, tiny_config
-from pjit_llm.checkpoint.exports import load_params
+from pjit_llm.checkpoint.runs import inference_params, run_config
 from pjit_llm.errors import UserError
 
 
@@ -22,7 +22,7 @@ def test_export_writes_parameters_only_and_restores_without_the_optimizer(traine
     out = run / "export" / "step_6-bfloat16"
     assert f"wrote parameters of step 6 in bfloat16 to {out}" in result.stdout
     layout = build_on(tiny_config(), fsdp=4, tensor=2).layout
-    model, params = load_params(out, layout)
+    params, _, model = inference_params(run_config(out), layout, None)
     assert model.num_layers == 2 and model.param_dtype == "bfloat16"
     wq = params["blocks"]["attn"]["wq"]
     wq = wq[...] if isinstance(wq, nnx.Variable) else wq
