@@ -8,7 +8,7 @@ import time
 import pytest
 
 from conftest import TINY, run_module, start_module
-from pjit_llm.launch import free_port
+from pjit_llm.launch import free_port, launch
 from pjit_llm.parallel.distributed import LOST_PROCESS_EXIT
 
 MESH = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "data.shards=2"]
@@ -122,3 +122,20 @@ def test_sigterm_stops_every_process_after_the_same_step(tmp_path):
     assert f"after step {saved[0].name}; checkpoint saved" in out
     assert sorted(p.name for p in (saved[0] / "data").glob("*.json")) == \
         ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+def test_the_launcher_sees_a_failed_second_process_while_the_first_runs(tmp_path, monkeypatch,
+                                                                       capfd):
+    (tmp_path / "by_process.py").write_text(
+        "import os, sys, time\n"
+        "if os.environ['PROCESS_ID'] == '1':\n"
+        "    sys.exit(5)\n"
+        "time.sleep(20)\n")
+    monkeypatch.chdir(tmp_path)  # `python -m by_process` finds it in the working directory
+    start = time.monotonic()
+    status = launch(2, [], grace=2, module="by_process")
+    assert status == 5
+    assert time.monotonic() - start < 10  # the grace, not process 0's 20 s
+    err = capfd.readouterr().err
+    assert "launch: process 1 exited with status 5" in err
+    assert "launch: killing process 0, still running 2s after the first failure" in err
