@@ -1,11 +1,16 @@
 """Detecting the multi-process topology from settings, SLURM, Kubernetes or plain variables.
 (Real multi-process runs: e2e/test_multiprocess.py.)"""
 
+from pathlib import Path
+
 import pytest
 
-from pjit_llm.config import DistributedConfig
+from pjit_llm.config import DistributedConfig, load_config
 from pjit_llm.errors import UserError
-from pjit_llm.parallel.distributed import detect, describe, first_host
+from pjit_llm.parallel.distributed import (Watchdog, detect, describe, first_host,
+                                           runtime_timeouts)
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
 
 def test_detect_explicit_settings_first():
@@ -45,6 +50,24 @@ def test_detect_kubernetes_and_generic_variables():
         detect(DistributedConfig(), {"NUM_PROCESSES": "2"})
 
 
-
 def test_a_single_process_describes_its_devices():
     assert describe(None) == "single process: 8 local of 8 cpu devices"
+
+
+@pytest.mark.parametrize("config", [None, *CONFIGS], ids=lambda c: c.name if c else "defaults")
+def test_the_watchdog_always_declares_a_lost_process_before_jax_does(config):
+    """JAX's runtime aborts every process with a stack trace when it declares one dead, which
+    it may do after half its heartbeat timeout (its agent beats every half timeout); the
+    watchdog's line must come first, at the settings a run actually starts with."""
+    cfg = load_config(str(config) if config else None).distributed
+    timeouts = runtime_timeouts(cfg)
+    latest_watchdog = Watchdog.latest_verdict_s(cfg.heartbeat_timeout_s)
+    assert timeouts["heartbeat_timeout_seconds"] / 2 >= latest_watchdog + 10
+    assert timeouts["shutdown_timeout_seconds"] >= timeouts["heartbeat_timeout_seconds"]
+
+
+@pytest.mark.parametrize("timeout_s", [1, 5, 20, 60, 600, 3600])
+def test_jax_timeouts_follow_any_heartbeat_setting(timeout_s):
+    timeouts = runtime_timeouts(DistributedConfig(heartbeat_timeout_s=timeout_s))
+    assert timeouts["heartbeat_timeout_seconds"] / 2 >= Watchdog.latest_verdict_s(timeout_s) + 10
+    assert timeouts["shutdown_timeout_seconds"] >= max(300, timeouts["heartbeat_timeout_seconds"])

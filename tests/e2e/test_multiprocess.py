@@ -1,9 +1,11 @@
 """Multi-process runs on 127.0.0.1: real jax.distributed processes with CPU collectives."""
 
 import json
+import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -72,6 +74,7 @@ def test_a_killed_process_stops_the_other_and_a_restart_resumes(tmp_path):
     assert procs[0].returncode == LOST_PROCESS_EXIT
     assert waited < 10 + 8  # the heartbeat timeout, plus a beat interval and exit
     assert "error: lost process 1 of 2 (no heartbeat for" in err
+    assert "Terminating process" not in err and "Check failure" not in err  # not JAX's abort
     # Restart both: they resume from the newest complete checkpoint.
     port = free_port()
     args[args.index("train.steps=100000")] = "train.steps=12"
@@ -87,6 +90,38 @@ def test_a_killed_process_stops_the_other_and_a_restart_resumes(tmp_path):
                 p.communicate(timeout=60)
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:]
     assert "resumed from step " in outs[0][0]
+
+
+def _child_with_process_id(parent: int, process_id: int) -> int:
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    for pid in map(int, children):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"PROCESS_ID={process_id}".encode() in environ:
+            return pid
+    raise AssertionError(f"no child with PROCESS_ID={process_id} among {children}")
+
+
+def test_a_process_killed_under_the_launcher_is_named_by_the_other(tmp_path):
+    launcher = start_module("pjit_llm.launch", "--processes", "2", "--emulate-devices", "4",
+                            "--", *RUN, "train.steps=100000", "checkpoint.every=0",
+                            "train.run_dir=run", cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not (metrics.exists() and "loss" in metrics.read_text()):
+            time.sleep(0.2)
+        os.kill(_child_with_process_id(launcher.pid, 1), signal.SIGKILL)
+        _, err = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.communicate(timeout=60)
+    assert launcher.returncode == 128 + signal.SIGKILL, err[-3000:]  # the first failure's
+    assert "launch: process 1 was killed by SIGKILL (status 137)" in err
+    assert "error: lost process 1 of 2 (no heartbeat for" in err
+    assert "launch: process 0 exited with status 3" in err
+    assert "Terminating process" not in err and "Check failure" not in err  # not JAX's abort
 
 
 def test_an_unreachable_coordinator_fails_within_the_timeout(tmp_path):
