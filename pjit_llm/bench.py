@@ -72,7 +72,9 @@ def bench_step(args) -> list[dict]:
     variants = [("", [])] + [(v, v.split()) for v in args.variant]
     configs = [(name, load_config(args.config, base + extra)) for name, extra in variants]
     use_emulated_devices(configs[0][1].mesh.emulate_devices)
-    distributed.initialize(configs[0][1].distributed)
+    distributed.initialize(configs[0][1], {"bench.variant": list(args.variant),
+                                           "bench.steps": args.steps, "bench.warmup": args.warmup,
+                                           "bench.repeats": args.repeats})
     rows = []
     try:
         for i, (name, cfg) in enumerate(configs):

@@ -40,7 +40,7 @@ def main(argv=None) -> None:
         raise UserError(f"model.quantize={cfg.model.quantize} describes quantized parameters, which "
                         "only evaluate and generate read; train with model.quantize=none")
     use_emulated_devices(cfg.mesh.emulate_devices)
-    topology = distributed.initialize(cfg.distributed)
+    topology = distributed.initialize(cfg)
     try:
         info(distributed.describe(topology))
         dataset, tokenizer = open_data(cfg)

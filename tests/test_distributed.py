@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tiny_config
 from pjit_llm.config import DistributedConfig, load_config
 from pjit_llm.errors import UserError
+from pjit_llm.parallel.agreement import first_difference, shared_settings
 from pjit_llm.parallel.distributed import (Watchdog, detect, describe, first_host,
                                            runtime_timeouts)
 
@@ -71,3 +73,30 @@ def test_jax_timeouts_follow_any_heartbeat_setting(timeout_s):
     timeouts = runtime_timeouts(DistributedConfig(heartbeat_timeout_s=timeout_s))
     assert timeouts["heartbeat_timeout_seconds"] / 2 >= Watchdog.latest_verdict_s(timeout_s) + 10
     assert timeouts["shutdown_timeout_seconds"] >= max(300, timeouts["heartbeat_timeout_seconds"])
+
+
+def test_settings_that_differ_are_named_by_their_first_key():
+    process_0 = shared_settings(tiny_config("optimizer.lr=1e-3"))
+    other = shared_settings(tiny_config("optimizer.lr=3e-3", "train.steps=40"))
+    assert first_difference(1, other, process_0) == (
+        "process 1's config differs from process 0's at optimizer.lr: 0.003 against 0.001; "
+        "start every process with the same config")
+    assert first_difference(2, process_0, process_0) is None
+    # How each process joins may differ; the heartbeat must not (a short one would call a
+    # process with a long one lost).
+    joined = shared_settings(tiny_config("optimizer.lr=1e-3", "distributed.process_id=1",
+                                         "distributed.num_processes=2",
+                                         "distributed.coordinator_address=h:1",
+                                         "distributed.local_device_ids=[1]",
+                                         "distributed.init_timeout_s=9"))
+    assert first_difference(1, joined, process_0) is None
+    slower = shared_settings(tiny_config("optimizer.lr=1e-3", "distributed.heartbeat_timeout_s=9"))
+    assert "at distributed.heartbeat_timeout_s: 9 against 60" in first_difference(1, slower,
+                                                                                 process_0)
+    # A command's own settings, and the versions before everything else.
+    assert "at bench.variant: [\"model.remat=full\"] against []" in first_difference(
+        1, shared_settings(tiny_config(), {"bench.variant": ["model.remat=full"]}),
+        shared_settings(tiny_config(), {"bench.variant": []}))
+    assert first_difference(1, {**other, "version.jax": "0.0.0-other"}, process_0) == (
+        f"process 1 runs jax 0.0.0-other against {process_0['version.jax']} on process 0; "
+        "install the same versions on every host")

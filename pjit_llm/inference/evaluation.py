@@ -61,7 +61,8 @@ def evaluate_run(run: Path, step: int | None = None, batches: int | None = None,
 
     cfg = run_config(run, overrides, emulate_devices)
     use_emulated_devices(cfg.mesh.emulate_devices)
-    distributed.initialize(cfg.distributed)
+    distributed.initialize(cfg, {"evaluate.step": step, "evaluate.batches": batches,
+                                 "evaluate.quantize": quantize})
     try:
         dataset, tokenizer = open_data(cfg)
         parts = build(cfg, tokenizer.vocab_size)

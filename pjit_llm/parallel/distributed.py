@@ -11,6 +11,10 @@ waiting forever in a collective. JAX's runtime watches heartbeats too and aborts
 with a stack trace when it declares one dead; its timeouts are derived from ours
 (`runtime_timeouts`) so that the watchdog always speaks first.
 
+Before anything else every process checks that it runs the same config as process 0
+(agreement.py): a process started with other settings would compute something else, fail in
+a collective or hang.
+
 An entry point calls `shutdown()` after its last collective and checkpoint wait: the runtime's
 shutdown barrier, then the watchdog stops. A daemon thread still inside the runtime's client
 at interpreter exit aborts the process (SIGABRT), so the thread must be gone by then.
@@ -26,8 +30,9 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from pjit_llm.config import DistributedConfig
+from pjit_llm.config import Config, DistributedConfig
 from pjit_llm.errors import UserError, first_line
+from pjit_llm.parallel.agreement import require_same_settings, shared_settings
 
 DEFAULT_PORT = 12345
 LOST_PROCESS_EXIT = 3
@@ -87,30 +92,39 @@ def first_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
 
 
-def initialize(cfg: DistributedConfig) -> Topology | None:
-    """Start the distributed runtime if the settings or environment ask for it."""
-    topology = detect(cfg)
+def initialize(cfg: Config, command: Mapping[str, object] | None = None) -> Topology | None:
+    """Start the distributed runtime if the settings or environment ask for it, then refuse to
+    go on unless every process runs process 0's config (and `command`: the entry point's own
+    settings outside the config, such as a benchmark's variants)."""
+    joining = cfg.distributed
+    topology = detect(joining)
     if topology is None:
         return None
     import jax
     if not 0 <= topology.process_id < topology.num_processes:
         raise UserError(f"process id {topology.process_id} is outside 0..{topology.num_processes - 1}")
     if topology.process_id != 0:  # the runtime aborts the process when it cannot connect
-        _wait_for_coordinator(topology, cfg.init_timeout_s)
+        _wait_for_coordinator(topology, joining.init_timeout_s)
     try:
         jax.distributed.initialize(
             topology.coordinator, topology.num_processes, topology.process_id,
             local_device_ids=list(topology.local_device_ids) if topology.local_device_ids else None,
-            initialization_timeout=cfg.init_timeout_s, **runtime_timeouts(cfg))
+            initialization_timeout=joining.init_timeout_s, **runtime_timeouts(joining))
     except Exception as e:  # the runtime raises bare XlaRuntimeError/RuntimeError here
         first = first_line(e)
         raise UserError(f"could not join the distributed run at {topology.coordinator} as process "
                         f"{topology.process_id} of {topology.num_processes} within "
-                        f"{cfg.init_timeout_s}s ({first}); check that every process is started "
-                        "and the coordinator's host and port are reachable") from None
+                        f"{joining.init_timeout_s}s ({first}); check that every process is "
+                        "started and the coordinator's host and port are reachable") from None
     global _watchdog
-    _watchdog = Watchdog(topology, cfg.heartbeat_timeout_s)
-    _watchdog.start()
+    _watchdog = Watchdog(topology, joining.heartbeat_timeout_s)
+    _watchdog.start()  # a process lost during the check below is reported as such
+    try:
+        require_same_settings(kv_client(), topology.process_id, topology.num_processes,
+                              shared_settings(cfg, command), joining.init_timeout_s)
+    except UserError:
+        shutdown()  # every process refuses alike, so all of them meet at the shutdown barrier
+        raise
     return topology
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, run_module, start_module
+from conftest import TINY, assert_refused, run_module, start_module
 from pjit_llm.launch import free_port, launch
 from pjit_llm.parallel.distributed import LOST_PROCESS_EXIT
 
@@ -174,3 +174,29 @@ def test_the_launcher_sees_a_failed_second_process_while_the_first_runs(tmp_path
     err = capfd.readouterr().err
     assert "launch: process 1 exited with status 5" in err
     assert "launch: killing process 0, still running 2s after the first failure" in err
+
+
+def test_processes_started_with_different_configs_are_refused(tmp_path):
+    port = free_port()
+    args = [*RUN, "train.steps=5", "train.run_dir=run"]
+    lrs = ["optimizer.lr=1e-3", "optimizer.lr=3e-3"]
+    start = time.monotonic()
+    procs = [start_module("pjit_llm.train", "--emulate-devices", "4", *args, lrs[i], cwd=tmp_path,
+                          env=_env(i, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+             for i in range(2)]
+    try:
+        results = [subprocess.CompletedProcess(p.args, 0, *p.communicate(timeout=120))
+                   for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate(timeout=60)
+    assert time.monotonic() - start < 60
+    line = ("process 1's config differs from process 0's at optimizer.lr: 0.003 against 0.001; "
+            "start every process with the same config")
+    for proc, result in zip(procs, results):
+        result.returncode = proc.returncode
+        assert_refused(result, line)
+    assert not (tmp_path / "run").exists()  # refused before anything was built or written
