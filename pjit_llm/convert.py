@@ -14,6 +14,8 @@ import argparse
 from pathlib import Path
 
 from pjit_llm.errors import run_cli
+from pjit_llm.interop import safetensors_io
+from pjit_llm.interop.hf import export_hf, import_hf, return_freed_memory
 
 
 def main(argv=None) -> None:
@@ -33,10 +35,6 @@ def main(argv=None) -> None:
                    help="weight dtype (default: the run's model.param_dtype)")
     e.add_argument("--shard-size", default="2GB", help="largest safetensors file (default 2GB)")
     args = p.parse_args(argv)
-
-    from pjit_llm.interop import safetensors_io
-    from pjit_llm.interop.hf import export_hf, import_hf, return_freed_memory
-
     return_freed_memory()
     if args.command == "import":
         out = import_hf(args.hf.absolute(), args.out.absolute(), args.dtype)

@@ -7,35 +7,31 @@ apply to the run's recorded config (for instance another data.val_split). `--qua
 evaluates the weights quantized to int8 at load time (an int8 export is int8 already).
 """
 
-import argparse
 import json
 from pathlib import Path
 
+from pjit_llm import xla_flags
+from pjit_llm.command_line import command_parser, emulated
 from pjit_llm.errors import UserError, run_cli
+from pjit_llm.inference.evaluation import evaluate_run
+from pjit_llm.metrics import info
+from pjit_llm.models.quantize import check_quantize
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m pjit_llm.evaluate", description=__doc__.splitlines()[0])
+    p = command_parser("python -m pjit_llm.evaluate", __doc__)
     p.add_argument("--run", required=True, type=Path,
                    help="the training run directory, or an export (pjit_llm.export)")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--batches", type=int, help="validation batches (default: train.eval_batches)")
     p.add_argument("--quantize", default="none", metavar="none|int8",
                    help="int8: weight-only int8, quantized at load time")
-    p.add_argument("--emulate-devices", type=int, default=0, metavar="N")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = p.parse_intermixed_args(argv)
     if args.batches is not None and args.batches < 1:
         raise UserError("--batches must be at least 1")
-    from pjit_llm.models.quantize import check_quantize
     check_quantize(args.quantize)
-    from pjit_llm import xla_flags
     xla_flags.apply_defaults()
-    from pjit_llm.inference.evaluation import evaluate_run
-    from pjit_llm.metrics import info
-
-    step, result = evaluate_run(args.run, args.step, args.batches, args.overrides,
-                                args.emulate_devices, args.quantize)
+    step, result = evaluate_run(args.run, args.step, args.batches, emulated(args), args.quantize)
     info(json.dumps({"step": step, **result}))
 
 

@@ -7,14 +7,20 @@ as their --run. The parameters are restored sharded over the available devices t
 Hugging Face import places them, so a model that only fits sharded can be exported.
 """
 
-import argparse
 from pathlib import Path
 
+from pjit_llm.checkpoint.exports import write_export
+from pjit_llm.checkpoint.runs import run_config
+from pjit_llm.command_line import command_parser, emulated
 from pjit_llm.errors import run_cli
+from pjit_llm.models.quantize import check_quantize
+from pjit_llm.parallel.mesh import use_emulated_devices
+from pjit_llm.placement import place_for_conversion
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m pjit_llm.export", description=__doc__.splitlines()[0])
+    p = command_parser("python -m pjit_llm.export", __doc__,
+                       "changes to the run's config, as the export's config.yaml records it")
     p.add_argument("--run", required=True, type=Path, help="the training run directory")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
@@ -22,17 +28,9 @@ def main(argv=None) -> None:
                    help="int8: weight matrices in int8 (about half the bytes of bfloat16)")
     p.add_argument("--out", type=Path,
                    help="output directory (default: RUN/export/step_S-DTYPE or step_S-int8)")
-    p.add_argument("--emulate-devices", type=int, default=0, metavar="N")
-    args = p.parse_args(argv)
-    from pjit_llm.models.quantize import check_quantize
+    args = p.parse_intermixed_args(argv)
     check_quantize(args.quantize)
-
-    from pjit_llm.checkpoint.exports import write_export
-    from pjit_llm.checkpoint.runs import run_config
-    from pjit_llm.parallel.mesh import use_emulated_devices
-    from pjit_llm.placement import place_for_conversion
-
-    cfg = run_config(args.run.absolute(), emulate_devices=args.emulate_devices)
+    cfg = run_config(args.run.absolute(), emulated(args))
     use_emulated_devices(cfg.mesh.emulate_devices)
     layout = place_for_conversion(cfg).layout
     out, step = write_export(cfg, layout, args.out and args.out.absolute(), args.step,

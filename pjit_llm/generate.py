@@ -12,14 +12,18 @@ user's message: it is rendered with the chat template of the run's tokenizer (wi
 generation prompt), and the reply alone is printed.
 """
 
-import argparse
 from pathlib import Path
 
+from pjit_llm import xla_flags
+from pjit_llm.command_line import command_parser, emulated
 from pjit_llm.errors import UserError, run_cli
+from pjit_llm.inference.generator import Sampling, generate_texts
+from pjit_llm.models.quantize import check_quantize
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m pjit_llm.generate", description=__doc__.splitlines()[0])
+    p = command_parser("python -m pjit_llm.generate", __doc__,
+                       "changes to the run's config, e.g. mesh.tensor=4")
     p.add_argument("--run", required=True, type=Path,
                    help="the training run directory, or an export (pjit_llm.export)")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
@@ -34,15 +38,9 @@ def main(argv=None) -> None:
                    help="int8: weight-only int8, quantized at load time")
     p.add_argument("--chat", action="store_true",
                    help="apply the tokenizer's chat template to each prompt (a user's message)")
-    p.add_argument("--emulate-devices", type=int, default=0, metavar="N")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                   help="changes to the run's config, e.g. mesh.tensor=4")
     args = p.parse_intermixed_args(argv)
-    from pjit_llm.models.quantize import check_quantize
     check_quantize(args.quantize)
-    from pjit_llm import xla_flags
     xla_flags.apply_defaults()
-    from pjit_llm.inference.generator import Sampling, generate_texts
     prompts = list(args.prompt)
     if args.prompts_file:
         try:
@@ -56,7 +54,7 @@ def main(argv=None) -> None:
                         "0 < --top-p <= 1")
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     texts = generate_texts(args.run, prompts, args.max_new_tokens, sampling, args.step,
-                           args.overrides, args.emulate_devices, stream=len(prompts) == 1,
+                           emulated(args), stream=len(prompts) == 1,
                            quantize=args.quantize, chat=args.chat)
     if len(prompts) > 1:
         for prompt, text in zip(prompts, texts):

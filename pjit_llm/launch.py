@@ -5,7 +5,7 @@ distributed runtime through JAX_COORDINATOR_ADDRESS / NUM_PROCESSES / PROCESS_ID
 local port. For CPU runs each process emulates D devices; for GPUs, `--one-gpu-each` gives
 process i GPU i. SIGTERM/SIGINT are passed on (the processes save and stop together).
 If one process fails, the others get `--grace` seconds to notice and stop, then are killed;
-the launcher exits with the first failure's status.
+the launcher exits with the first failure's status (128 + N for a process killed by signal N).
 """
 
 import argparse
@@ -44,23 +44,27 @@ def launch(processes: int, args: list[str], emulate_devices: int = 0, one_gpu_ea
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        status, failed_at = 0, None
-        while any(c.poll() is None for c in children):
+        status, failed_at, reported = 0, None, set()
+        while True:
+            # Poll every child each round: a failure of any of them starts the grace period.
+            running = [c for c in children if c.poll() is None]
             for i, c in enumerate(children):
-                if c.returncode not in (None, 0) and not status:
-                    status, failed_at = c.returncode, time.monotonic()
-                    print(f"launch: process {i} exited with status {c.returncode}",
-                          file=sys.stderr, flush=True)
+                if c.returncode not in (None, 0) and i not in reported:
+                    reported.add(i)
+                    print(f"launch: process {i} {describe_exit(c.returncode)}", file=sys.stderr,
+                          flush=True)
+                    if not status:
+                        status, failed_at = exit_status(c.returncode), time.monotonic()
+            if not running:
+                return status
             if failed_at and time.monotonic() - failed_at > grace:
-                for c in children:
-                    if c.poll() is None:
+                for i, c in enumerate(children):
+                    if c.returncode is None and i not in reported:
+                        reported.add(i)
+                        print(f"launch: killing process {i}, still running {grace:g}s after the "
+                              "first failure", file=sys.stderr, flush=True)
                         c.kill()
             time.sleep(0.2)
-        for i, c in enumerate(children):
-            if c.returncode != 0 and not status:
-                status = c.returncode
-                print(f"launch: process {i} exited with status {c.returncode}", file=sys.stderr)
-        return status
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -68,6 +72,21 @@ def launch(processes: int, args: list[str], emulate_devices: int = 0, one_gpu_ea
             if c.poll() is None:
                 c.kill()
             c.wait()
+
+
+def exit_status(returncode: int) -> int:
+    """A child's status as a shell reports it: 128 + N for a process killed by signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by {name} (status {exit_status(returncode)})"
+    return f"exited with status {returncode}"
 
 
 def main(argv=None) -> None:

@@ -9,6 +9,7 @@ module registers the backend for `lm_eval.simple_evaluate(model="pjit_llm", ...)
 
 import sys
 
+from pjit_llm import xla_flags
 from pjit_llm.errors import UserError, run_cli
 
 NAME = "pjit_llm"
@@ -38,7 +39,6 @@ def main(argv=None) -> None:
     if command == "run" and not any(a in ("--model", "-M") or a.startswith("--model=")
                                     for a in args):
         args = ["--model", NAME, *args]
-    from pjit_llm import xla_flags
     xla_flags.apply_defaults()
     from lm_eval.__main__ import cli_evaluate
     sys.argv = ["python -m pjit_llm.lm_eval", command, *args]

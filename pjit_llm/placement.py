@@ -21,7 +21,7 @@ from pjit_llm.config import Config
 from pjit_llm.errors import UserError
 from pjit_llm.models.attention import resolve_attention
 from pjit_llm.models.llama.config import ModelConfig
-from pjit_llm.models.llama.model import abstract_model, padded_vocab
+from pjit_llm.models.llama.model import Transformer, abstract_model, padded_vocab
 from pjit_llm.models.loss import make_eval_step
 from pjit_llm.parallel.context import check_sequence, context_shards
 from pjit_llm.parallel.layout import (Layout, check_batch, check_divisible, conversion_mesh,
@@ -57,6 +57,15 @@ class Placement:
         return jax.jit(make_eval_step(self.graphdef, self.balance),
                        in_shardings=(self.param_shardings, self.batch_sharding),
                        out_shardings=self.layout.replicated())
+
+    def init_params(self, seed: int = 0) -> nnx.State:
+        """Fresh parameters from `seed`, created directly in their shardings (run order)."""
+        def init(key):
+            model = Transformer(self.model, self.layout, nnx.Rngs(params=key), self.pipeline)
+            params = nnx.split(model)[1]
+            return self.pipeline.to_stage_order(params) if self.pipeline else params
+
+        return jax.jit(init, out_shardings=self.param_shardings)(jax.random.key(seed))
 
     @property
     def tokens_per_step(self) -> int:

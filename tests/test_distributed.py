@@ -1,11 +1,18 @@
 """Detecting the multi-process topology from settings, SLURM, Kubernetes or plain variables.
 (Real multi-process runs: e2e/test_multiprocess.py.)"""
 
+from pathlib import Path
+
 import pytest
 
-from pjit_llm.config import DistributedConfig
+from conftest import tiny_config
+from pjit_llm.config import DistributedConfig, load_config
 from pjit_llm.errors import UserError
-from pjit_llm.parallel.distributed import detect, describe, first_host
+from pjit_llm.parallel.agreement import first_difference, shared_settings
+from pjit_llm.parallel.distributed import (Watchdog, detect, describe, first_host,
+                                           runtime_timeouts)
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
 
 def test_detect_explicit_settings_first():
@@ -45,6 +52,51 @@ def test_detect_kubernetes_and_generic_variables():
         detect(DistributedConfig(), {"NUM_PROCESSES": "2"})
 
 
-
 def test_a_single_process_describes_its_devices():
     assert describe(None) == "single process: 8 local of 8 cpu devices"
+
+
+@pytest.mark.parametrize("config", [None, *CONFIGS], ids=lambda c: c.name if c else "defaults")
+def test_the_watchdog_always_declares_a_lost_process_before_jax_does(config):
+    """JAX's runtime aborts every process with a stack trace when it declares one dead, which
+    it may do after half its heartbeat timeout (its agent beats every half timeout); the
+    watchdog's line must come first, at the settings a run actually starts with."""
+    cfg = load_config(str(config) if config else None).distributed
+    timeouts = runtime_timeouts(cfg)
+    latest_watchdog = Watchdog.latest_verdict_s(cfg.heartbeat_timeout_s)
+    assert timeouts["heartbeat_timeout_seconds"] / 2 >= latest_watchdog + 10
+    assert timeouts["shutdown_timeout_seconds"] >= timeouts["heartbeat_timeout_seconds"]
+
+
+@pytest.mark.parametrize("timeout_s", [1, 5, 20, 60, 600, 3600])
+def test_jax_timeouts_follow_any_heartbeat_setting(timeout_s):
+    timeouts = runtime_timeouts(DistributedConfig(heartbeat_timeout_s=timeout_s))
+    assert timeouts["heartbeat_timeout_seconds"] / 2 >= Watchdog.latest_verdict_s(timeout_s) + 10
+    assert timeouts["shutdown_timeout_seconds"] >= max(300, timeouts["heartbeat_timeout_seconds"])
+
+
+def test_settings_that_differ_are_named_by_their_first_key():
+    process_0 = shared_settings(tiny_config("optimizer.lr=1e-3"))
+    other = shared_settings(tiny_config("optimizer.lr=3e-3", "train.steps=40"))
+    assert first_difference(1, other, process_0) == (
+        "process 1's config differs from process 0's at optimizer.lr: 0.003 against 0.001; "
+        "start every process with the same config")
+    assert first_difference(2, process_0, process_0) is None
+    # How each process joins may differ; the heartbeat must not (a short one would call a
+    # process with a long one lost).
+    joined = shared_settings(tiny_config("optimizer.lr=1e-3", "distributed.process_id=1",
+                                         "distributed.num_processes=2",
+                                         "distributed.coordinator_address=h:1",
+                                         "distributed.local_device_ids=[1]",
+                                         "distributed.init_timeout_s=9"))
+    assert first_difference(1, joined, process_0) is None
+    slower = shared_settings(tiny_config("optimizer.lr=1e-3", "distributed.heartbeat_timeout_s=9"))
+    assert "at distributed.heartbeat_timeout_s: 9 against 60" in first_difference(1, slower,
+                                                                                 process_0)
+    # A command's own settings, and the versions before everything else.
+    assert "at bench.variant: [\"model.remat=full\"] against []" in first_difference(
+        1, shared_settings(tiny_config(), {"bench.variant": ["model.remat=full"]}),
+        shared_settings(tiny_config(), {"bench.variant": []}))
+    assert first_difference(1, {**other, "version.jax": "0.0.0-other"}, process_0) == (
+        f"process 1 runs jax 0.0.0-other against {process_0['version.jax']} on process 0; "
+        "install the same versions on every host")

@@ -19,6 +19,7 @@ CONFIG_ERRORS = [
     (["--config", "does/not/exist.yaml"], "config file does/not/exist.yaml does not exist"),
     (["optimizer.warmup_steps=500"], "optimizer.warmup_steps=500 must be smaller than train.steps=300"),
     (["train.steps=1"], "optimizer.warmup_steps=20 must be smaller than train.steps=1"),
+    (["--emulate-devices", "0"], "--emulate-devices 0 is not a number of devices; give 1 or more"),
     (["model.attention=cudnn", "model.dtype=bfloat16"],
      "model.attention=cudnn cannot be used: it needs a GPU and the backend is cpu"),
     (["model.loss_chunk=48"], "model.loss_chunk=48 must divide data.seq_len=128"),

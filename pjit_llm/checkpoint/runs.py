@@ -26,15 +26,14 @@ from pjit_llm.parallel.layout import Layout, check_divisible, param_shardings
 PARAMS_DIR = "params"  # parameters alone, in an export or an imported run directory
 
 
-def run_config(run_dir: Path, overrides=(), emulate_devices: int = 0) -> Config:
+def run_config(run_dir: Path, overrides=()) -> Config:
     """A training run's recorded config with `overrides`, its run directory pointing at
     `run_dir` (so checkpoints are found wherever the directory now is)."""
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.yaml); pass --run the "
                         "train.run_dir of a training run")
-    extra = [f"mesh.emulate_devices={emulate_devices}"] if emulate_devices else []
-    cfg = load_config(str(path), list(overrides) + extra)
+    cfg = load_config(str(path), list(overrides))
     return moved(cfg, cfg.train.run_dir, str(run_dir), _given(overrides))
 
 

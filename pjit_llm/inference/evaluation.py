@@ -6,6 +6,20 @@ scores chosen tokens of each row (the log-likelihoods that benchmark harnesses a
 import math
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pjit_llm.checkpoint.runs import inference_params, run_config
+from pjit_llm.data.datasets import open_data
+from pjit_llm.data.loader import eval_batches
+from pjit_llm.data.tokenizer import ByteTokenizer
+from pjit_llm.metrics import info
+from pjit_llm.models.loss import make_eval_step
+from pjit_llm.parallel.mesh import describe
+from pjit_llm.placement import place
+from pjit_llm.startup import started
+
 
 def evaluate(eval_step, params, batches: list, byte_level: bool) -> dict:
     """Mean loss over all predicted tokens of the fixed validation batches."""
@@ -25,10 +39,6 @@ def make_score_step(graphdef, layout):
     predicts targets[i]) and whether every one of them is the most likely token. Rows are
     right-padded, so padding comes after every scored position and changes nothing; the
     caller keeps (B, L) to a few fixed shapes so that the step compiles once for each."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
     def score(params, tokens_BL, targets_BL, weights_BL):
         model = nnx.merge(graphdef, params)
         positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1], dtype=jnp.int32),
@@ -44,37 +54,22 @@ def make_score_step(graphdef, layout):
 
 
 def evaluate_run(run: Path, step: int | None = None, batches: int | None = None, overrides=(),
-                 emulate_devices: int = 0, quantize: str = "none") -> tuple[int, dict]:
+                 quantize: str = "none") -> tuple[int, dict]:
     """(step, figures) of the run directory's (or export's) checkpoint `step` (default the
     latest) on the validation batches of its config with `overrides` (default
     train.eval_batches of them); with quantize="int8", of its weights quantized to int8."""
-    import jax
-
-    from pjit_llm.checkpoint.runs import inference_params, run_config
-    from pjit_llm.data.loader import eval_batches
-    from pjit_llm.data.tokenizer import ByteTokenizer
-    from pjit_llm.metrics import info
-    from pjit_llm.parallel import distributed
-    from pjit_llm.parallel.mesh import describe, use_emulated_devices
-    from pjit_llm.data.datasets import open_data
-    from pjit_llm.models.loss import make_eval_step
-    from pjit_llm.placement import place
-
-    cfg = run_config(run, overrides, emulate_devices)
-    use_emulated_devices(cfg.mesh.emulate_devices)
-    distributed.initialize(cfg.distributed)
-    try:
+    cfg = run_config(run, overrides)
+    with started(cfg, {"evaluate.step": step, "evaluate.batches": batches,
+                       "evaluate.quantize": quantize}):
         dataset, tokenizer = open_data(cfg.data)
-        parts = place(cfg, tokenizer.vocab_size)
-        info(describe(parts.mesh))
-        params, step, model = inference_params(parts.cfg, parts.layout, step, quantize)
-        params = parts.to_run_order(params)
-        eval_step = parts.eval_step  # compiled for float parameters; int8 ones need their own
+        placed = place(cfg, tokenizer.vocab_size)
+        info(describe(placed.mesh))
+        params, step, model = inference_params(placed.cfg, placed.layout, step, quantize)
+        params = placed.to_run_order(params)
+        eval_step = placed.eval_step  # compiled for float parameters; int8 ones need their own
         if model.quantize != "none":
-            eval_step = jax.jit(make_eval_step(parts.graphdef, parts.balance),
-                                out_shardings=parts.layout.replicated())
-        val = eval_batches(dataset, tokenizer, cfg.data, parts.batch_sharding,
+            eval_step = jax.jit(make_eval_step(placed.graphdef, placed.balance),
+                                out_shardings=placed.layout.replicated())
+        val = eval_batches(dataset, tokenizer, cfg.data, placed.batch_sharding,
                            batches or cfg.train.eval_batches)
         return step, evaluate(eval_step, params, val, isinstance(tokenizer, ByteTokenizer))
-    finally:
-        distributed.shutdown()

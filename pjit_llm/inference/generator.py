@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pjit_llm.data.chat import chat_prompt, load_chat_template
 from pjit_llm.errors import UserError
+from pjit_llm.inference.loading import load_for_inference
 from pjit_llm.models.llama.model import abstract_model, cache_axes, init_cache, unstack_layers
 
 
@@ -186,20 +188,18 @@ def jnp_take_rows(logits_BLV, index_B):
 
 
 def generate_texts(run: Path, prompts: list[str], max_new_tokens: int, sampling: Sampling,
-                   step: int | None = None, overrides=(), emulate_devices: int = 0,
-                   stream: bool = False, quantize: str = "none", chat: bool = False) -> list[str]:
+                   step: int | None = None, overrides=(), stream: bool = False, quantize: str = "none", chat: bool = False) -> list[str]:
     """Continuations of `prompts` by the run directory (or export) `run` (its checkpoint
     `step`, default the latest) on the mesh of its config with `overrides`, with
     quantize="int8" its weights quantized to int8; with `stream`, the first prompt's text is
     printed as it is produced. With `chat`, each prompt is a user's message put through the
     tokenizer's chat template with the generation prompt, the reply stops at the template's
     end token, and only the reply is printed."""
-    tokenizer, parts, params = load_for_inference(run, step, overrides, emulate_devices, quantize)
+    tokenizer, parts, params = load_for_inference(run, step, overrides, quantize)
     generator = Generator(parts.model, parts.layout, sampling)
     params = generator.prepare(params, donate=True)
     eos_id = tokenizer.eos_id
     if chat:
-        from pjit_llm.data.chat import chat_prompt, load_chat_template
         if parts.cfg.data.tokenizer != "hf":
             raise UserError("--chat needs a run whose tokenizer is a Hugging Face tokenizer.json "
                             "with a chat template (data.tokenizer=hf)")
@@ -224,32 +224,3 @@ def generate_texts(run: Path, prompts: list[str], max_new_tokens: int, sampling:
     if stream:
         sys.stdout.write("\n")
     return [tokenizer.decode(o) for o in out]
-
-
-def load_for_inference(run: Path, step: int | None = None, overrides=(), emulate_devices: int = 0,
-                       quantize: str = "none"):
-    """(tokenizer, builder components, parameters in model order) of the run directory (or
-    export) `run` at checkpoint `step` (default the latest), on the mesh of its config with
-    `overrides`, with quantize="int8" its weights quantized to int8."""
-    from pjit_llm.checkpoint.runs import inference_params, run_config
-    from pjit_llm.data.tokenizer import load_tokenizer
-    from pjit_llm.parallel.mesh import use_emulated_devices
-    from pjit_llm.placement import place
-
-    cfg = run_config(run, overrides, emulate_devices)
-    use_emulated_devices(cfg.mesh.emulate_devices)
-    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path, _dataset_dir(cfg))
-    # Decoding attends over a cache under a general mask, which XLA's kernel does: there is no
-    # kernel to choose (and no line about it in the generated text).
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention="xla"))
-    parts = place(cfg, tokenizer.vocab_size)
-    params, _, _ = inference_params(parts.cfg, parts.layout, step, quantize)
-    return tokenizer, parts, params
-
-
-def _dataset_dir(cfg):
-    """Where a SentencePiece model trained beside the data lives (only that needs it)."""
-    if cfg.data.tokenizer != "sentencepiece" or cfg.data.tokenizer_path:
-        return None
-    from pjit_llm.data.datasets import prepare
-    return prepare(cfg.data).directory

@@ -21,6 +21,9 @@ from tqdm import tqdm
 
 from pjit_llm.data.tokenizer import HFTokenizer
 from pjit_llm.errors import UserError
+from pjit_llm.inference.evaluation import make_score_step
+from pjit_llm.inference.generator import Generator, Sampling
+from pjit_llm.inference.loading import load_for_inference
 
 _BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
 MIN_LENGTH = 16  # the shortest padded length: shorter ones would only add compilations
@@ -46,12 +49,9 @@ class PjitLM(TemplateLM):
         if not run:
             raise UserError("the pjit_llm backend needs --model_args run=DIR (a training run "
                             "directory or an export)")
-        from pjit_llm.inference.evaluation import make_score_step
-        from pjit_llm.inference.generator import load_for_inference
-
+        emulate = {"mesh.emulate_devices": int(emulate_devices)} if int(emulate_devices) else {}
         self.tok, self.parts, self.params = load_for_inference(
-            Path(run), step, [f"{k}={v}" for k, v in overrides.items()], int(emulate_devices),
-            quantize)
+            Path(run), step, [f"{k}={v}" for k, v in {**overrides, **emulate}.items()], quantize)
         if self.parts.pipeline is not None:
             raise UserError("the pjit_llm backend runs the layers one after another: pass "
                             "mesh.stage=1 (and the other mesh sizes to match) in --model_args")
@@ -162,8 +162,6 @@ class PjitLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy (or, with do_sample, sampled) continuations, cut at the first stop string;
         requests with the same generation settings share batches."""
-        from pjit_llm.inference.generator import Generator, Sampling
-
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
             groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)

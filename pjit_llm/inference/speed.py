@@ -7,6 +7,7 @@ its speed is set by memory bandwidth: (parameter bytes + cache bytes) / step tim
 the device's bandwidth where it is known.
 """
 
+import dataclasses
 import statistics
 import time
 
@@ -14,10 +15,15 @@ import jax
 import numpy as np
 
 from pjit_llm import perf
+from pjit_llm.checkpoint.runs import inference_params
+from pjit_llm.config import Config
+from pjit_llm.errors import UserError
 from pjit_llm.inference.generator import Generator, Sampling
 from pjit_llm.models.llama import flops as llama_flops
 from pjit_llm.models.llama.config import ModelConfig
 from pjit_llm.models.quantize import param_bytes
+from pjit_llm.parallel.mesh import use_emulated_devices
+from pjit_llm.placement import place
 
 
 def random_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[np.ndarray]:
@@ -64,6 +70,34 @@ def generation_rows(cfg, params, layout, batches: list[int], prompt_len: int,
     generator = Generator(cfg.model, layout, Sampling())
     return [measure_generation(generator, params, cfg.model, b, prompt_len, new_tokens, repeats)
             for b in batches]
+
+
+def generation_bench(variants: list[tuple[str, Config]], from_run: bool, quantize: list[str],
+                     batches: list[int], prompt_len: int, new_tokens: int,
+                     repeats: int) -> tuple[list[dict], ModelConfig]:
+    """Rows of `generation_rows` for each variant (configs of a run, whose parameters are
+    restored, or of a model with random weights) and each of `quantize` (int8: at load time,
+    as generate and evaluate do); with the last variant's model config."""
+    rows, model = [], None
+    for name, cfg in variants:
+        use_emulated_devices(cfg.mesh.emulate_devices)
+        # Decoding attends over a cache under a general mask: XLA's attention.
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention="xla"))
+        parts = place(cfg, batches=False)
+        params = None if from_run else parts.init_params()
+        for q in quantize:
+            if from_run:
+                params = inference_params(parts.cfg, parts.layout, None, q)[0]
+            elif q != "none":
+                raise UserError("--quantize needs --run: a checkpoint or export to quantize")
+            label = " ".join(filter(None, [name, "" if q == "none" else q]))
+            for r in generation_rows(parts.cfg, params, parts.layout, batches, prompt_len,
+                                     new_tokens, repeats):
+                rows.append({"variant": label or "base", "implementation": "pjit_llm",
+                             "quantize": q, **r})
+        model = parts.model
+        del params
+    return rows, model
 
 
 def transformers_rows(hf_dir: str, batches: list[int], prompt_len: int, new_tokens: int,

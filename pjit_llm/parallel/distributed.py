@@ -7,13 +7,20 @@ PROCESS_ID variables. With none of them the run is a single process.
 A watchdog thread then keeps a heartbeat in the coordinator's key-value store: when another
 process stops beating (killed, crashed, out of memory) or the coordinator cannot be reached,
 this process prints one line naming the lost process and exits with status 3 instead of
-waiting forever in a collective.
+waiting forever in a collective. JAX's runtime watches heartbeats too and aborts every process
+with a stack trace when it declares one dead; its timeouts are derived from ours
+(`runtime_timeouts`) so that the watchdog always speaks first.
+
+Before anything else every process checks that it runs the same config as process 0
+(agreement.py): a process started with other settings would compute something else, fail in
+a collective or hang.
 
 An entry point calls `shutdown()` after its last collective and checkpoint wait: the runtime's
 shutdown barrier, then the watchdog stops. A daemon thread still inside the runtime's client
 at interpreter exit aborts the process (SIGABRT), so the thread must be gone by then.
 """
 
+import math
 import os
 import re
 import socket
@@ -28,6 +35,12 @@ from pjit_llm.errors import UserError, first_line
 
 DEFAULT_PORT = 12345
 LOST_PROCESS_EXIT = 3
+# JAX's agent beats every half of `heartbeat_timeout_seconds` and its service checks each
+# second, so the runtime may declare a process dead as early as half that timeout after its
+# death (seen: 47 s after a kill with 90 s). Half of JAX's timeout is set this far beyond
+# the watchdog's latest verdict.
+RUNTIME_MARGIN_S = 15
+JAX_SHUTDOWN_TIMEOUT_S = 300  # jax.distributed's default wait for the others at the end
 _watchdog: "Watchdog | None" = None
 
 
@@ -78,33 +91,42 @@ def first_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
 
 
-def initialize(cfg: DistributedConfig) -> Topology | None:
-    """Start the distributed runtime if the settings or environment ask for it."""
-    topology = detect(cfg)
+def initialize(joining: DistributedConfig) -> Topology | None:
+    """Start the distributed runtime if the settings or environment ask for it (None: one
+    process), with the watchdog that names a lost process."""
+    topology = detect(joining)
     if topology is None:
         return None
     import jax
     if not 0 <= topology.process_id < topology.num_processes:
         raise UserError(f"process id {topology.process_id} is outside 0..{topology.num_processes - 1}")
     if topology.process_id != 0:  # the runtime aborts the process when it cannot connect
-        _wait_for_coordinator(topology, cfg.init_timeout_s)
+        _wait_for_coordinator(topology, joining.init_timeout_s)
     try:
         jax.distributed.initialize(
             topology.coordinator, topology.num_processes, topology.process_id,
             local_device_ids=list(topology.local_device_ids) if topology.local_device_ids else None,
-            initialization_timeout=cfg.init_timeout_s,
-            # Ours fires first, with a message that names the lost process.
-            heartbeat_timeout_seconds=cfg.heartbeat_timeout_s + 30)
+            initialization_timeout=joining.init_timeout_s, **runtime_timeouts(joining))
     except Exception as e:  # the runtime raises bare XlaRuntimeError/RuntimeError here
         first = first_line(e)
         raise UserError(f"could not join the distributed run at {topology.coordinator} as process "
                         f"{topology.process_id} of {topology.num_processes} within "
-                        f"{cfg.init_timeout_s}s ({first}); check that every process is started "
-                        "and the coordinator's host and port are reachable") from None
+                        f"{joining.init_timeout_s}s ({first}); check that every process is "
+                        "started and the coordinator's host and port are reachable") from None
     global _watchdog
-    _watchdog = Watchdog(topology, cfg.heartbeat_timeout_s)
+    _watchdog = Watchdog(topology, joining.heartbeat_timeout_s)
     _watchdog.start()
     return topology
+
+
+def runtime_timeouts(cfg: DistributedConfig) -> dict[str, int]:
+    """The timeouts passed to jax.distributed.initialize, derived from the watchdog's so that
+    the runtime never declares a process dead (a C++ abort) before the watchdog has."""
+    heartbeat = 2 * (math.ceil(Watchdog.latest_verdict_s(cfg.heartbeat_timeout_s))
+                     + RUNTIME_MARGIN_S)
+    # The shutdown barrier must outlast it too: a process lost there is the watchdog's to report.
+    return {"heartbeat_timeout_seconds": heartbeat,
+            "shutdown_timeout_seconds": max(JAX_SHUTDOWN_TIMEOUT_S, heartbeat)}
 
 
 def shutdown() -> None:
@@ -158,8 +180,19 @@ class Watchdog(threading.Thread):
     def __init__(self, topology: Topology, timeout_s: int):
         super().__init__(name="pjit_llm-watchdog", daemon=True)
         self.topology, self.timeout_s = topology, timeout_s
-        self.interval = max(0.5, timeout_s / 10)
+        self.interval = self.interval_s(timeout_s)
         self._stopping = threading.Event()
+
+    @staticmethod
+    def interval_s(timeout_s: float) -> float:
+        return max(0.5, timeout_s / 10)
+
+    @classmethod
+    def latest_verdict_s(cls, timeout_s: float) -> float:
+        """The longest a process can be dead before the watchdog says so: its last beat is
+        first seen up to one interval late, then the timeout, then up to one more interval
+        until the check that notices it."""
+        return timeout_s + 2 * cls.interval_s(timeout_s)
 
     def stop(self) -> None:
         """Stop beating and wait until the thread has left the runtime's client."""

@@ -1,4 +1,4 @@
-"""What the benchmarks (pjit_llm.bench) measure.
+"""What the training benchmarks (pjit_llm.bench step, memory, data, save) measure, as rows.
 
 `measure`: the real compiled training step on synthetic tokens. The model, optimizer,
 shardings and step are the ones `train` compiles; only the batches are random tokens (one
@@ -8,9 +8,11 @@ synchronised with the device, so the figures are the step's own time, without th
 checkpoint save holds the training loop.
 """
 
+import dataclasses
 import gc
 import math
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,8 +20,13 @@ import jax
 import numpy as np
 
 from pjit_llm import perf
-from pjit_llm.config import Config
+from pjit_llm.checkpoint.manager import Checkpoints
+from pjit_llm.config import CheckpointConfig, Config
+from pjit_llm.data.datasets import open_data
+from pjit_llm.data.mixture import Mixture, mixed_batches
+from pjit_llm.data.pipeline import packed_batches
 from pjit_llm.parallel.layout import Layout, bytes_per_device
+from pjit_llm.parallel.mesh import use_emulated_devices
 from pjit_llm.training.build import Components, build
 
 
@@ -116,9 +123,6 @@ def step_memory(cfg: Config) -> dict:
 def data_throughput(dataset, tokenizer, cfg, workers: int, batches: int, warmup: int) -> float:
     """Tokens per second (padding excluded) the pipeline delivers with `workers` worker
     processes, over `batches` batches after `warmup` batches (which cover starting them)."""
-    from pjit_llm.data.mixture import Mixture, mixed_batches  # Grain: only this benchmark
-    from pjit_llm.data.pipeline import packed_batches
-
     if isinstance(dataset, Mixture):
         pipeline = mixed_batches(dataset, tokenizer, cfg, cfg.batch_size, 0, 1, workers)
     else:
@@ -139,9 +143,6 @@ def data_throughput(dataset, tokenizer, cfg, workers: int, batches: int, warmup:
 
 def save_times(parts: Components, directory: Path, async_save: bool, repeats: int) -> dict:
     """Median seconds a checkpoint save of a fresh state holds the loop, and until written."""
-    from pjit_llm.checkpoint.manager import Checkpoints
-    from pjit_llm.config import CheckpointConfig
-
     state = parts.init_state(seed=0)
     ckpts = Checkpoints(directory, CheckpointConfig(async_save=async_save, keep=2))
     blocked, total = [], []
@@ -158,3 +159,63 @@ def save_times(parts: Components, directory: Path, async_save: bool, repeats: in
             "state_bytes": sum(x.nbytes for x in jax.tree.leaves(state)),
             "mode": "async" if async_save else "sync", "blocked_s": statistics.median(blocked),
             "write_s": statistics.median(total), "repeats": repeats}
+
+
+Variants = list[tuple[str, Config]]  # (name, config) of each row; "" names the base
+
+
+def step_rows(variants: Variants, steps: int, warmup: int, repeats: int,
+              profile: str | None = None) -> list[dict]:
+    """`measure` for each variant, `repeats` times each (the first traced into
+    PROFILE/row<i> when `profile` is given)."""
+    rows = []
+    for i, (name, cfg) in enumerate(variants):
+        for r in range(repeats):
+            trace = str(Path(profile, f"row{i}")) if profile and r == 0 else None
+            rows.append({"variant": name or "base", **measure(cfg, steps, warmup, trace)})
+    return rows
+
+
+def memory_rows(variants: Variants, cap_gib: float = 0.0, max_seq: int = 2**20) -> list[dict]:
+    """`step_memory` for each variant; with `cap_gib`, also the longest sequence (doubling
+    data.seq_len) whose step plans to fit that many GiB per device."""
+    rows = []
+    for name, cfg in variants:
+        use_emulated_devices(cfg.mesh.emulate_devices)
+        row = {"variant": name or "base", **step_memory(cfg)}
+        if cap_gib:
+            cap, fits, seq = cap_gib * 2**30, None, cfg.data.seq_len
+            while seq <= max_seq:
+                data = dataclasses.replace(cfg.data, seq_len=seq)
+                model = dataclasses.replace(cfg.model, max_len=max(cfg.model.max_len, seq))
+                if step_memory(dataclasses.replace(cfg, data=data, model=model))["peak"] > cap:
+                    break
+                fits, seq = seq, seq * 2
+            row.update(cap_gib=cap_gib, longest_seq=fits)
+        rows.append(row)
+    return rows
+
+
+def data_rows(cfg: Config, workers: list[int], batches: int, warmup: int,
+              repeats: int) -> list[dict]:
+    """`data_throughput` of the configured data for each worker count: median, min, max."""
+    dataset, tokenizer = open_data(cfg.data)
+    source = f"mixture of {len(cfg.data.mixture)}" if cfg.data.mixture else cfg.data.source
+    rows = []
+    for n in workers:
+        rates = [data_throughput(dataset, tokenizer, cfg.data, n, batches, warmup)
+                 for _ in range(repeats)]
+        gc.collect()
+        rows.append({"source": source, "format": cfg.data.format, "tokenizer": cfg.data.tokenizer,
+                     "workers": n, "batch": f"{cfg.data.batch_size}x{cfg.data.seq_len}",
+                     "tokens_per_s": statistics.median(rates),
+                     "min": min(rates), "max": max(rates), "repeats": len(rates)})
+    return rows
+
+
+def save_rows(cfg: Config, repeats: int, directory: str | None = None) -> list[dict]:
+    """`save_times`, asynchronous then synchronous, in a temporary directory in `directory`."""
+    parts = build(cfg)
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        return [save_times(parts, Path(tmp, mode), mode == "async", repeats)
+                for mode in ("async", "sync")]

@@ -12,6 +12,7 @@ import sys
 import jax
 
 from pjit_llm.errors import first_line
+from pjit_llm.parallel.distributed import exit_lost, kv_client, kv_set_once, kv_try_get
 
 # Steps dispatched and not yet finished, at most (on CPU and across processes).
 MAX_IN_FLIGHT = 16
@@ -35,7 +36,6 @@ class StopRequest:
         """Whether to stop after `step`, agreed across processes."""
         if jax.process_count() == 1:
             return self.requested
-        from pjit_llm.parallel.distributed import kv_client
         target = agreed_stop_step(kv_client(), step + STOP_MARGIN if self.requested else None)
         if target is not None and self.signal_name is None:
             self.signal_name = "another process's stop request"
@@ -63,7 +63,6 @@ class StopRequest:
 def agreed_stop_step(client, proposed: int | None) -> int | None:
     """The step all processes stop after: the one in the coordinator's key-value store, else
     `proposed` when given (the first process to write it wins), else None."""
-    from pjit_llm.parallel.distributed import exit_lost, kv_set_once, kv_try_get
     try:
         target = kv_try_get(client, _STOP_KEY)
         if target is None and proposed is not None:

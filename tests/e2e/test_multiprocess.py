@@ -1,14 +1,16 @@
 """Multi-process runs on 127.0.0.1: real jax.distributed processes with CPU collectives."""
 
 import json
+import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
-from conftest import TINY, run_module, start_module
-from pjit_llm.launch import free_port
+from conftest import TINY, assert_refused, run_module, start_module
+from pjit_llm.launch import free_port, launch
 from pjit_llm.parallel.distributed import LOST_PROCESS_EXIT
 
 MESH = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "data.shards=2"]
@@ -72,6 +74,7 @@ def test_a_killed_process_stops_the_other_and_a_restart_resumes(tmp_path):
     assert procs[0].returncode == LOST_PROCESS_EXIT
     assert waited < 10 + 8  # the heartbeat timeout, plus a beat interval and exit
     assert "error: lost process 1 of 2 (no heartbeat for" in err
+    assert "Terminating process" not in err and "Check failure" not in err  # not JAX's abort
     # Restart both: they resume from the newest complete checkpoint.
     port = free_port()
     args[args.index("train.steps=100000")] = "train.steps=12"
@@ -87,6 +90,38 @@ def test_a_killed_process_stops_the_other_and_a_restart_resumes(tmp_path):
                 p.communicate(timeout=60)
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:]
     assert "resumed from step " in outs[0][0]
+
+
+def _child_with_process_id(parent: int, process_id: int) -> int:
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    for pid in map(int, children):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"PROCESS_ID={process_id}".encode() in environ:
+            return pid
+    raise AssertionError(f"no child with PROCESS_ID={process_id} among {children}")
+
+
+def test_a_process_killed_under_the_launcher_is_named_by_the_other(tmp_path):
+    launcher = start_module("pjit_llm.launch", "--processes", "2", "--emulate-devices", "4",
+                            "--", *RUN, "train.steps=100000", "checkpoint.every=0",
+                            "train.run_dir=run", cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not (metrics.exists() and "loss" in metrics.read_text()):
+            time.sleep(0.2)
+        os.kill(_child_with_process_id(launcher.pid, 1), signal.SIGKILL)
+        _, err = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.communicate(timeout=60)
+    assert launcher.returncode == 128 + signal.SIGKILL, err[-3000:]  # the first failure's
+    assert "launch: process 1 was killed by SIGKILL (status 137)" in err
+    assert "error: lost process 1 of 2 (no heartbeat for" in err
+    assert "launch: process 0 exited with status 3" in err
+    assert "Terminating process" not in err and "Check failure" not in err  # not JAX's abort
 
 
 def test_an_unreachable_coordinator_fails_within_the_timeout(tmp_path):
@@ -122,3 +157,46 @@ def test_sigterm_stops_every_process_after_the_same_step(tmp_path):
     assert f"after step {saved[0].name}; checkpoint saved" in out
     assert sorted(p.name for p in (saved[0] / "data").glob("*.json")) == \
         ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+def test_the_launcher_sees_a_failed_second_process_while_the_first_runs(tmp_path, monkeypatch,
+                                                                       capfd):
+    (tmp_path / "by_process.py").write_text(
+        "import os, sys, time\n"
+        "if os.environ['PROCESS_ID'] == '1':\n"
+        "    sys.exit(5)\n"
+        "time.sleep(20)\n")
+    monkeypatch.chdir(tmp_path)  # `python -m by_process` finds it in the working directory
+    start = time.monotonic()
+    status = launch(2, [], grace=2, module="by_process")
+    assert status == 5
+    assert time.monotonic() - start < 10  # the grace, not process 0's 20 s
+    err = capfd.readouterr().err
+    assert "launch: process 1 exited with status 5" in err
+    assert "launch: killing process 0, still running 2s after the first failure" in err
+
+
+def test_processes_started_with_different_configs_are_refused(tmp_path):
+    port = free_port()
+    args = [*RUN, "train.steps=5", "train.run_dir=run"]
+    lrs = ["optimizer.lr=1e-3", "optimizer.lr=3e-3"]
+    start = time.monotonic()
+    procs = [start_module("pjit_llm.train", "--emulate-devices", "4", *args, lrs[i], cwd=tmp_path,
+                          env=_env(i, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+             for i in range(2)]
+    try:
+        results = [subprocess.CompletedProcess(p.args, 0, *p.communicate(timeout=120))
+                   for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate(timeout=60)
+    assert time.monotonic() - start < 60
+    line = ("process 1's config differs from process 0's at optimizer.lr: 0.003 against 0.001; "
+            "start every process with the same config")
+    for proc, result in zip(procs, results):
+        result.returncode = proc.returncode
+        assert_refused(result, line)
+    assert not (tmp_path / "run").exists()  # refused before anything was built or written
