@@ -26,7 +26,7 @@ import jax
 
 from pjit_llm import xla_flags
 from pjit_llm.bench_tables import print_rows
-from pjit_llm.checkpoint.runs import run_config
+from pjit_llm.checkpoint.run_dir import run_config
 from pjit_llm.command_line import add_shared, emulated
 from pjit_llm.config import Config, load_config
 from pjit_llm.errors import UserError, run_cli

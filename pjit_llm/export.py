@@ -10,7 +10,7 @@ Hugging Face import places them, so a model that only fits sharded can be export
 from pathlib import Path
 
 from pjit_llm.checkpoint.exports import write_export
-from pjit_llm.checkpoint.runs import run_config
+from pjit_llm.checkpoint.run_dir import run_config
 from pjit_llm.command_line import command_parser, emulated
 from pjit_llm.errors import run_cli
 from pjit_llm.models.quantize import check_quantize

@@ -5,7 +5,7 @@ pjit_llm/training/build.py for how the config becomes a mesh, a model and compil
 """
 
 from pjit_llm import xla_flags
-from pjit_llm.checkpoint.runs import train_config
+from pjit_llm.checkpoint.run_dir import train_config
 from pjit_llm.command_line import command_parser, emulated
 from pjit_llm.data.datasets import open_data
 from pjit_llm.errors import UserError, run_cli

@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 
 from conftest import build_on
-from pjit_llm.checkpoint.runs import restore_params, run_config
+from pjit_llm.checkpoint.run_dir import run_config
+from pjit_llm.checkpoint.runs import restore_params
 from pjit_llm.interop import hf as convert
 from pjit_llm.interop import safetensors_io
 from pjit_llm.models.llama import hf as hf_config

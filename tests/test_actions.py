@@ -76,7 +76,7 @@ def test_in_flight_steps_are_bounded_and_the_stop_margin_exceeds_the_bound():
 
 
 def test_profiler_traces_exactly_the_configured_steps(tmp_path):
-    profiler = Profiler((2, 3), str(tmp_path))
+    profiler = Profiler((2, 3), tmp_path / "profile")
     x = jnp.ones((8, 8))
     for step in range(1, 5):
         profiler.before(step)

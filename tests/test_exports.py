@@ -9,7 +9,8 @@ import pytest
 from conftest import build_on, tiny_config
 from pjit_llm.checkpoint.exports import write_export
 from pjit_llm.checkpoint.manager import Checkpoints
-from pjit_llm.checkpoint.runs import inference_params, run_config
+from pjit_llm.checkpoint.run_dir import run_config
+from pjit_llm.checkpoint.runs import inference_params
 from pjit_llm.config import CheckpointConfig
 from pjit_llm.errors import UserError
 from pjit_llm.models.quantize import Int8Weight, param_bytes, quantize

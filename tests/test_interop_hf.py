@@ -16,7 +16,8 @@ import pytest
 from conftest import build_on
 from hf_models import LLAMA, LLAMA3_ROPE, TOKENS, WORDS, hf_llama, hf_logits, our_logits, write_hf
 from pjit_llm.checkpoint.exports import write_export
-from pjit_llm.checkpoint.runs import restore_params, run_config
+from pjit_llm.checkpoint.run_dir import run_config
+from pjit_llm.checkpoint.runs import restore_params
 from pjit_llm.errors import UserError
 from pjit_llm.interop import hf as convert
 from pjit_llm.interop import safetensors_io

@@ -9,7 +9,8 @@ import pytest
 from conftest import TINY, build_on
 from hf_models import LLAMA, write_hf
 from pjit_llm import perf
-from pjit_llm.checkpoint.runs import restore_params, run_config
+from pjit_llm.checkpoint.run_dir import run_config
+from pjit_llm.checkpoint.runs import restore_params
 from pjit_llm.errors import UserError
 from pjit_llm.interop import hf as convert
 from pjit_llm.training.loop import _init_from, report_compiled

@@ -11,7 +11,8 @@ import yaml
 
 from conftest import build_on, tiny_config
 from pjit_llm.checkpoint.manager import Checkpoints
-from pjit_llm.checkpoint.runs import restore_params, run_config, train_config
+from pjit_llm.checkpoint.run_dir import run_config, train_config
+from pjit_llm.checkpoint.runs import restore_params
 from pjit_llm.config import CheckpointConfig
 from pjit_llm.errors import UserError
 

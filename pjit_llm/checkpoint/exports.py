@@ -15,14 +15,12 @@ import jax
 import orbax.checkpoint as ocp
 import yaml
 
-from pjit_llm.checkpoint.runs import PARAMS_DIR, inference_params
+from pjit_llm.checkpoint.run_dir import MODEL_FILE, PARAMS_DIR, STEP_FILE, export_dir, write_config
+from pjit_llm.checkpoint.runs import inference_params
 from pjit_llm.config import Config
 from pjit_llm.errors import UserError
 from pjit_llm.models.quantize import Int8Weight
 from pjit_llm.parallel.layout import Layout
-
-MODEL_FILE = "model.yaml"  # the export's model section
-
 
 def write_export(cfg: Config, layout: Layout, out: Path | None, step: int | None,
                  dtype: str, quantize: str = "none") -> tuple[Path, int]:
@@ -31,7 +29,7 @@ def write_export(cfg: Config, layout: Layout, out: Path | None, step: int | None
     parameters cast to `dtype`, to `out` (default RUN/export/step_S-DTYPE or step_S-int8)."""
     params, step, model = inference_params(cfg, layout, step, quantize)
     name = "int8" if model.quantize == "int8" else dtype
-    out = out or Path(cfg.train.run_dir) / "export" / f"step_{step}-{name}"
+    out = out or export_dir(cfg, step, name)
     if out.exists():
         raise UserError(f"{out} already exists; remove it or pass another --out")
     params = jax.tree.map(lambda p: p if isinstance(p, Int8Weight) else p.astype(dtype), params,
@@ -47,8 +45,8 @@ def write_export(cfg: Config, layout: Layout, out: Path | None, step: int | None
         # the export's own params/, never the run's checkpoints
         whole = dataclasses.replace(cfg, model=model, checkpoint=dataclasses.replace(
             cfg.checkpoint, directory=""))
-        (tmp / "config.yaml").write_text(yaml.safe_dump(whole.to_dict(), sort_keys=False))
-        (tmp / "step").write_text(f"{step}\n")
+        write_config(tmp, whole)
+        (tmp / STEP_FILE).write_text(f"{step}\n")
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

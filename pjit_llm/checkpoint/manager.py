@@ -33,10 +33,6 @@ FIXED_FIELDS = {
 }
 
 
-def checkpoint_dir(cfg: Config) -> Path:
-    return Path(cfg.checkpoint.directory or Path(cfg.train.run_dir) / "checkpoints").absolute()
-
-
 class Checkpoints:
     def __init__(self, directory: Path, cfg: CheckpointConfig):
         self.directory = directory

@@ -1,13 +1,9 @@
-"""Loading what a run directory holds: its recorded config, and its parameters without the
-optimizer state, restored straight into the shardings of whatever mesh the caller has.
-
-A run directory is written by training (config.yaml, checkpoints/) or by a Hugging Face
-import (config.yaml, params/); an export (pjit_llm.export) holds model.yaml, config.yaml and
-params/, so it reads as an imported run (its parameters possibly int8: model.quantize).
+"""A run's parameters without the optimizer state, restored straight into the shardings of
+whatever mesh the caller has: from a training checkpoint, an imported run or an export (its
+parameters possibly int8: model.quantize). Where they lie is run_dir.py's to say.
 """
 
 import dataclasses
-import os
 from pathlib import Path
 
 import jax
@@ -15,68 +11,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from pjit_llm.checkpoint import checksums
-from pjit_llm.checkpoint.manager import Checkpoints, checkpoint_dir, read_checksums
-from pjit_llm.config import Config, load_config
+from pjit_llm.checkpoint.manager import Checkpoints, read_checksums
+from pjit_llm.checkpoint.run_dir import PARAMS_DIR, STEP_FILE, checkpoint_dir
+from pjit_llm.config import Config
 from pjit_llm.errors import UserError, first_line
 from pjit_llm.models.llama.config import ModelConfig
 from pjit_llm.models.llama.model import QUANTIZED_WEIGHTS, abstract_model
 from pjit_llm.models.quantize import check_quantize, quantize_params, quantized_target
 from pjit_llm.parallel.layout import Layout, check_divisible, param_shardings
-
-PARAMS_DIR = "params"  # parameters alone, in an export or an imported run directory
-
-
-def run_config(run_dir: Path, overrides=()) -> Config:
-    """A training run's recorded config with `overrides`, its run directory pointing at
-    `run_dir` (so checkpoints are found wherever the directory now is)."""
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"{run_dir} is not a run directory (no config.yaml); pass --run the "
-                        "train.run_dir of a training run")
-    cfg = load_config(str(path), list(overrides))
-    return moved(cfg, cfg.train.run_dir, str(run_dir), _given(overrides))
-
-
-def train_config(path: str | None, overrides=()) -> Config:
-    """The config `train --config path` runs. A run's own config.yaml continues that run
-    where the file now lies, whatever train.run_dir it records (the directory may have been
-    moved or copied since); train.run_dir given among `overrides` starts a run there instead."""
-    cfg = load_config(path, overrides)
-    if not path or not is_run_config(Path(path)):
-        return cfg
-    given = _given(overrides)
-    run_dir = cfg.train.run_dir if "train.run_dir" in given else str(Path(path).parent)
-    recorded = load_config(path).train.run_dir  # written by training: valid on its own
-    if os.path.abspath(recorded) == os.path.abspath(run_dir):
-        return cfg
-    return moved(cfg, recorded, run_dir, given)
-
-
-def is_run_config(path: Path) -> bool:
-    """Whether `path` is the config.yaml that training wrote into its run directory (beside
-    the run's metrics or checkpoints)."""
-    return path.name == "config.yaml" and ((path.parent / "metrics.jsonl").is_file()
-                                           or (path.parent / "checkpoints").is_dir())
-
-
-def moved(cfg: Config, recorded: str, run_dir: str, given=frozenset()) -> Config:
-    """`cfg` with its run directory at `run_dir` instead of `recorded`; a checkpoint.directory
-    that lay inside the recorded one (and was not given on the command line) moves with it."""
-    checkpoint = cfg.checkpoint
-    # Relative paths were relative to the same (unknown) working directory: compare as such.
-    old_run, old_ckpt = Path(os.path.abspath(recorded)), Path(os.path.abspath(checkpoint.directory))
-    if (checkpoint.directory and "checkpoint.directory" not in given
-            and old_ckpt.is_relative_to(old_run)):
-        checkpoint = dataclasses.replace(
-            checkpoint, directory=str(Path(run_dir) / old_ckpt.relative_to(old_run)))
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=run_dir),
-                               checkpoint=checkpoint)
-
-
-def _given(overrides) -> set[str]:
-    """The dotted keys set on the command line."""
-    return {item.partition("=")[0].strip() for item in overrides}
-
 
 def restore_params(cfg: Config, layout: Layout, step: int | None):
     """(params, step) of a run, restored straight into `layout`'s shardings and without the
@@ -107,7 +49,7 @@ def params_location(cfg: Config, step: int | None) -> tuple[Path, tuple[str, ...
         finally:
             ckpts.close()
     if not steps and params_only.is_dir():
-        step_file = params_only.parent / "step"  # an export's: the step it was written from
+        step_file = params_only.parent / STEP_FILE  # an export's: the step it was written from
         held = int(step_file.read_text()) if step_file.is_file() else 0
         if step not in (None, held):
             what = "exported" if step_file.is_file() else "imported"

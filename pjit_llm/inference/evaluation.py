@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pjit_llm.checkpoint.runs import inference_params, run_config
+from pjit_llm.checkpoint.run_dir import run_config
+from pjit_llm.checkpoint.runs import inference_params
 from pjit_llm.data.datasets import open_data
 from pjit_llm.data.loader import eval_batches
 from pjit_llm.data.tokenizer import ByteTokenizer

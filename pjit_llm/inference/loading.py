@@ -4,7 +4,8 @@ placed on the mesh of its config, and its parameters restored into that placemen
 import dataclasses
 from pathlib import Path
 
-from pjit_llm.checkpoint.runs import inference_params, run_config
+from pjit_llm.checkpoint.run_dir import run_config
+from pjit_llm.checkpoint.runs import inference_params
 from pjit_llm.config import Config
 from pjit_llm.data.datasets import prepare
 from pjit_llm.data.tokenizer import Tokenizer, load_tokenizer

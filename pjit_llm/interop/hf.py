@@ -23,11 +23,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from pjit_llm.checkpoint.runs import PARAMS_DIR, params_location, restore_partial, run_config
+from pjit_llm.checkpoint.run_dir import PARAMS_DIR, run_config, write_config
+from pjit_llm.checkpoint.runs import params_location, restore_partial
 from pjit_llm.config import Config, DataConfig, TrainConfig
 from pjit_llm.data.tokenizer import HFTokenizer
 from pjit_llm.errors import UserError
@@ -113,7 +113,7 @@ def import_hf(hf_dir: Path, out: Path, dtype: str | None = None) -> Path:
         data = dataclasses.replace(data, seq_len=min(data.seq_len, model.max_len))
         cfg = Config(model=model, data=data, train=TrainConfig(run_dir=str(out)))
         cfg.validate()
-        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_config(tmp, cfg)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

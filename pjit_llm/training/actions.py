@@ -198,10 +198,10 @@ def sample_generator(cfg: Config, layout: Layout) -> Generator:
 
 
 class Profiler:
-    """A jax.profiler trace of train.profile_steps [first, last] into RUN/profile."""
+    """A jax.profiler trace of train.profile_steps [first, last] into `directory`."""
 
-    def __init__(self, steps: tuple[int, ...], run_dir: str):
-        self.steps, self.directory = steps, Path(run_dir) / "profile"
+    def __init__(self, steps: tuple[int, ...], directory: Path):
+        self.steps, self.directory = steps, directory
         self.tracing = False
 
     def before(self, step: int) -> None:

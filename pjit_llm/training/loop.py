@@ -11,11 +11,12 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import yaml
 
 from pjit_llm import perf
-from pjit_llm.checkpoint.manager import FIXED_FIELDS, Checkpoints, checkpoint_dir
-from pjit_llm.checkpoint.runs import restore_params, run_config
+from pjit_llm.checkpoint.manager import FIXED_FIELDS, Checkpoints
+from pjit_llm.checkpoint.run_dir import (CONFIG_FILE, PROFILE_DIR, checkpoint_dir, run_config,
+                                         write_config)
+from pjit_llm.checkpoint.runs import restore_params
 from pjit_llm.config import Config, config_from_dict
 from pjit_llm.data.loader import Loader, eval_batches
 from pjit_llm.data.sources import Dataset
@@ -47,7 +48,7 @@ def train(cfg: Config, dataset: Dataset, tokenizer: Tokenizer) -> dict:
         run_dir = Path(cfg.train.run_dir)
         if jax.process_index() == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            write_config(run_dir, cfg)
         n_params = sum(x.size for x in jax.tree.leaves(state.params))
         info(describe(parts.mesh))
         if parts.pipeline:
@@ -96,7 +97,7 @@ def run_loop(parts: Components, state: TrainState, loader, log: MetricsLog,
 
     reader = MetricsReader(cfg, log, parts.flops_per_step, parts.tokens_per_step, first, ckpts)
     in_flight = InFlight(jax.default_backend() == "cpu" or jax.process_count() > 1)
-    profiler = Profiler(cfg.train.profile_steps, cfg.train.run_dir)
+    profiler = Profiler(cfg.train.profile_steps, Path(cfg.train.run_dir) / PROFILE_DIR)
 
     def evaluate_at(step: int) -> None:
         reader.last.update(evaluation(state.params, step))
@@ -203,7 +204,7 @@ def _init_source(cfg: Config) -> Config:
         if theirs != ours:
             raise UserError(f"train.init_from={cfg.train.init_from} has model.{name}={theirs!r} "
                             f"but this run has {ours!r}; set model.{name}={theirs} (or start "
-                            f"from --config {source / 'config.yaml'})")
+                            f"from --config {source / CONFIG_FILE})")
     return src
 
 

@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from conftest import assert_refused, build_on, run_module, tiny_config
-from pjit_llm.checkpoint.runs import inference_params, run_config
+from pjit_llm.checkpoint.run_dir import run_config
+from pjit_llm.checkpoint.runs import inference_params
 from pjit_llm.errors import UserError
 
 
