@@ -8,9 +8,10 @@ import pytest
 from conftest import tiny_config
 from pjit_llm.config import DistributedConfig, load_config
 from pjit_llm.errors import UserError
-from pjit_llm.parallel.agreement import first_difference, shared_settings
+from pjit_llm.parallel.agreement import first_difference
 from pjit_llm.parallel.distributed import (Watchdog, detect, describe, first_host,
                                            runtime_timeouts)
+from pjit_llm.startup import shared_settings
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
