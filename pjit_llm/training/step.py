@@ -14,7 +14,7 @@ from flax import nnx
 from pjit_llm.models.llama.config import ModelConfig
 from pjit_llm.models.llama.model import Transformer, abstract_model
 from pjit_llm.models.loss import Batch, loss_terms
-from pjit_llm.parallel.layout import Layout, param_shardings
+from pjit_llm.parallel.layout import Layout, is_variable, param_shardings
 from pjit_llm.parallel.stages import Pipeline, split_microbatches
 
 
@@ -31,7 +31,7 @@ def state_shardings(layout: Layout, tx: optax.GradientTransformation, abstract_p
     opt_state = optax.tree_map_params(
         tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), params,
         transform_non_params=lambda _: layout.replicated(),
-        is_leaf=lambda x: isinstance(x, nnx.Variable))
+        is_leaf=is_variable)
     return TrainState(step=layout.replicated(), params=params, opt_state=opt_state)
 
 
