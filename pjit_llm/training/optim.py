@@ -11,6 +11,7 @@ import optax
 from flax import nnx
 
 from pjit_llm.config import OptimizerConfig
+from pjit_llm.parallel.layout import is_variable
 
 
 def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -62,7 +63,7 @@ def decay_mask(params):
     def matrix(v: nnx.Variable) -> nnx.Variable:
         return v.replace(sum(a != "layers" for a in v.logical_axes) >= 2)
 
-    return jax.tree.map(matrix, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(matrix, params, is_leaf=is_variable)
 
 
 def make_optimizer(cfg: OptimizerConfig, schedule: optax.Schedule) -> optax.GradientTransformation:

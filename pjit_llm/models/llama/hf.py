@@ -15,11 +15,11 @@ import typing
 
 import jax
 import numpy as np
-from flax import nnx
 
 from pjit_llm.errors import UserError
 from pjit_llm.models.llama.config import DType, ModelConfig
 from pjit_llm.models.llama.model import abstract_model, padded_vocab
+from pjit_llm.parallel.layout import is_variable
 
 ARCHITECTURE = "LlamaForCausalLM"
 # Mistral computes the same function as Llama when it has no sliding window.
@@ -206,7 +206,7 @@ def hf_tensors(model: ModelConfig) -> list[tuple[str, tuple, int, int | None, tu
     abstract = abstract_model(model, None)[1]
     shapes = {param_path(p): unpadded_shape(model, param_path(p), v.shape)
               for p, v in jax.tree_util.tree_leaves_with_path(
-                  abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))}
+                  abstract, is_leaf=is_variable)}
 
     def hf_shape(shape, in_dims):  # (out, in) for a Linear weight
         return (math.prod(shape[in_dims:]), math.prod(shape[:in_dims])) if in_dims else shape
