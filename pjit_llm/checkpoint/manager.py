@@ -7,6 +7,11 @@ run has now. Each save records a checksum per array (checksums.py) and each rest
 verifies them. A checkpoint that cannot be read, or whose arrays no longer match their
 checksums, is moved aside and the next older one is used.
 Every process takes part in every save and restore.
+
+The training run owns its checkpoint directory: only `Checkpoints` writes, deletes or
+renames there. Readers of a run (evaluate, generate, export, init_from) list its steps with
+`committed_steps`, which never touches the directory: a live run's save in flight is its
+own (a temporary directory), not the reader's to clean up.
 """
 
 import json
@@ -37,7 +42,18 @@ def checkpoint_dir(cfg: Config) -> Path:
     return Path(cfg.checkpoint.directory or Path(cfg.train.run_dir) / "checkpoints").absolute()
 
 
+def committed_steps(directory: Path) -> list[int]:
+    """The steps of `directory` whose saves have finished, for a reader of a run that may be
+    training now: the directory is only listed (no manager: nothing is created, cleaned up
+    or deleted, and no process waits on another), and a save in flight, still in its
+    temporary directory, is not listed."""
+    return sorted(ocp.utils.checkpoint_steps(directory)) if directory.is_dir() else []
+
+
 class Checkpoints:
+    """The training run's own checkpoints: it saves, deletes (retention), sets damaged ones
+    aside, and cleans up the temporary directory of a save that a killed process left."""
+
     def __init__(self, directory: Path, cfg: CheckpointConfig):
         self.directory = directory
         options = ocp.CheckpointManagerOptions(
