@@ -4,8 +4,9 @@ Saves are asynchronous (the loop goes on while the write finishes) and atomic (O
 a temporary directory and renames it), so a process killed mid-save leaves the previous
 checkpoint intact. Restoring goes straight into the target shardings of whatever mesh the
 run has now. Each save records a checksum per array (checksums.py) and each restore
-verifies them. A checkpoint that cannot be read, or whose arrays no longer match their
-checksums, is moved aside and the next older one is used.
+verifies them. A checkpoint shown to be damaged (its arrays no longer match their checksums,
+or its files are missing or corrupt: failures.py) is moved aside and the next older one is
+used; any other failure to restore stops the run and leaves every checkpoint in place.
 Every process takes part in every save and restore.
 
 The training run owns its checkpoint directory: only `Checkpoints` writes, deletes or
@@ -22,7 +23,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from pjit_llm.checkpoint import checksums
+from pjit_llm.checkpoint import checksums, failures
 from pjit_llm.config import CheckpointConfig, Config
 from pjit_llm.errors import UserError, first_line
 
@@ -88,10 +89,12 @@ class Checkpoints:
     def restore(self, abstract_state, loader, config: Config):
         """(state, step) from the newest readable checkpoint, or None when there is none.
 
-        A checkpoint that fails to restore, or whose arrays differ from the checksums saved
-        with them, is reported in one line, renamed to `<step>.unreadable-<time>` or
-        `<step>.damaged-<time>` (kept for inspection) and the next older one is tried. A
-        checkpoint saved without checksums is restored unchecked.
+        A checkpoint whose arrays differ from the checksums saved with them, or whose files
+        are missing or corrupt, is reported in one line, renamed to `<step>.damaged-<time>`
+        or `<step>.unreadable-<time>` (kept for inspection) and the next older one is tried.
+        Any other failure (out of memory, an I/O error, a program error) is a UserError that
+        names it, with every checkpoint left where it is. A checkpoint saved without
+        checksums is restored unchecked.
         """
         import grain
         while (step := self.latest_step()) is not None:
@@ -110,8 +113,14 @@ class Checkpoints:
                 self._set_aside(step, "damaged")
             except UserError:
                 raise
-            except Exception as e:  # Orbax/TensorStore raise many types for damaged files
-                reason = first_line(e)
+            except Exception as e:  # Orbax/TensorStore raise many types, for many causes
+                reason = failures.damage(self.directory / str(step), e)
+                if reason is None:
+                    raise UserError(
+                        f"cannot restore checkpoint step {step} in {self.directory} "
+                        f"({type(e).__name__}: {first_line(e)}); nothing shows the checkpoint "
+                        "damaged, so every checkpoint is left in place: fix the cause and run "
+                        "the same command again") from None
                 print(f"warning: checkpoint step {step} in {self.directory} is unreadable "
                       f"({reason}); moved aside, trying the previous one", file=sys.stderr)
                 self._set_aside(step, "unreadable")
