@@ -1,10 +1,14 @@
 """The one error type a user sees: a single line naming the problem and the fix; and
 recognising the library errors that become one."""
 
+import errno
+import logging
 import re
 import sys
+import threading
 from collections.abc import Callable
 
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full disk, an exhausted quota
 _OS_ERROR = re.compile(r"os_error_code='(\d+)'")  # TensorStore's note of the errno behind it
 
 
@@ -37,6 +41,21 @@ def os_error_codes(error: BaseException) -> list[int]:
             codes.append(e.errno)
         codes += [int(code) for code in _OS_ERROR.findall(str(e))]
     return codes
+
+
+def out_of_space(error: BaseException) -> bool:
+    """Whether `error`, raised writing files, came from a full disk or an exhausted quota."""
+    return any(code in NO_SPACE for code in os_error_codes(error))
+
+
+def quiet_teardown() -> None:
+    """For the rest of the process, drop what background threads report (exceptions in
+    threads, errors nobody retrieved, logged errors): called when a fatal error that a
+    UserError reports in one line leaves writers failing on their own, e.g. on a full disk."""
+    sys.unraisablehook = lambda unraisable: None
+    threading.excepthook = lambda args: None
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def run_cli(main: Callable[[], None]) -> None:

@@ -62,15 +62,16 @@ class MetricsLog:
             if self._wandb is not None:
                 self._wandb.log({tag: text}, step)
 
-    def close(self) -> None:
-        if self._wandb is not None:
-            self._wandb.close()
-        if self._bar is not None:
-            self._bar.close()
-        if self._tb is not None:
-            self._tb.close()
-        if self._file:
-            self._file.close()
+    def close(self, quietly: bool = False) -> None:
+        """Flush and close the writers; `quietly` when the run has failed already, and a
+        writer that cannot flush (a full disk) must not hide that failure."""
+        closes = [w.close for w in (self._wandb, self._bar, self._tb, self._file) if w is not None]
+        for close in closes:
+            try:
+                close()
+            except (OSError, ValueError):
+                if not quietly:
+                    raise
 
 
 def require_wandb():

@@ -1,4 +1,4 @@
-"""What a failed checkpoint restore means.
+"""What a failed checkpoint restore means; keeping a failed Orbax operation's echoes quiet.
 
 A restore that fails is evidence of damage only when the files say so: a file the restore
 needs is missing or does not parse, or TensorStore reports stored bytes it cannot use
@@ -10,7 +10,9 @@ checkpoint stays where it is.
 
 import errno
 import json
+import logging
 import re
+import sys
 from pathlib import Path
 
 from pjit_llm.checkpoint import checksums
@@ -69,3 +71,38 @@ def stored_bytes_error(error: BaseException) -> str | None:
             return first_line(e)
     return None
 
+
+def quiet_orbax_echoes() -> None:
+    """Keep the echoes of a failed Orbax save or restore off the console: Orbax logs the
+    failure from each of its threads with a traceback, TensorStore's late callbacks into the
+    operation's closed event loop print 'Event loop is closed', and its abandoned coroutines
+    print their exceptions when collected. The failure itself is raised where the caller
+    waits on the operation, and reported there in one line. Installed once."""
+    absl = logging.getLogger("absl")
+    if _drop_orbax_errors not in absl.filters:
+        absl.addFilter(_drop_orbax_errors)
+    if not getattr(sys.unraisablehook, "quiets_orbax", False):
+        sys.unraisablehook = _UnraisableFilter(sys.unraisablehook)
+
+
+def _from_orbax(filename: str) -> bool:
+    return "/orbax/" in filename.replace("\\", "/")
+
+
+def _drop_orbax_errors(record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and _from_orbax(record.pathname))
+
+
+class _UnraisableFilter:
+    quiets_orbax = True
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, unraisable) -> None:
+        value, owner = unraisable.exc_value, unraisable.object
+        code = getattr(owner, "cr_code", None)  # an abandoned coroutine of a failed operation
+        if (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+                or code is not None and _from_orbax(code.co_filename)):
+            return
+        self.previous(unraisable)

@@ -6,7 +6,8 @@ checkpoint intact. Restoring goes straight into the target shardings of whatever
 run has now. Each save records a checksum per array (checksums.py) and each restore
 verifies them. A checkpoint shown to be damaged (its arrays no longer match their checksums,
 or its files are missing or corrupt: failures.py) is moved aside and the next older one is
-used; any other failure to restore stops the run and leaves every checkpoint in place.
+used; any other failure to restore stops the run and leaves every checkpoint in place. A save
+that fails for want of space stops the run in one line when the loop next waits on it.
 Every process takes part in every save and restore.
 
 The training run owns its checkpoint directory: only `Checkpoints` writes, deletes or
@@ -15,6 +16,7 @@ renames there. Readers of a run (evaluate, generate, export, init_from) list its
 own (a temporary directory), not the reader's to clean up.
 """
 
+import contextlib
 import json
 import sys
 import time
@@ -25,7 +27,7 @@ import orbax.checkpoint as ocp
 
 from pjit_llm.checkpoint import checksums, failures
 from pjit_llm.config import CheckpointConfig, Config
-from pjit_llm.errors import UserError, first_line
+from pjit_llm.errors import UserError, first_line, out_of_space, quiet_teardown
 
 # Fields whose change makes a checkpoint unusable: they change parameter shapes or the data
 # stream the iterator position refers to. Everything else (schedule, steps, logging, mesh,
@@ -57,6 +59,8 @@ class Checkpoints:
 
     def __init__(self, directory: Path, cfg: CheckpointConfig):
         self.directory = directory
+        self._writing: int | None = None  # the step of the save last started
+        failures.quiet_orbax_echoes()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep, keep_period=cfg.keep_every or None,
             enable_async_checkpointing=cfg.async_save, cleanup_tmp_directories=True)
@@ -75,12 +79,15 @@ class Checkpoints:
         later, after the iterator has moved on. The state's checksums are computed on the
         device first (one pass over the state) and saved beside it."""
         import grain
+        self.wait()  # the previous save's failure is reported as its own
         sums = checksums.compute(state)
-        self.manager.save(step, force=True, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(_Position(data_position)),
-            config=ocp.args.JsonSave(config.to_dict()),
-            **{checksums.ITEM: ocp.args.JsonSave(sums)}))
+        self._writing = step
+        with self._reporting_full_disk():
+            self.manager.save(step, force=True, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=grain.checkpoint.CheckpointSave(_Position(data_position)),
+                config=ocp.args.JsonSave(config.to_dict()),
+                **{checksums.ITEM: ocp.args.JsonSave(sums)}))
 
     def saved_config(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(
@@ -135,10 +142,30 @@ class Checkpoints:
         self.manager.reload()
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._reporting_full_disk():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.close()
+        with self._reporting_full_disk():
+            self.manager.close()
+
+    @contextlib.contextmanager
+    def _reporting_full_disk(self):
+        """A save that ran out of space becomes one line naming it; the step's temporary
+        directory is left for the next run's manager to clean up."""
+        try:
+            yield
+        except Exception as e:
+            if not out_of_space(e):
+                raise
+            quiet_teardown()  # the save's other writers fail on the same disk as the run ends
+            kept = [s for s in committed_steps(self.directory) if s != self._writing]
+            resume = (f"it resumes from step {max(kept)}" if kept else "no checkpoint was "
+                      "saved before, so it starts afresh")
+            raise UserError(f"no space left on the device writing checkpoint step "
+                            f"{self._writing} to {self.directory}; free space there (or set "
+                            f"checkpoint.directory to a larger disk) and run the same command "
+                            f"again: {resume}") from None
 
 
 def read_checksums(step_dir: Path) -> dict | None:

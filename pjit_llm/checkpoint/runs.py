@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from pjit_llm.checkpoint import checksums
+from pjit_llm.checkpoint import checksums, failures
 from pjit_llm.checkpoint.manager import checkpoint_dir, committed_steps, read_checksums
 from pjit_llm.config import Config, load_config
 from pjit_llm.errors import UserError, first_line
@@ -136,6 +136,7 @@ def restore_partial(where: Path, prefix: tuple[str, ...], target):
         return ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype)
 
     restore_args = jax.tree.map(restore_arg, item)
+    failures.quiet_orbax_echoes()
     try:
         out = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(where, args=ocp.args.PyTreeRestore(
             item=item, restore_args=restore_args, partial_restore=True))

@@ -1,10 +1,13 @@
 """Checkpoint faults through the real commands: readers of a run that is training (saving a
-checkpoint every step) leave it alone."""
+checkpoint every step) leave it alone; a full disk during a save stops the run in one line
+and the rerun resumes (a failing restore: test_checkpoint_cli.py)."""
 
 import json
 import subprocess
 
-from conftest import TINY, build_on, start_module
+import pytest
+
+from conftest import TINY, assert_refused, build_on, run_cli, run_module, start_module
 from pjit_llm.checkpoint.runs import restore_params, run_config
 
 RUN = [*TINY, "train.log_every=5", "train.eval_every=0", "data.num_workers=0",
@@ -102,3 +105,64 @@ def test_readers_of_a_live_run_leave_it_alone(tmp_path):
     for step in steps_on_disk(checkpoints):  # each verified against its checksums
         assert restore_params(cfg, layout, step)[1] == step
 
+
+# The training command with the save of checkpoint 3 failing in its background thread as a
+# write to a full disk does (the config item's JSON file).
+FULL_DISK_AT_3 = """
+import errno, os
+from orbax.checkpoint._src.handlers import json_checkpoint_handler as handler
+from pjit_llm import train
+save = handler.JsonCheckpointHandler._save_fn
+
+async def failing(self, x, directory):
+    if directory.parent.name.startswith("3."):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory / "metadata"))
+    return await save(self, x, directory)
+
+handler.JsonCheckpointHandler._save_fn = failing
+train.cli()
+"""
+
+
+def test_a_full_disk_during_a_save_stops_in_one_line_and_the_rerun_resumes(tmp_path):
+    args = [*RUN, "train.steps=5", "checkpoint.every=1"]
+    result = run_module(None, *args, cwd=tmp_path, code=FULL_DISK_AT_3)
+    checkpoints = (tmp_path / "run" / "checkpoints").absolute()
+    assert_refused(result, f"no space left on the device writing checkpoint step 3 to "
+                           f"{checkpoints}; free space there")
+    assert result.stderr.strip().endswith("it resumes from step 2"), result.stderr
+    assert steps_on_disk(checkpoints) == [1, 2]
+    again = run_cli(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "resumed from step 2" in again.stdout
+    assert steps_on_disk(checkpoints) == [3, 4, 5] and others_on_disk(checkpoints) == []
+
+
+def _mount_small_filesystem(where, size: str) -> bool:
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                             capture_output=True)
+    return mounted.returncode == 0
+
+
+def test_a_real_full_disk_stops_in_one_line_and_the_rerun_resumes(tmp_path):
+    disk = tmp_path / "disk"
+    if not _mount_small_filesystem(disk, "6m"):
+        pytest.skip("cannot mount a small tmpfs here (needs the privilege to mount)")
+    try:
+        args = [*RUN, "train.steps=12", "checkpoint.every=1", "checkpoint.keep=100"]
+        result = run_cli(*args, cwd=disk)
+        checkpoints = disk / "run" / "checkpoints"
+        saved = steps_on_disk(checkpoints)
+        assert 0 < len(saved) < 12, saved
+        assert_refused(result, f"no space left on the device writing checkpoint step "
+                               f"{max(saved) + 1} to {checkpoints.absolute()}; free space there")
+        assert result.stderr.strip().endswith(f"it resumes from step {max(saved)}")
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        again = run_cli(*args, cwd=disk)
+        assert again.returncode == 0, again.stderr
+        assert f"resumed from step {max(saved)}" in again.stdout
+        assert steps_on_disk(checkpoints) == list(range(1, 13))
+        assert others_on_disk(checkpoints) == []
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
