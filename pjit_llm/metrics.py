@@ -13,7 +13,12 @@ import jax
 
 from pjit_llm.errors import UserError, first_line
 
-WANDB_ID_FILE = "wandb_run_id"  # in the run directory: a resumed run continues the W&B run
+
+
+# In a run directory (checkpoint/run_dir.py lists its whole layout).
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+WANDB_ID_FILE = "wandb_run_id"  # a resumed run continues the W&B run
 
 
 class MetricsLog:
@@ -26,9 +31,9 @@ class MetricsLog:
         self._wandb = wandb
         if not self.enabled:
             return
-        self._file = open(run_dir / "metrics.jsonl", "a" if append else "w")
+        self._file = open(run_dir / METRICS_FILE, "a" if append else "w")
         from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+        self._tb = SummaryWriter(str(run_dir / TENSORBOARD_DIR))
         if sys.stdout.isatty() and total_steps:
             from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=first_step, unit="step",
@@ -62,15 +67,16 @@ class MetricsLog:
             if self._wandb is not None:
                 self._wandb.log({tag: text}, step)
 
-    def close(self) -> None:
-        if self._wandb is not None:
-            self._wandb.close()
-        if self._bar is not None:
-            self._bar.close()
-        if self._tb is not None:
-            self._tb.close()
-        if self._file:
-            self._file.close()
+    def close(self, quietly: bool = False) -> None:
+        """Flush and close the writers; `quietly` when the run has failed already, and a
+        writer that cannot flush (a full disk) must not hide that failure."""
+        closes = [w.close for w in (self._wandb, self._bar, self._tb, self._file) if w is not None]
+        for close in closes:
+            try:
+                close()
+            except (OSError, ValueError):
+                if not quietly:
+                    raise
 
 
 def require_wandb():

@@ -87,11 +87,13 @@ def run_module(module: str | None, *args: str, cwd=None, env: dict | None = None
                           capture_output=True, text=True, timeout=timeout)
 
 
-def start_module(module: str, *args: str, cwd=None, env: dict | None = None,
-                 **popen) -> subprocess.Popen:
-    """`python -m MODULE ARGS` started in the background: the caller signals it and waits
-    for it with a timeout (`communicate(timeout=)` / `wait(timeout=)`)."""
-    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd,
+def start_module(module: str | None, *args: str, cwd=None, env: dict | None = None,
+                 code=None, **popen) -> subprocess.Popen:
+    """`python -m MODULE ARGS` (or `python -c CODE ARGS`) started in the background: the
+    caller signals it and waits for it with a timeout (`communicate(timeout=)` /
+    `wait(timeout=)`)."""
+    command = ["-c", code] if code is not None else ["-m", module]
+    return subprocess.Popen([sys.executable, *command, *args], cwd=cwd,
                             env=process_env(env), **popen)
 
 

@@ -1,12 +1,15 @@
 """Orbax checkpoints in this process: state and data position restore straight into the
 layout of another mesh and device count; a checkpoint saved before checksums restores
-unchecked; a change of a shape-fixing field is refused."""
+unchecked; a change of a shape-fixing field is refused; a checkpoint is set aside only when
+its files show damage, and any other restore failure stops in one line moving nothing."""
 
+import errno
 import shutil
 
 import grain
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from conftest import build_on, tiny_config
@@ -60,3 +63,99 @@ def test_restore_onto_other_meshes_and_device_counts(tmp_path):
     with pytest.raises(UserError, match="step 1: model.mlp_dim was 128 and is now 256"):
         Checkpoints(tmp_path, CheckpointConfig()).restore(wider.abstract_state, target_iter,
                                                           wider.cfg)
+
+
+@pytest.fixture(scope="module")
+def two_saves(tmp_path_factory):
+    """A checkpoint directory holding steps 10 and 20 (distinct states), and the components
+    of the tiny model on one device."""
+    directory = tmp_path_factory.mktemp("two_saves") / "checkpoints"
+    parts = build_on(tiny_config())
+    state = parts.init_state()
+    position = iter(grain.MapDataset.range(100).to_iter_dataset())
+    ckpts = Checkpoints(directory, CheckpointConfig())
+    for step in (10, 20):
+        state, _ = parts.train_step(state, jax.device_put(_batch(), parts.batch_sharding))
+        next(position)
+        ckpts.save(step, state, position.get_state(), parts.cfg)
+    ckpts.close()
+    return directory, parts
+
+
+@pytest.fixture
+def copied(two_saves, tmp_path):
+    directory, parts = two_saves
+    shutil.copytree(directory, tmp_path / "checkpoints")
+    return tmp_path / "checkpoints", parts
+
+
+def _restore(directory, parts):
+    return Checkpoints(directory, CheckpointConfig()).restore(
+        parts.abstract_state, iter(grain.MapDataset.range(100).to_iter_dataset()), parts.cfg)
+
+
+def _names(directory) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if not p.name.startswith("_"))
+
+
+@pytest.mark.parametrize("error", [
+    jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+                               "1.50GiB."),
+    OSError(errno.EIO, "Input/output error", "state/manifest.ocdbt"),
+    TypeError("restore() got an unexpected keyword argument 'shardings'"),
+], ids=["out_of_memory", "io_error", "program_error"])
+def test_a_restore_failure_that_is_not_damage_moves_nothing(copied, monkeypatch, error):
+    directory, parts = copied
+    restore = ocp.CheckpointManager.restore
+
+    def failing(self, step, *args, **kwargs):
+        if "state" in kwargs.get("args", {}):
+            raise error
+        return restore(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", failing)
+    with pytest.raises(UserError) as raised:
+        _restore(directory, parts)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith(f"cannot restore checkpoint step 20 in {directory} "
+                              f"({type(error).__name__}: {str(error).splitlines()[0]})")
+    assert "left in place" in message
+    assert _names(directory) == ["10", "20"]
+
+
+def _data_files(step_dir):
+    return sorted((f for f in (step_dir / "state").rglob("*") if f.is_file() and f.parent.name == "d"),
+                  key=lambda f: f.stat().st_size)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+
+
+def _flip_first_bytes(path, count=16):
+    raw = bytearray(path.read_bytes())
+    raw[:count] = bytes(b ^ 0xFF for b in raw[:count])
+    path.write_bytes(bytes(raw))
+
+
+DAMAGE = {
+    "truncated_data": lambda step: [_truncate(f) for f in _data_files(step)],
+    "deleted_data": lambda step: _data_files(step)[-1].unlink(),
+    "flipped_compressed_header": lambda step: _flip_first_bytes(_data_files(step)[-1]),
+    "deleted_array_metadata": lambda step: (step / "state" / "_METADATA").unlink(),
+    "corrupt_config": lambda step: _truncate(step / "config" / "metadata"),
+    "deleted_state": lambda step: shutil.rmtree(step / "state"),
+}
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_damaged_files_are_set_aside_and_the_previous_checkpoint_used(copied, kind, capsys):
+    directory, parts = copied
+    DAMAGE[kind](directory / "20")
+    restored, step = _restore(directory, parts)
+    assert step == 10 and int(restored.step) == 1
+    names = _names(directory)
+    assert names[0] == "10" and names[1].startswith("20.unreadable-") and len(names) == 2
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and "checkpoint step 20" in warning[0] and "moved aside" in warning[0]

@@ -4,11 +4,19 @@ Saves are asynchronous (the loop goes on while the write finishes) and atomic (O
 a temporary directory and renames it), so a process killed mid-save leaves the previous
 checkpoint intact. Restoring goes straight into the target shardings of whatever mesh the
 run has now. Each save records a checksum per array (checksums.py) and each restore
-verifies them. A checkpoint that cannot be read, or whose arrays no longer match their
-checksums, is moved aside and the next older one is used.
+verifies them. A checkpoint shown to be damaged (its arrays no longer match their checksums,
+or its files are missing or corrupt: failures.py) is moved aside and the next older one is
+used; any other failure to restore stops the run and leaves every checkpoint in place. A save
+that fails for want of space stops the run in one line when the loop next waits on it.
 Every process takes part in every save and restore.
+
+The training run owns its checkpoint directory: only `Checkpoints` writes, deletes or
+renames there. Readers of a run (evaluate, generate, export, init_from) list its steps with
+`committed_steps`, which never touches the directory: a live run's save in flight is its
+own (a temporary directory), not the reader's to clean up.
 """
 
+import contextlib
 import json
 import sys
 import time
@@ -17,9 +25,9 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from pjit_llm.checkpoint import checksums
+from pjit_llm.checkpoint import checksums, failures
 from pjit_llm.config import CheckpointConfig, Config
-from pjit_llm.errors import UserError, first_line
+from pjit_llm.errors import UserError, first_line, out_of_space, quiet_teardown
 
 # Fields whose change makes a checkpoint unusable: they change parameter shapes or the data
 # stream the iterator position refers to. Everything else (schedule, steps, logging, mesh,
@@ -33,9 +41,22 @@ FIXED_FIELDS = {
 }
 
 
+def committed_steps(directory: Path) -> list[int]:
+    """The steps of `directory` whose saves have finished, for a reader of a run that may be
+    training now: the directory is only listed (no manager: nothing is created, cleaned up
+    or deleted, and no process waits on another), and a save in flight, still in its
+    temporary directory, is not listed."""
+    return sorted(ocp.utils.checkpoint_steps(directory)) if directory.is_dir() else []
+
+
 class Checkpoints:
+    """The training run's own checkpoints: it saves, deletes (retention), sets damaged ones
+    aside, and cleans up the temporary directory of a save that a killed process left."""
+
     def __init__(self, directory: Path, cfg: CheckpointConfig):
         self.directory = directory
+        self._writing: int | None = None  # the step of the save last started
+        failures.quiet_orbax_echoes()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep, keep_period=cfg.keep_every or None,
             enable_async_checkpointing=cfg.async_save, cleanup_tmp_directories=True)
@@ -54,12 +75,15 @@ class Checkpoints:
         later, after the iterator has moved on. The state's checksums are computed on the
         device first (one pass over the state) and saved beside it."""
         import grain
+        self.wait()  # the previous save's failure is reported as its own
         sums = checksums.compute(state)
-        self.manager.save(step, force=True, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(_Position(data_position)),
-            config=ocp.args.JsonSave(config.to_dict()),
-            **{checksums.ITEM: ocp.args.JsonSave(sums)}))
+        self._writing = step
+        with self._reporting_full_disk():
+            self.manager.save(step, force=True, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=grain.checkpoint.CheckpointSave(_Position(data_position)),
+                config=ocp.args.JsonSave(config.to_dict()),
+                **{checksums.ITEM: ocp.args.JsonSave(sums)}))
 
     def saved_config(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(
@@ -68,10 +92,12 @@ class Checkpoints:
     def restore(self, abstract_state, loader, config: Config):
         """(state, step) from the newest readable checkpoint, or None when there is none.
 
-        A checkpoint that fails to restore, or whose arrays differ from the checksums saved
-        with them, is reported in one line, renamed to `<step>.unreadable-<time>` or
-        `<step>.damaged-<time>` (kept for inspection) and the next older one is tried. A
-        checkpoint saved without checksums is restored unchecked.
+        A checkpoint whose arrays differ from the checksums saved with them, or whose files
+        are missing or corrupt, is reported in one line, renamed to `<step>.damaged-<time>`
+        or `<step>.unreadable-<time>` (kept for inspection) and the next older one is tried.
+        Any other failure (out of memory, an I/O error, a program error) is a UserError that
+        names it, with every checkpoint left where it is. A checkpoint saved without
+        checksums is restored unchecked.
         """
         import grain
         while (step := self.latest_step()) is not None:
@@ -90,8 +116,14 @@ class Checkpoints:
                 self._set_aside(step, "damaged")
             except UserError:
                 raise
-            except Exception as e:  # Orbax/TensorStore raise many types for damaged files
-                reason = first_line(e)
+            except Exception as e:  # Orbax/TensorStore raise many types, for many causes
+                reason = failures.damage(self.directory / str(step), e)
+                if reason is None:
+                    raise UserError(
+                        f"cannot restore checkpoint step {step} in {self.directory} "
+                        f"({type(e).__name__}: {first_line(e)}); nothing shows the checkpoint "
+                        "damaged, so every checkpoint is left in place: fix the cause and run "
+                        "the same command again") from None
                 print(f"warning: checkpoint step {step} in {self.directory} is unreadable "
                       f"({reason}); moved aside, trying the previous one", file=sys.stderr)
                 self._set_aside(step, "unreadable")
@@ -106,10 +138,30 @@ class Checkpoints:
         self.manager.reload()
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._reporting_full_disk():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.close()
+        with self._reporting_full_disk():
+            self.manager.close()
+
+    @contextlib.contextmanager
+    def _reporting_full_disk(self):
+        """A save that ran out of space becomes one line naming it; the step's temporary
+        directory is left for the next run's manager to clean up."""
+        try:
+            yield
+        except Exception as e:
+            if not out_of_space(e):
+                raise
+            quiet_teardown()  # the save's other writers fail on the same disk as the run ends
+            kept = [s for s in committed_steps(self.directory) if s != self._writing]
+            resume = (f"it resumes from step {max(kept)}" if kept else "no checkpoint was "
+                      "saved before, so it starts afresh")
+            raise UserError(f"no space left on the device writing checkpoint step "
+                            f"{self._writing} to {self.directory}; free space there (or set "
+                            f"checkpoint.directory to a larger disk) and run the same command "
+                            f"again: {resume}") from None
 
 
 def read_checksums(step_dir: Path) -> dict | None:

@@ -6,7 +6,8 @@
     params/           parameters alone: an imported model, or an export's
     step, model.yaml  an export's: the step its parameters come from, its model section
     metrics.jsonl     one JSON line per log and evaluation
-    tensorboard/      TensorBoard event files; wandb/ with train.wandb_project
+    tensorboard/      TensorBoard event files (metrics.py writes these three)
+    wandb/, wandb_run_id  a Weights & Biases run, with train.wandb_project
     profile/          jax.profiler traces of train.profile_steps
     export/           exports written by pjit_llm.export (each an export directory itself)
     tokenizer files   an import's Hugging Face tokenizer (interop/hf.py's TOKENIZER_FILES)
@@ -24,14 +25,13 @@ import yaml
 
 from pjit_llm.config import Config, load_config
 from pjit_llm.errors import UserError
+from pjit_llm.metrics import METRICS_FILE, TENSORBOARD_DIR, WANDB_ID_FILE  # noqa: F401 (written by metrics.py)
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINTS_DIR = "checkpoints"
 PARAMS_DIR = "params"
 STEP_FILE = "step"
 MODEL_FILE = "model.yaml"
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
 PROFILE_DIR = "profile"
 EXPORTS_DIR = "export"
 

@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from pjit_llm.checkpoint import checksums
-from pjit_llm.checkpoint.manager import Checkpoints, read_checksums
+from pjit_llm.checkpoint import checksums, failures
+from pjit_llm.checkpoint.manager import committed_steps, read_checksums
 from pjit_llm.checkpoint.run_dir import PARAMS_DIR, STEP_FILE, checkpoint_dir
 from pjit_llm.config import Config
 from pjit_llm.errors import UserError, first_line
@@ -20,34 +20,61 @@ from pjit_llm.models.llama.model import QUANTIZED_WEIGHTS, abstract_model
 from pjit_llm.models.quantize import check_quantize, quantize_params, quantized_target
 from pjit_llm.parallel.layout import Layout, check_divisible, param_shardings
 
+# A reader of a live run reads its newest checkpoint again when the run saved newer ones
+# while it read (retention may delete the one being read); this many times at most.
+READ_ATTEMPTS = 5
+
+
 def restore_params(cfg: Config, layout: Layout, step: int | None):
     """(params, step) of a run, restored straight into `layout`'s shardings and without the
     optimizer state: from a training checkpoint (the latest when `step` is None) or, in a run
     holding parameters alone (imported by pjit_llm.convert, not trained since), as step 0, or
     from an export, as the step it was written from.
-    The parameters of a training checkpoint are checked against the checksums saved with it."""
-    where, prefix, step = params_location(cfg, step)
-    params = restore_partial(where, prefix, params_target(cfg.model, layout))
-    saved_sums = read_checksums(where.parent) if prefix else None
+    The parameters of a training checkpoint are checked against the checksums saved with it.
+    Nothing in the run directory is changed: the run may be training now. When it saves a
+    newer checkpoint while the latest is read (and its retention deletes the one read), the
+    newest is read instead."""
+    directory = checkpoint_dir(cfg)
+    for _ in range(READ_ATTEMPTS):
+        where, prefix, found = params_location(cfg, step)
+        try:
+            return _read_params(cfg.model, layout, where, prefix, found), found
+        except UserError:
+            if not prefix:
+                raise
+            if step is not None and not where.parent.exists():
+                raise UserError(f"checkpoint step {step} in {directory} was deleted while it "
+                                "was read (the training run keeps the newest checkpoint.keep); "
+                                "pass a newer --step") from None
+            if step is not None or max(committed_steps(directory), default=found) <= found:
+                raise
+    raise UserError(f"the training run saved newer checkpoints in {directory} faster than the "
+                    "newest could be read; pass --step with a kept step")
+
+
+def _read_params(model: ModelConfig, layout: Layout, where: Path, prefix: tuple[str, ...],
+                 step: int):
+    params = restore_partial(where, prefix, params_target(model, layout))
+    if not prefix:
+        return params
+    try:
+        saved_sums = read_checksums(where.parent)
+    except Exception as e:  # a missing or corrupt checksums item
+        raise UserError(f"the checksums of checkpoint step {step} in {where.parent.parent} are "
+                        f"unreadable ({first_line(e)})") from None
     damage = (checksums.first_mismatch(saved_sums, params, "/".join(prefix) + "/")
               if saved_sums else None)
     if damage:
         raise UserError(f"checkpoint step {step} in {where.parent.parent} is damaged ({damage}); "
                         f"move {where.parent} aside to use the previous checkpoint")
-    return params, step
+    return params
 
 
 def params_location(cfg: Config, step: int | None) -> tuple[Path, tuple[str, ...], int]:
     """(Orbax item directory, key path of the parameters inside it, step) of a run."""
     directory = checkpoint_dir(cfg)
     params_only = Path(cfg.train.run_dir).absolute() / PARAMS_DIR
-    steps = []
-    if directory.is_dir() or not params_only.is_dir():  # opening one creates the directory
-        ckpts = Checkpoints(directory, dataclasses.replace(cfg.checkpoint, async_save=False))
-        try:
-            steps = ckpts.manager.all_steps()
-        finally:
-            ckpts.close()
+    steps = committed_steps(directory)  # read-only: the run may be training now
     if not steps and params_only.is_dir():
         step_file = params_only.parent / STEP_FILE  # an export's: the step it was written from
         held = int(step_file.read_text()) if step_file.is_file() else 0
@@ -92,6 +119,7 @@ def restore_partial(where: Path, prefix: tuple[str, ...], target):
         return ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype)
 
     restore_args = jax.tree.map(restore_arg, item)
+    failures.quiet_orbax_echoes()
     try:
         out = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(where, args=ocp.args.PyTreeRestore(
             item=item, restore_args=restore_args, partial_restore=True))

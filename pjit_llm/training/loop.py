@@ -74,9 +74,12 @@ def train(cfg: Config, dataset: Dataset, tokenizer: Tokenizer) -> dict:
                                 isinstance(tokenizer, ByteTokenizer), parts.to_model_order)
         try:
             with StopRequest() as stop:
-                return run_loop(parts, state, loader, log, evaluation, ckpts, stop)
-        finally:
-            log.close()
+                result = run_loop(parts, state, loader, log, evaluation, ckpts, stop)
+        except BaseException:
+            log.close(quietly=True)  # the run's own error is the one to report
+            raise
+        log.close()
+        return result
     finally:
         ckpts.close()  # waits for a save in flight: nothing is left half-written
         loader.close()
@@ -133,6 +136,7 @@ def run_loop(parts: Components, state: TrainState, loader, log: MetricsLog,
         if done < total:
             batch = next(loader)  # the host prepares the next batch while the device computes
     reader.read(log_it=log_due)
+    ckpts.wait()  # the last save's failure (a full disk) is reported before "done"
     if reader.truncated:
         info(f"{reader.truncated:,} of {reader.records:,} records read were longer than "
              f"data.seq_len={cfg.data.seq_len} and were truncated")

@@ -1,7 +1,8 @@
 """Checkpoints through the real command, with real Orbax on disk and real signals: exact
 resume (Grain worker processes on), retention, refusals on resume, a moved run resumed
-through its config.yaml, SIGTERM, SIGKILL mid-save, and damaged or bit-rotten latest
-checkpoints falling back to the previous one.
+through its config.yaml, SIGTERM, SIGKILL mid-save, damaged or bit-rotten latest checkpoints
+falling back to the previous one, and a restore that fails for another reason (device
+memory) stopping in one line with nothing moved.
 
 Most tests start from a copy of one run trained once per module (`base_run`), so each needs
 a single further process."""
@@ -15,7 +16,7 @@ import time
 import pytest
 import yaml
 
-from conftest import TINY, run_cli, start_module
+from conftest import TINY, assert_refused, run_cli, run_module, start_module
 
 # No samples at evaluations: nothing here reads them, and they cost a compile per run.
 RUN = [*TINY, "train.log_every=1", "train.eval_every=0", "data.num_workers=2",
@@ -202,3 +203,32 @@ def test_flipped_bytes_in_the_latest_checkpoint_fall_back_to_the_previous(tmp_pa
     logged = losses(copied_run)
     for step in (9, 10):  # retrained from step 8: the uninterrupted run's losses, bit for bit
         assert logged[step] == uninterrupted[step] * 2, (step, logged[step])
+
+
+# The training command with the restore of the training state failing as it does when the
+# devices run out of memory; the files are untouched.
+OUT_OF_MEMORY = """
+import jax
+import orbax.checkpoint as ocp
+from pjit_llm import train
+restore = ocp.CheckpointManager.restore
+
+def failing(self, step, *args, **kwargs):
+    if "state" in kwargs.get("args", {}):
+        raise jax.errors.JaxRuntimeError(
+            "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.50GiB.")
+    return restore(self, step, *args, **kwargs)
+
+ocp.CheckpointManager.restore = failing
+train.cli()
+"""
+
+
+def test_a_restore_out_of_memory_stops_in_one_line_and_moves_nothing(tmp_path, copied_run):
+    result = run_module(None, *BASE, "train.steps=12", "train.run_dir=run", cwd=tmp_path,
+                        code=OUT_OF_MEMORY)
+    assert_refused(result, f"cannot restore checkpoint step 10 in {copied_run / 'checkpoints'} "
+                           "(JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying")
+    assert "every checkpoint is left in place" in result.stderr
+    assert sorted(p.name for p in (copied_run / "checkpoints").iterdir()
+                  if not p.name.startswith("_")) == ["10", "4", "8"]
