@@ -13,8 +13,6 @@ import jax
 
 from pjit_llm.errors import UserError, first_line
 
-
-
 # In a run directory (checkpoint/run_dir.py lists its whole layout).
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
