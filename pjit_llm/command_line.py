@@ -5,7 +5,8 @@ import argparse
 from pjit_llm.errors import UserError
 
 
-def command_parser(prog: str, doc: str, overrides_help: str | None = None) -> argparse.ArgumentParser:
+def command_parser(prog: str, doc: str,
+                   overrides_help: str | None = None) -> argparse.ArgumentParser:
     """A parser with the options every command that computes takes; the command adds its own."""
     p = argparse.ArgumentParser(prog=prog, description=doc.strip().splitlines()[0])
     add_shared(p, overrides_help)

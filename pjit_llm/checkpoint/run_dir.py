@@ -25,7 +25,8 @@ import yaml
 
 from pjit_llm.config import Config, load_config
 from pjit_llm.errors import UserError
-from pjit_llm.metrics import METRICS_FILE, TENSORBOARD_DIR, WANDB_ID_FILE  # noqa: F401 (written by metrics.py)
+# Written by metrics.py, listed here with the rest of the layout.
+from pjit_llm.metrics import METRICS_FILE, TENSORBOARD_DIR, WANDB_ID_FILE  # noqa: F401
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINTS_DIR = "checkpoints"

@@ -188,7 +188,8 @@ def jnp_take_rows(logits_BLV, index_B):
 
 
 def generate_texts(run: Path, prompts: list[str], max_new_tokens: int, sampling: Sampling,
-                   step: int | None = None, overrides=(), stream: bool = False, quantize: str = "none", chat: bool = False) -> list[str]:
+                   step: int | None = None, overrides=(), stream: bool = False,
+                   quantize: str = "none", chat: bool = False) -> list[str]:
     """Continuations of `prompts` by the run directory (or export) `run` (its checkpoint
     `step`, default the latest) on the mesh of its config with `overrides`, with
     quantize="int8" its weights quantized to int8; with `stream`, the first prompt's text is
