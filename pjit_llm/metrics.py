@@ -30,8 +30,7 @@ class MetricsLog:
         if not self.enabled:
             return
         self._file = open(run_dir / METRICS_FILE, "a" if append else "w")
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(str(run_dir / TENSORBOARD_DIR))
+        self._tb = summary_writer_class()(str(run_dir / TENSORBOARD_DIR))
         if sys.stdout.isatty() and total_steps:
             from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=first_step, unit="step",
@@ -75,6 +74,21 @@ class MetricsLog:
             except (OSError, ValueError):
                 if not quietly:
                     raise
+
+
+def summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch: where torch is installed,
+    tensorboardX imports it (1.5 s of CPU in every run) only to accept torch tensors, which
+    nothing here passes. While sys.modules["torch"] is None, `import torch` fails fast."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 def require_wandb():

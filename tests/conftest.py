@@ -1,14 +1,19 @@
 """Shared set-up. Every test sees 8 emulated CPU devices (set before JAX initialises a backend).
 
-A temporary directory for the session (one per pytest process; gone at its end), inherited
-by every process a test starts, holds TFDS's default data directory, so no test writes under
-~/tensorflow_datasets, and JAX's persistent compilation cache, so the many runs of the same
-tiny model compile each step once rather than once per process.
+A temporary directory per pytest process (gone at its end), inherited by every process a
+test starts, holds TFDS's default data directory, so no test writes under
+~/tensorflow_datasets. One directory for the whole test run, made by the process that starts
+the others (`pytest -n 2`'s controller, or plain pytest), holds JAX's persistent compilation
+cache and the trained run the tests of the commands share: the xdist workers and every
+process they start compile each of the many runs of the same tiny model once between them,
+and train that run once.
 
 Tests under tests/e2e start real processes (`run_module`) and are marked `slow`; everything
 else runs in this process."""
 
 import dataclasses
+import fcntl
+import json
 import math
 import os
 import shutil
@@ -19,9 +24,17 @@ from pathlib import Path
 
 os.environ["JAX_PLATFORMS"] = "cpu"
 SESSION_DIR = Path(tempfile.mkdtemp(prefix="pjit-llm-tests-"))
-# Both are read once, when TFDS or JAX is first imported: set them first.
+# An xdist worker inherits the run's directory from the controller, which made it when this
+# module was first imported (before the workers started); any other pytest makes its own.
+RUN_DIR_VARIABLE = "PJIT_LLM_TESTS_RUN_DIR"
+OWNS_RUN_DIR = not (os.environ.get("PYTEST_XDIST_WORKER") and RUN_DIR_VARIABLE in os.environ)
+if OWNS_RUN_DIR:
+    os.environ[RUN_DIR_VARIABLE] = tempfile.mkdtemp(prefix="pjit-llm-tests-run-")
+RUN_DIR = Path(os.environ[RUN_DIR_VARIABLE])
+# Both are read once, when TFDS or JAX is first imported: set them first. TFDS's directory
+# stays per process: two workers preparing the same dataset at once would race.
 os.environ["TFDS_DATA_DIR"] = str(SESSION_DIR / "tensorflow_datasets")
-os.environ["JAX_COMPILATION_CACHE_DIR"] = str(SESSION_DIR / "jax_compilation_cache")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = str(RUN_DIR / "jax_compilation_cache")
 # Cache every compilation, not only those over a second: the tests build the same tiny steps
 # and generators many times over (test_step, test_stages and test_generator: 328 s against
 # 386 s with `pytest -n 2`).
@@ -47,6 +60,8 @@ E2E = Path(__file__).parent / "e2e"
 
 def pytest_unconfigure(config):
     shutil.rmtree(SESSION_DIR, ignore_errors=True)
+    if OWNS_RUN_DIR:  # the controller ends after its workers
+        shutil.rmtree(RUN_DIR, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -126,9 +141,9 @@ def tiny():
     return tiny_config
 
 
-# One short training run for the session, through the real command on a hybrid mesh, that
-# the tests of the commands reading a run directory share (evaluate, generate, export) and
-# the tests of what a run writes inspect. Read it; never write into it.
+# One short training run for the whole test run, through the real command on a hybrid mesh,
+# that the tests of the commands reading a run directory share (evaluate, generate, export)
+# and the tests of what a run writes inspect. Read it; never write into it.
 TRAINED_RUN = ["--emulate-devices", "8", *TINY, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
                "train.steps=6", "train.log_every=2", "train.eval_every=3", "train.eval_batches=2",
                "train.peak_tflops=0.5", "train.profile_steps=[2,3]", "data.num_workers=0"]
@@ -141,8 +156,16 @@ class TrainedRun:
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory) -> TrainedRun:
-    where = tmp_path_factory.mktemp("trained")
-    result = run_cli(*TRAINED_RUN, "train.run_dir=run", cwd=where)
-    assert result.returncode == 0, result.stderr
-    return TrainedRun(where / "run", result)
+def trained_run() -> TrainedRun:
+    """Trained by the first xdist worker that asks, under a lock the others wait on; each
+    reads the command's output from where that worker left it."""
+    where, output = RUN_DIR / "trained", RUN_DIR / "trained.json"
+    with open(RUN_DIR / "trained.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not output.exists():
+            shutil.rmtree(where, ignore_errors=True)  # what a failed attempt left
+            where.mkdir()
+            result = run_cli(*TRAINED_RUN, "train.run_dir=run", cwd=where)
+            assert result.returncode == 0, result.stderr
+            output.write_text(json.dumps([result.args, 0, result.stdout, result.stderr]))
+    return TrainedRun(where / "run", subprocess.CompletedProcess(*json.loads(output.read_text())))

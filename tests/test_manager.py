@@ -11,6 +11,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from conftest import build_on, tiny_config
 from pjit_llm.checkpoint import checksums
@@ -159,3 +161,30 @@ def test_damaged_files_are_set_aside_and_the_previous_checkpoint_used(copied, ki
     assert names[0] == "10" and names[1].startswith("20.unreadable-") and len(names) == 2
     warning = capsys.readouterr().err.strip().splitlines()
     assert len(warning) == 1 and "checkpoint step 20" in warning[0] and "moved aside" in warning[0]
+
+
+def test_saving_replicated_arrays_compiles_nothing(tmp_path):
+    """A replicated array is written whole by one replica: no XLA program per device to cut
+    it into one slice per replica (Orbax's CPU default), which cost a process's first save
+    65 compilations on 8 devices."""
+    mesh = jax.make_mesh((8,), ("data",), devices=jax.devices()[:8])
+    tree = {"w": jax.device_put(np.arange(24 * 7, dtype=np.float32).reshape(24, 7),
+                                NamedSharding(mesh, P()))}  # a shape no other test saves
+    checksums.compute(tree)  # compiled here, not counted below
+    compiles = []
+
+    def count(event, seconds, **_):
+        if event == "/jax/core/compile/backend_compile_duration":  # also cache hits
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        ckpts = Checkpoints(tmp_path, CheckpointConfig())
+        ckpts.save(1, tree, iter(grain.MapDataset.range(10).to_iter_dataset()).get_state(),
+                   tiny_config())
+        ckpts.wait()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+    assert compiles == []
+    restored = ocp.StandardCheckpointer().restore(tmp_path / "1" / "state")
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(tree["w"]))

@@ -1,6 +1,7 @@
 """The metrics log: JSONL records, a progress bar on a terminal and plain lines otherwise;
 a mixture's tokens per source; Weights & Biases offline, read back from its file on disk."""
 
+import importlib.util
 import io
 import json
 import struct
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY
+from conftest import TINY, run_module
 
 from pjit_llm.errors import UserError
 from pjit_llm.metrics import (WANDB_ID_FILE, MetricsLog, WandbRun, format_record, human_bytes,
@@ -32,6 +33,19 @@ def test_progress_bar_on_a_terminal_plain_lines_otherwise(tmp_path, monkeypatch,
     assert bar._bar.n == 5 and "loss=2.5" in str(bar._bar)
     bar.close()
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [5, 5]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
+def test_the_tensorboard_writer_imports_no_torch(tmp_path):
+    """tensorboardX imports torch when it is installed (the hf extra): 1.5 s of CPU in every
+    training process, for nothing the metrics log uses."""
+    code = ("import sys; from pathlib import Path; from pjit_llm.metrics import MetricsLog; "
+            "log = MetricsLog(Path(sys.argv[1])); log.write({'step': 1, 'loss': 2.0}); "
+            "log.close(); print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
+    result = run_module(None, str(tmp_path), code=code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]"
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
 
 def test_numbers_are_printed_short():
