@@ -68,13 +68,24 @@ def test_two_processes_through_the_launcher_match_one_process_and_stop_together(
         assert multi[step] == pytest.approx(one[step], rel=1e-5), step
 
 
-def test_a_killed_process_stops_the_other_and_a_restart_resumes(tmp_path):
-    port = free_port()
+def _child_with_process_id(parent: int, process_id: int) -> int:
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    for pid in map(int, children):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"PROCESS_ID={process_id}".encode() in environ:
+            return pid
+    raise AssertionError(f"no child with PROCESS_ID={process_id} among {children}")
+
+
+def test_a_killed_process_is_named_by_the_other_and_a_restart_resumes(tmp_path):
+    """Under the launcher, SIGKILL to process 1: process 0 names it and exits 3 (before JAX's
+    own heartbeat could abort it), the launcher reports the first failure and exits with its
+    status; restarted, both resume from the newest complete checkpoint."""
     args = ["--emulate-devices", "4", *RUN, "train.steps=100000", "checkpoint.every=5",
             "train.run_dir=run"]
-    procs = [start_module("pjit_llm.train", *args, cwd=tmp_path, env=_env(i, port),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
+    launcher = start_module("pjit_llm.launch", "--processes", "2", args[0], args[1], "--",
+                            *args[2:], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
         ckpts = tmp_path / "run" / "checkpoints"
         deadline = time.time() + 180
@@ -82,20 +93,21 @@ def test_a_killed_process_stops_the_other_and_a_restart_resumes(tmp_path):
                                                any(p.name == "10" for p in ckpts.iterdir())):
             time.sleep(0.2)
         assert (ckpts / "10").exists()
-        procs[1].send_signal(signal.SIGKILL)
+        os.kill(_child_with_process_id(launcher.pid, 1), signal.SIGKILL)
         killed_at = time.monotonic()
-        _, err = procs[0].communicate(timeout=60)
+        _, err = launcher.communicate(timeout=60)
         waited = time.monotonic() - killed_at
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.communicate(timeout=60)
-    assert procs[0].returncode == LOST_PROCESS_EXIT
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.communicate(timeout=60)
+    assert launcher.returncode == 128 + signal.SIGKILL, err[-3000:]  # the first failure's
     assert waited < 10 + 8  # the heartbeat timeout, plus a beat interval and exit
+    assert "launch: process 1 was killed by SIGKILL (status 137)" in err
     assert "error: lost process 1 of 2 (no heartbeat for" in err
+    assert f"launch: process 0 exited with status {LOST_PROCESS_EXIT}" in err
     assert "Terminating process" not in err and "Check failure" not in err  # not JAX's abort
-    # Restart both: they resume from the newest complete checkpoint.
+    # Restart both by hand: they resume from the newest complete checkpoint.
     port = free_port()
     args[args.index("train.steps=100000")] = "train.steps=12"
     procs = [start_module("pjit_llm.train", *args, cwd=tmp_path, env=_env(i, port),
@@ -110,38 +122,6 @@ def test_a_killed_process_stops_the_other_and_a_restart_resumes(tmp_path):
                 p.communicate(timeout=60)
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:]
     assert "resumed from step " in outs[0][0]
-
-
-def _child_with_process_id(parent: int, process_id: int) -> int:
-    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
-    for pid in map(int, children):
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        if f"PROCESS_ID={process_id}".encode() in environ:
-            return pid
-    raise AssertionError(f"no child with PROCESS_ID={process_id} among {children}")
-
-
-def test_a_process_killed_under_the_launcher_is_named_by_the_other(tmp_path):
-    launcher = start_module("pjit_llm.launch", "--processes", "2", "--emulate-devices", "4",
-                            "--", *RUN, "train.steps=100000", "checkpoint.every=0",
-                            "train.run_dir=run", cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline and not (metrics.exists() and "loss" in metrics.read_text()):
-            time.sleep(0.2)
-        os.kill(_child_with_process_id(launcher.pid, 1), signal.SIGKILL)
-        _, err = launcher.communicate(timeout=60)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.communicate(timeout=60)
-    assert launcher.returncode == 128 + signal.SIGKILL, err[-3000:]  # the first failure's
-    assert "launch: process 1 was killed by SIGKILL (status 137)" in err
-    assert "error: lost process 1 of 2 (no heartbeat for" in err
-    assert "launch: process 0 exited with status 3" in err
-    assert "Terminating process" not in err and "Check failure" not in err  # not JAX's abort
 
 
 def test_an_unreachable_coordinator_fails_within_the_timeout(tmp_path):
