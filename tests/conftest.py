@@ -35,6 +35,13 @@ RUN_DIR = Path(os.environ[RUN_DIR_VARIABLE])
 # stays per process: two workers preparing the same dataset at once would race.
 os.environ["TFDS_DATA_DIR"] = str(SESSION_DIR / "tensorflow_datasets")
 os.environ["JAX_COMPILATION_CACHE_DIR"] = str(RUN_DIR / "jax_compilation_cache")
+# XLA:CPU compiles the tests' programs without LLVM's optimisation passes: the same HLO
+# programs, shardings and collectives, compiled in about half the CPU time (compiling is most
+# of the suite's time), into machine code that runs slower, which the tiny models do not
+# notice. Floating-point results may differ from an optimised build's in the last bits, as
+# they do between meshes. Every process a test starts gets the flag too (process_env).
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 # Cache every compilation, not only those over a second: the tests build the same tiny steps
 # and generators many times over (test_step, test_stages and test_generator: 328 s against
 # 386 s with `pytest -n 2`).
@@ -88,9 +95,9 @@ def build_on(cfg, mesh: dict[str, int] | None = None, **sizes: int) -> Component
 
 def process_env(extra: dict | None = None) -> dict:
     """This process's environment for a child, without the JAX platform and XLA flags set for
-    this process (the child picks its own devices), plus `extra`."""
+    this process (the child picks its own devices) but with the tests' XLA flags, plus `extra`."""
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
-    return {**env, **(extra or {})}
+    return {**env, "XLA_FLAGS": TEST_XLA_FLAGS, **(extra or {})}
 
 
 def run_module(module: str | None, *args: str, cwd=None, env: dict | None = None, code=None,
