@@ -8,7 +8,8 @@ import subprocess
 import pytest
 
 from conftest import TINY, assert_refused, build_on, run_cli, run_module, start_module
-from pjit_llm.checkpoint.runs import restore_params, run_config
+from pjit_llm.checkpoint.run_dir import run_config
+from pjit_llm.checkpoint.runs import restore_params
 
 RUN = [*TINY, "train.log_every=5", "train.eval_every=0", "data.num_workers=0",
        "train.sample_tokens=0", "train.eval_batches=1", "train.run_dir=run"]
@@ -53,15 +54,16 @@ def audit(event, args):
 
 sys.addaudithook(audit)
 import time
-from pjit_llm.checkpoint.runs import restore_params, run_config
+from pjit_llm.checkpoint.run_dir import run_config
+from pjit_llm.checkpoint.runs import restore_params
 from pjit_llm.errors import UserError
 from pjit_llm.inference.evaluation import evaluate_run
-from pjit_llm.training.build import conversion_build
+from pjit_llm.placement import place_for_conversion
 saved = lambda: any(p.name.isdigit() for p in (run / "checkpoints").iterdir())
 while not ((run / "config.yaml").exists() and (run / "checkpoints").is_dir() and saved()):
     time.sleep(0.05)
 cfg = run_config(run)
-layout = conversion_build(cfg).layout
+layout = place_for_conversion(cfg).layout
 reads, failures = [], []
 while not stop.exists():
     try:
