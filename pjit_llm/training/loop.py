@@ -182,11 +182,21 @@ def _resume_or_init(parts: Components, ckpts: Checkpoints, loader: Loader) -> Tr
                         "damaged ones were moved aside); choose another train.run_dir to start afresh")
     state, step = restored
     info(f"resumed from step {step} of {ckpts.directory}")
-    saved = config_from_dict(ckpts.saved_config(step))
-    change = schedule_change(saved.optimizer, saved.train.steps, cfg.optimizer, cfg.train.steps, step)
+    _report_schedule_change(ckpts.saved_config(step), cfg, step)
+    return parts.to_run_order(state)
+
+
+def _report_schedule_change(saved: dict, cfg: Config, step: int) -> None:
+    """Say so when the learning rate at `step` differs from the one the checkpoint was
+    trained towards (train.steps or the schedule changed)."""
+    try:
+        saved_cfg = config_from_dict(saved)
+    except UserError:  # written by another version: its schedule cannot be compared
+        return
+    change = schedule_change(saved_cfg.optimizer, saved_cfg.train.steps, cfg.optimizer,
+                             cfg.train.steps, step)
     if change:
         info(change)
-    return parts.to_run_order(state)
 
 
 # Model fields that must agree with train.init_from's: they fix parameter shapes or the
