@@ -39,9 +39,12 @@ os.environ["JAX_COMPILATION_CACHE_DIR"] = str(RUN_DIR / "jax_compilation_cache")
 # programs, shardings and collectives, compiled in about half the CPU time (compiling is most
 # of the suite's time), into machine code that runs slower, which the tiny models do not
 # notice. Floating-point results may differ from an optimised build's in the last bits, as
-# they do between meshes. Every process a test starts gets the flag too (process_env).
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+# they do between meshes. Every process a test starts gets the flag too (process_env). A
+# level given in XLA_FLAGS wins: --xla_backend_optimization_level=3 is XLA's default.
+LEVEL = "--xla_backend_optimization_level="
+_flags = os.environ.get("XLA_FLAGS", "").split()
+TEST_XLA_FLAGS = next((flag for flag in _flags if flag.startswith(LEVEL)), LEVEL + "0")
+os.environ["XLA_FLAGS"] = " ".join(dict.fromkeys([*_flags, TEST_XLA_FLAGS]))
 # Cache every compilation, not only those over a second: the tests build the same tiny steps
 # and generators many times over (test_step, test_stages and test_generator: 328 s against
 # 386 s with `pytest -n 2`).
