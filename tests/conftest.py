@@ -46,8 +46,7 @@ _flags = os.environ.get("XLA_FLAGS", "").split()
 TEST_XLA_FLAGS = next((flag for flag in _flags if flag.startswith(LEVEL)), LEVEL + "0")
 os.environ["XLA_FLAGS"] = " ".join(dict.fromkeys([*_flags, TEST_XLA_FLAGS]))
 # Cache every compilation, not only those over a second: the tests build the same tiny steps
-# and generators many times over (test_step, test_stages and test_generator: 328 s against
-# 386 s with `pytest -n 2`).
+# and generators many times over.
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import jax  # noqa: E402
