@@ -108,10 +108,12 @@ def resolve_vocab(cfg: Config, tokenizer_vocab: int) -> Config:
 
 
 def place(cfg: Config, tokenizer_vocab: int = BYTE_VOCAB,
-          devices: Sequence[jax.Device] | None = None, batches: bool = True) -> Placement:
+          devices: Sequence[jax.Device] | None = None, batches: bool = True,
+          announce: bool = True) -> Placement:
     """`cfg`'s model on `devices` (default: all). `tokenizer_vocab` sizes a vocabulary the
     config leaves at 0 (default: the byte tokenizer's). `batches` refuses a batch that does
-    not split over the mesh (off for conversions, which feed none)."""
+    not split over the mesh (off for conversions, which feed none). `announce` says which
+    attention kernel runs."""
     cfg = resolve_vocab(cfg, tokenizer_vocab)
     mesh = make_mesh(cfg.mesh, devices)
     layout = fit_kv_heads(Layout(mesh, cfg.mesh.rules), cfg.model.num_heads, cfg.model.num_kv_heads)
@@ -121,7 +123,7 @@ def place(cfg: Config, tokenizer_vocab: int = BYTE_VOCAB,
     context = context_shards(layout)
     balance = context if context > 1 and cfg.train.context_load_balance else 0
     check_sequence(layout, cfg.data.seq_len, bool(balance), cfg.model.loss_chunk)
-    model = resolve_attention(cfg.model, cfg.data.seq_len, context)
+    model = resolve_attention(cfg.model, cfg.data.seq_len, context, announce)
     graphdef, abstract_params = abstract_model(model, layout, pipeline)
     check_divisible(layout, abstract_params)
     return Placement(cfg, model, mesh, layout, pipeline, balance, graphdef, abstract_params)

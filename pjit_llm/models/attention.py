@@ -40,10 +40,12 @@ def cudnn_unsupported(cfg: ModelConfig, seq_len: int) -> str | None:
     return None
 
 
-def resolve_attention(cfg: ModelConfig, seq_len: int, context: int = 1) -> ModelConfig:
-    """`cfg` with model.attention set to the kernel this run will use: xla or cudnn. A
-    sequence sharded over `context` shards attends under a dense mask of global positions,
-    which cuDNN's kernel has no mask type for: XLA's then."""
+def resolve_attention(cfg: ModelConfig, seq_len: int, context: int = 1,
+                      announce: bool = True) -> ModelConfig:
+    """`cfg` with model.attention set to the kernel this run will use: xla or cudnn, said in
+    one line with `announce`. A sequence sharded over `context` shards attends under a dense
+    mask of global positions, which cuDNN's kernel has no mask type for: XLA's then."""
+    say = info if announce else (lambda line: None)
     if cfg.attention == "xla":
         return cfg
     if context > 1:
@@ -52,15 +54,15 @@ def resolve_attention(cfg: ModelConfig, seq_len: int, context: int = 1) -> Model
         if cfg.attention == "cudnn":
             raise UserError(f"model.attention=cudnn cannot be used: {reason}; set "
                             "model.attention=auto or xla, or mesh.context=1")
-        info(f"attention: XLA (cuDNN flash attention not used: {reason})")
+        say(f"attention: XLA (cuDNN flash attention not used: {reason})")
         return dataclasses.replace(cfg, attention="xla")
     reason = cudnn_unsupported(cfg, seq_len)
     if reason is None:
         if cfg.attention == "auto":
-            info("attention: cuDNN flash attention")
+            say("attention: cuDNN flash attention")
         return dataclasses.replace(cfg, attention="cudnn")
     if cfg.attention == "cudnn":
         raise UserError(f"model.attention=cudnn cannot be used: {reason}; "
                         "set model.attention=auto (falls back to XLA) or xla")
-    info(f"attention: XLA (cuDNN flash attention not used: {reason})")
+    say(f"attention: XLA (cuDNN flash attention not used: {reason})")
     return dataclasses.replace(cfg, attention="xla")

@@ -34,10 +34,11 @@ class Components(Placement):
 
 
 def build(cfg: Config, tokenizer_vocab: int = BYTE_VOCAB,
-          devices: Sequence[jax.Device] | None = None, batches: bool = True) -> Components:
+          devices: Sequence[jax.Device] | None = None, batches: bool = True,
+          announce: bool = True) -> Components:
     """Assemble a training run from `cfg` on `devices` (default: all); the arguments are
     `place`'s."""
-    placed = place(cfg, tokenizer_vocab, devices, batches)
+    placed = place(cfg, tokenizer_vocab, devices, batches, announce)
     cfg = placed.cfg
     schedule = make_schedule(cfg.optimizer, cfg.train.steps)
     tx = make_optimizer(cfg.optimizer, schedule)
@@ -55,4 +56,4 @@ def check(cfg: Config, devices: Sequence[jax.Device] | None = None) -> None:
     """Refuse what `build` would refuse (mesh, batch split, stages, sequence, attention
     kernel, optimizer), before any data is prepared: the vocabulary, which only the tokenizer
     knows, is the one thing left unchecked (a one-token stand-in here)."""
-    build(cfg, tokenizer_vocab=1, devices=devices)
+    build(cfg, tokenizer_vocab=1, devices=devices, announce=False)  # the run says it later
