@@ -58,14 +58,17 @@ class Placement:
                        in_shardings=(self.param_shardings, self.batch_sharding),
                        out_shardings=self.layout.replicated())
 
+    def make_params(self, key: jax.Array) -> nnx.State:
+        """The parameters `key` gives, in run order; traced inside a jit with out_shardings,
+        they are created directly in their shardings. The same key gives the same model on
+        every mesh and pipeline schedule."""
+        params = nnx.split(Transformer(self.model, self.layout, nnx.Rngs(params=key),
+                                       self.pipeline))[1]
+        return self.pipeline.to_stage_order(params) if self.pipeline else params
+
     def init_params(self, seed: int = 0) -> nnx.State:
         """Fresh parameters from `seed`, created directly in their shardings (run order)."""
-        def init(key):
-            model = Transformer(self.model, self.layout, nnx.Rngs(params=key), self.pipeline)
-            params = nnx.split(model)[1]
-            return self.pipeline.to_stage_order(params) if self.pipeline else params
-
-        return jax.jit(init, out_shardings=self.param_shardings)(jax.random.key(seed))
+        return jax.jit(self.make_params, out_shardings=self.param_shardings)(jax.random.key(seed))
 
     @property
     def tokens_per_step(self) -> int:

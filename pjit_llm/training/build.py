@@ -11,12 +11,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from pjit_llm.config import Config
 from pjit_llm.placement import BYTE_VOCAB, Placement, place
 from pjit_llm.training.optim import make_optimizer, make_schedule
-from pjit_llm.training.step import TrainState, compile_train_step, init_state, plan_state
+from pjit_llm.training.step import TrainState, compile_train_step, plan_state
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,13 @@ class Components(Placement):
     def init_state(self, seed: int | None = None) -> TrainState:
         """A fresh state, created directly in its shardings (default seed: train.seed)."""
         seed = self.cfg.train.seed if seed is None else seed
-        return init_state(self.model, self.layout, self.tx, seed, self.pipeline)[1]
+
+        def init(key):
+            params = self.make_params(key)
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                              opt_state=self.tx.init(params))
+
+        return jax.jit(init, out_shardings=self.shardings)(jax.random.key(seed))
 
 
 def build(cfg: Config, tokenizer_vocab: int = BYTE_VOCAB,

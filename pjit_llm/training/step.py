@@ -1,4 +1,4 @@
-"""Training state, its shardings, and the pure train step: plan_state, init_state, train_step.
+"""Training state, its shardings, and the pure train step: plan_state, train_step.
 
 No I/O and no host syncs here. The loss they take is models/loss.py's.
 """
@@ -11,11 +11,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from pjit_llm.models.llama.config import ModelConfig
-from pjit_llm.models.llama.model import Transformer, abstract_model
 from pjit_llm.models.loss import Batch, loss_terms
 from pjit_llm.parallel.layout import Layout, is_variable, param_shardings
-from pjit_llm.parallel.stages import Pipeline, split_microbatches
+from pjit_llm.parallel.stages import split_microbatches
 
 
 @flax.struct.dataclass
@@ -45,26 +43,6 @@ def plan_state(abstract_params: nnx.State, layout: Layout, tx: optax.GradientTra
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             shapes, shardings)
     return abstract, shardings
-
-
-def init_state(cfg: ModelConfig, layout: Layout, tx: optax.GradientTransformation, seed: int,
-               pipeline: Pipeline | None = None):
-    """Create parameters and optimizer state directly in their shardings (no full host copy).
-    The same seed gives the same model on every mesh and pipeline schedule.
-
-    Returns (graphdef, state, shardings).
-    """
-    graphdef, abstract_params = abstract_model(cfg, layout, pipeline)
-    _, shardings = plan_state(abstract_params, layout, tx)
-
-    def init(key):
-        params = nnx.split(Transformer(cfg, layout, nnx.Rngs(params=key), pipeline))[1]
-        if pipeline is not None:
-            params = pipeline.to_stage_order(params)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-    state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
-    return graphdef, state, shardings
 
 
 def _micro_batches(batch: Batch, k: int, layout: Layout) -> Batch:
