@@ -67,7 +67,7 @@ def test_scan_and_unrolled_layers_agree(tiny, reference):
                  reference[1])
 
 
-@pytest.mark.parametrize("policy", ["full", "dots", "proj", "proj_offload"])
+@pytest.mark.parametrize("policy", ["full", "dots", "proj", "proj_attn", "proj_offload"])
 def test_remat_policies_do_not_change_the_result(tiny, reference, policy):
     losses, params = run_steps(tiny(f"model.remat={policy}"), {"data": 2, "fsdp": 2, "tensor": 2})
     np.testing.assert_allclose(losses, reference[0], rtol=2e-5)
@@ -127,12 +127,13 @@ def step_temporaries(cfg) -> int:
 
 
 def test_remat_and_chunked_loss_save_the_memory_they_promise(tiny):
-    """Recomputing more keeps fewer activations; chunking the loss spares (most of) the whole
+    """Recomputing more keeps fewer activations (keeping attention costs its output and
+    statistics over keeping the projections alone); chunking the loss spares (most of) the whole
     batch's float32 logits, 8 x 256 x 8,192 x 4 bytes = 64 MiB here (61.5 MiB measured)."""
     big_vocab = ("model.vocab_size=8192", "data.seq_len=256", "data.batch_size=8")
     temp = {remat: step_temporaries(tiny(*big_vocab, f"model.remat={remat}"))
-            for remat in ("none", "proj", "full")}
-    assert temp["full"] < temp["proj"] < temp["none"]
+            for remat in ("none", "proj_attn", "proj", "full")}
+    assert temp["full"] < temp["proj"] < temp["proj_attn"] < temp["none"]
     chunked = step_temporaries(tiny(*big_vocab, "model.remat=full", "model.loss_chunk=32"))
     assert temp["full"] - chunked >= 0.75 * 8 * 256 * 8192 * 4
 

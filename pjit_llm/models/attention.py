@@ -12,13 +12,15 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from pjit_llm.models.attention_kernels import attend, packed_segments, same_segment_mask
 from pjit_llm.models.llama.config import ModelConfig
 from pjit_llm.errors import UserError, first_line
 from pjit_llm.metrics import info
 
 
 def cudnn_unsupported(cfg: ModelConfig, seq_len: int) -> str | None:
-    """Why cuDNN attention cannot run this model here, or None when it can."""
+    """Why cuDNN attention cannot run this model here (with its segment mask, dense or as
+    document offsets per model.max_segments), or None when it can."""
     backend = jax.default_backend()
     if backend != "gpu":
         return f"it needs a GPU and the backend is {backend}"
@@ -26,15 +28,17 @@ def cudnn_unsupported(cfg: ModelConfig, seq_len: int) -> str | None:
         return f"it runs in bfloat16 and model.dtype={cfg.dtype}"
     q = jax.ShapeDtypeStruct((1, seq_len, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((1, seq_len, cfg.num_kv_heads, cfg.head_dim), jnp.bfloat16)
-    mask = jax.ShapeDtypeStruct((1, 1, seq_len, seq_len), jnp.bool_)
+    ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
 
-    def attend(q, k, v, mask):
-        return jax.nn.dot_product_attention(q, k, v, mask=mask if cfg.segment_mask else None,
-                                            is_causal=True, implementation="cudnn")
+    def one_layer(q, k, v, ids):
+        mask = None
+        if cfg.segment_mask:
+            mask = (packed_segments(ids, cfg.max_segments) if cfg.max_segments
+                    else same_segment_mask(ids))
+        return attend(q, k, v, mask, True, "cudnn").astype(jnp.float32).sum()
 
     try:
-        jax.jit(jax.grad(lambda *a: attend(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))
-                ).lower(q, kv, kv, mask).compile()
+        jax.jit(jax.grad(one_layer, argnums=(0, 1, 2))).lower(q, kv, kv, ids).compile()
     except Exception as e:  # cuDNN says no in many ways: NotImplementedError, XlaRuntimeError
         return first_line(e)
     return None
@@ -57,6 +61,12 @@ def resolve_attention(cfg: ModelConfig, seq_len: int, context: int = 1,
         say(f"attention: XLA (cuDNN flash attention not used: {reason})")
         return dataclasses.replace(cfg, attention="xla")
     reason = cudnn_unsupported(cfg, seq_len)
+    if reason is not None and cfg.segment_mask and cfg.max_segments:
+        without = dataclasses.replace(cfg, max_segments=0)
+        if cudnn_unsupported(without, seq_len) is None:  # cuDNN, but with the dense mask
+            say(f"attention: cuDNN flash attention under a dense segment mask (document "
+                f"offsets, model.max_segments={cfg.max_segments}, not used: {reason})")
+            return dataclasses.replace(without, attention="cudnn")
     if reason is None:
         if cfg.attention == "auto":
             say("attention: cuDNN flash attention")

@@ -1,8 +1,8 @@
 """What the training benchmarks (pjit_llm.bench step, memory, data, save) measure, as rows.
 
 `measure`: the real compiled training step on synthetic tokens. The model, optimizer,
-shardings and step are the ones `train` compiles; only the batches are random tokens (one
-document per row), so it needs no dataset, tokenizer or data packages. Each timed step is
+shardings and step are the ones `train` compiles; only the batches are random tokens (packed
+documents of random lengths), so it needs no dataset, tokenizer or data packages. Each timed step is
 synchronised with the device, so the figures are the step's own time, without the loop.
 `data_throughput`: tokens per second from the input pipeline. `save_times`: how long a
 checkpoint save holds the training loop.
@@ -31,12 +31,22 @@ from pjit_llm.training.build import Components, build
 
 
 def synthetic_batch(cfg: Config, layout: Layout, seed: int = 0) -> dict:
-    """A global batch of random tokens, built shard by shard (each process makes its own)."""
+    """A global batch of random tokens packed as documents of random lengths (exponential,
+    a quarter of a row on average, as web text packs into long rows), so that the segment
+    mask costs what it costs on real data. Built shard by shard (each process makes its own)."""
     B, L, V = cfg.data.batch_size, cfg.data.seq_len, cfg.model.vocab_size
     rng = np.random.default_rng(seed)
+    segment_ids = np.empty((B, L), np.int32)
+    positions = np.empty((B, L), np.int32)
+    for row in range(B):
+        start, document = 0, 1
+        while start < L:
+            end = min(L, start + max(1, int(rng.exponential(L / 4))))
+            segment_ids[row, start:end] = document
+            positions[row, start:end] = np.arange(end - start)
+            start, document = end, document + 1
     host = {"tokens": rng.integers(0, V, (B, L), dtype=np.int32),
-            "segment_ids": np.ones((B, L), np.int32),
-            "positions": np.broadcast_to(np.arange(L, dtype=np.int32), (B, L))}
+            "segment_ids": segment_ids, "positions": positions}
     sharding = layout.sharding(("batch", "length"))
     return {k: jax.make_array_from_callback((B, L), sharding, lambda idx, v=v: v[idx])
             for k, v in host.items()}

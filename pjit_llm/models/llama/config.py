@@ -35,10 +35,16 @@ class ModelConfig:
     scan_layers: bool = True
     # What the backward pass keeps of each layer's forward pass (the rest is recomputed):
     # none keeps all; full keeps nothing; dots keeps every matmul output; proj keeps the
-    # linear projections' outputs; proj_offload keeps those in host memory.
-    remat: Literal["none", "full", "dots", "proj", "proj_offload"] = "none"
+    # linear projections' outputs; proj_attn those and attention's output and softmax
+    # statistics (no attention forward in the backward pass); proj_offload keeps the
+    # projections in host memory.
+    remat: Literal["none", "full", "dots", "proj", "proj_attn", "proj_offload"] = "none"
     attention: Literal["auto", "xla", "cudnn"] = "auto"  # auto: cuDNN where it runs, else XLA
     segment_mask: bool = True  # false: packed documents may attend to each other (faster)
+    # cuDNN: >0 gives the kernel each row's document offsets (up to this many documents a
+    # row) instead of a dense L x L mask; a batch with a fuller row uses the mask (exact,
+    # slower). 0: always the mask. XLA's kernel always takes the mask.
+    max_segments: int = 0
     loss_chunk: int = 0  # >0: cross-entropy over chunks of this many positions (less memory)
     # The blocks' seven projections: default multiplies in the compute dtype; fp8 in
     # float8 (e4m3 forward, e5m2 gradients, per-tensor current scaling, float32 accumulation).
@@ -65,7 +71,8 @@ class ModelConfig:
             raise UserError("model.rope_high_freq_factor must exceed model.rope_low_freq_factor "
                             "for rope_scaling=llama3")
         for name, zero in (("vocab_size", "follow the tokenizer"), ("loss_chunk", "no chunks"),
-                           ("real_vocab_size", "all of model.vocab_size")):
+                           ("real_vocab_size", "all of model.vocab_size"),
+                           ("max_segments", "a dense mask")):
             if getattr(self, name) < 0:
                 raise UserError(f"model.{name} must be >= 0 (0: {zero})")
         if self.vocab_size and self.real_vocab_size > self.vocab_size:

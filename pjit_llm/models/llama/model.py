@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pjit_llm.models.attention_kernels import attend, keeps_attention, packed_segments, same_segment_mask
 from pjit_llm.models.llama.config import ModelConfig
 from pjit_llm.models.matmul import matmul, take_rows
 from pjit_llm.models.quantize import Int8Weight
@@ -38,6 +39,9 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "full": None,  # save nothing, recompute the whole block in the backward pass
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # every matmul output
     "proj": jax.checkpoint_policies.save_only_these_names(*PROJECTIONS),
+    # The projections and attention's output and softmax statistics: the backward pass runs
+    # no attention forward, for (B, L, H) float32 statistics and a (B, L, H, K) output a layer.
+    "proj_attn": keeps_attention(*PROJECTIONS),
     # The same tensors, parked in host memory between the forward and the backward pass.
     "proj_offload": jax.checkpoint_policies.save_and_offload_only_these_names(
         names_which_can_be_saved=[], names_which_can_be_offloaded=list(PROJECTIONS),
@@ -169,9 +173,7 @@ class Attention(nnx.Module):
             # attention.resolve_attention decides between the kernels ("auto" means XLA
             # unless resolved); a prefill attends over a cache under a general mask: XLA's.
             impl = "cudnn" if self.cfg.attention == "cudnn" and kv is None else "xla"
-            out_BLHK = jax.nn.dot_product_attention(
-                q_BLHK, k_BLGK, v_BLGK, mask=mask_B1LS, is_causal=kv is None and causal,
-                implementation=impl)
+            out_BLHK = attend(q_BLHK, k_BLGK, v_BLGK, mask_B1LS, kv is None and causal, impl)
         return matmul("BLHK,HKD->BLD", out_BLHK, self.wo[...], dt, "attn_out", kind), kv
 
 
@@ -273,10 +275,14 @@ class Transformer(nnx.Module):
 
     def _mask(self, segment_ids_BL, slots_BL, layout: Layout | None):
         """(B, 1, L, L) or None: same segment (model.segment_mask), and with `slots_BL` key
-        slot <= query slot. Its query axis is sharded like the queries (`length`)."""
+        slot <= query slot. Its query axis is sharded like the queries (`length`). For cuDNN
+        with model.max_segments, the documents' offsets instead (`PackedSegments`)."""
+        cfg = self.cfg
+        if cfg.segment_mask and cfg.attention == "cudnn" and cfg.max_segments and slots_BL is None:
+            return packed_segments(segment_ids_BL, cfg.max_segments)
         mask_B1LS = None
-        if self.cfg.segment_mask:
-            mask_B1LS = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
+        if cfg.segment_mask:
+            mask_B1LS = same_segment_mask(segment_ids_BL)
         if slots_BL is not None:
             causal_B1LS = slots_BL[:, None, :, None] >= slots_BL[:, None, None, :]
             mask_B1LS = causal_B1LS if mask_B1LS is None else mask_B1LS & causal_B1LS
