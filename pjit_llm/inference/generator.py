@@ -67,6 +67,7 @@ class Generator:
             for axis in layout.mesh_axes("length"):
                 layout = layout.without(axis)
         self.model_cfg, self.layout, self.sampling = model_cfg, layout, sampling
+        unroll = model_cfg.decode_unroll
         self.stream_block = stream_block
         # The loop runs the model with one parameter tree per layer (`prepare`).
         graphdef, _ = abstract_model(model_cfg, layout, layer_list=True)
@@ -98,9 +99,13 @@ class Generator:
             return record(state, token_B, eos_id)
 
         def decode(params, state, stop, eos_id):
-            """Decode steps until `stop` tokens are written or every prompt has ended."""
-            def more(state):
-                return (state["i"] < stop) & ~jnp.all(state["done"])
+            """Decode steps until `stop` tokens are written or every prompt has ended: blocks
+            of model.decode_unroll steps while they fit, then single steps. A GPU's loop
+            reads its condition back to the host before every iteration, so each block spares
+            that round trip (and the host's launches behind it) for all but one of its steps;
+            a prompt that ends inside a block only has its block finished (written as -1)."""
+            def room(steps):
+                return lambda state: (state["i"] + steps <= stop) & ~jnp.all(state["done"])
 
             def one(state):
                 key, sub = jax.random.split(state["key"])
@@ -109,7 +114,14 @@ class Generator:
                 state = {**state, "key": key, "cache": cache, "pos": state["pos"] + 1}
                 return record(state, token_B, eos_id)
 
-            return jax.lax.while_loop(more, one, state)
+            def block(state):
+                for _ in range(unroll):
+                    state = one(state)
+                return state
+
+            if unroll > 1:
+                state = jax.lax.while_loop(room(unroll), block, state)
+            return jax.lax.while_loop(room(1), one, state)
 
         self._prefill = jax.jit(prefill, static_argnums=(6, 7), donate_argnums=4)
         self._decode = jax.jit(decode, static_argnums=3, donate_argnums=1)

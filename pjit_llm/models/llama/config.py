@@ -46,6 +46,9 @@ class ModelConfig:
     # slower). 0: always the mask. XLA's kernel always takes the mask.
     max_segments: int = 0
     loss_chunk: int = 0  # >0: cross-entropy over chunks of this many positions (less memory)
+    # Generation: decode steps per iteration of the device loop, which checks whether every
+    # prompt has ended between iterations (more: fewer GPU round trips, longer compiles).
+    decode_unroll: int = 1
     # The blocks' seven projections: default multiplies in the compute dtype; fp8 in
     # float8 (e4m3 forward, e5m2 gradients, per-tensor current scaling, float32 accumulation).
     # The vocabulary projection, attention and norms stay in the compute dtype.
@@ -65,8 +68,9 @@ class ModelConfig:
 
     def validate(self) -> None:
         require_positive(self, "model", "num_layers", "embed_dim", "num_heads", "num_kv_heads",
-                  "mlp_dim", "max_len", "rope_theta", "norm_eps", "init_std", "rope_factor",
-                  "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len")
+                  "mlp_dim", "max_len", "decode_unroll", "rope_theta", "norm_eps", "init_std",
+                  "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                  "rope_original_max_len")
         if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
             raise UserError("model.rope_high_freq_factor must exceed model.rope_low_freq_factor "
                             "for rope_scaling=llama3")
