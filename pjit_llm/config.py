@@ -3,7 +3,8 @@
 Every value is type-checked on the way in; an unknown key, a wrong type or an impossible
 value raises UserError with one line that names the key and the fix. Checks that need the
 devices (mesh sizes, divisibility of sharded dimensions) live in parallel/mesh.py and
-parallel/layout.py. The `model` section belongs to the model family (models/llama/config.py);
+parallel/layout.py. The `model` section belongs to the model family, whose class its `family`
+key picks (models/families.py);
 the `mesh` and `distributed` sections to parallel/ (parallel/settings.py, the mesh section
 made from the list of mesh axes in parallel/axes.py).
 """
@@ -19,7 +20,8 @@ from typing import Literal
 import yaml
 
 from pjit_llm.errors import UserError, require_positive
-from pjit_llm.models.llama.config import ModelConfig
+from pjit_llm.models.decoder_config import DecoderConfig
+from pjit_llm.models.families import config_class, family
 from pjit_llm.parallel.settings import DistributedConfig, MeshConfig, Rules  # noqa: F401 (sections)
 
 
@@ -233,7 +235,7 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: DecoderConfig = field(default_factory=family("llama").config)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -297,7 +299,7 @@ def config_from_dict(raw: dict) -> Config:
 
 
 def load_section(cls, path: str, name: str):
-    """One section of the tree (e.g. ModelConfig) from a YAML file holding just that mapping,
+    """One section of the tree (e.g. DecoderConfig) from a YAML file holding just that mapping,
     checked like a whole config; `name` is its key in messages (model.num_layers=...)."""
     section = _build(cls, _read_yaml(path), name + ".")
     section.validate()
@@ -351,7 +353,9 @@ def _build(cls, raw, prefix: str):
             continue
         hint = hints[name]
         key = prefix + name
-        if dataclasses.is_dataclass(hint):
+        if hint is DecoderConfig:  # the family's own class, for its own keys
+            values[name] = _build(config_class(raw[name]), raw[name], key + ".")
+        elif dataclasses.is_dataclass(hint):
             values[name] = _build(hint, raw[name], key + ".")
         else:
             values[name] = _coerce(raw[name], hint, key)

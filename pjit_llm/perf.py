@@ -3,8 +3,8 @@ throughput and utilisation (MFU) against the device's peak, and what a compiled 
 in memory.
 """
 
-from pjit_llm.models.llama.config import ModelConfig
-from pjit_llm.models.llama.flops import train_flops_per_token
+from pjit_llm.models.decoder_config import DecoderConfig
+from pjit_llm.models.families import family_of
 
 # Dense bfloat16 peak FLOP/s per device, by the start of jax's `device_kind`.
 PEAK_FLOPS = {
@@ -31,9 +31,9 @@ MEMORY_BANDWIDTH = {
 }
 
 
-def flops_per_step(cfg: ModelConfig, batch_size: int, seq_len: int) -> float:
+def flops_per_step(cfg: DecoderConfig, batch_size: int, seq_len: int) -> float:
     """Model FLOPs of one training step over a global batch of `batch_size` x `seq_len`."""
-    return train_flops_per_token(cfg, seq_len) * batch_size * seq_len
+    return family_of(cfg).train_flops_per_token(cfg, seq_len) * batch_size * seq_len
 
 
 def throughput(flops: float, tokens: float, seconds: float, devices: int,

@@ -20,8 +20,9 @@ from pjit_llm import perf
 from pjit_llm.config import Config
 from pjit_llm.errors import UserError
 from pjit_llm.models.attention import resolve_attention
-from pjit_llm.models.llama.config import ModelConfig
-from pjit_llm.models.llama.model import Transformer, abstract_model, padded_vocab
+from pjit_llm.models.decoder_config import DecoderConfig
+from pjit_llm.models.families import abstract_model, make_model
+from pjit_llm.models.layers import padded_vocab
 from pjit_llm.models.loss import make_eval_step
 from pjit_llm.parallel.context import check_sequence, context_shards
 from pjit_llm.parallel.layout import (Layout, check_batch, check_divisible, conversion_mesh,
@@ -35,7 +36,7 @@ BYTE_VOCAB = 257  # the byte tokenizer's vocabulary: 256 bytes and the end of a 
 @dataclass(frozen=True)
 class Placement:
     cfg: Config  # the vocabulary made concrete; model.attention as asked (what a run records)
-    model: ModelConfig  # cfg.model with the attention kernel this backend runs
+    model: DecoderConfig  # cfg.model with the attention kernel this backend runs
     mesh: Mesh
     layout: Layout
     pipeline: Pipeline | None  # the schedule of the layers' stages; None without mesh.stage
@@ -62,7 +63,7 @@ class Placement:
         """The parameters `key` gives, in run order; traced inside a jit with out_shardings,
         they are created directly in their shardings. The same key gives the same model on
         every mesh and pipeline schedule."""
-        params = nnx.split(Transformer(self.model, self.layout, nnx.Rngs(params=key),
+        params = nnx.split(make_model(self.model, self.layout, nnx.Rngs(params=key),
                                        self.pipeline))[1]
         return self.pipeline.to_stage_order(params) if self.pipeline else params
 

@@ -21,7 +21,9 @@ def test_every_shipped_config_loads():
 
 
 def _field_types(cls, prefix=""):
-    for name, hint in typing.get_type_hints(cls).items():
+    hints = typing.get_type_hints(cls)
+    for name in (f.name for f in dataclasses.fields(cls)):  # not class-level traits
+        hint = hints[name]
         if dataclasses.is_dataclass(hint):
             yield from _field_types(hint, f"{prefix}{name}.")
         else:

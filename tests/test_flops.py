@@ -1,7 +1,7 @@
 """The Llama family's FLOP count: every matrix multiply, and attention."""
 
 from pjit_llm.models.llama import flops as llama_flops
-from pjit_llm.models.llama.config import ModelConfig
+from pjit_llm.models.llama.config import LlamaConfig as ModelConfig
 
 
 def test_model_flops_count_every_matrix_multiply():

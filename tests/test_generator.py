@@ -12,7 +12,9 @@ from flax import nnx
 
 from conftest import build_on, tiny_config
 from pjit_llm.inference.generator import Generator, Sampling, sample
-from pjit_llm.models.llama.model import QUANTIZED_WEIGHTS, abstract_model, init_cache
+from pjit_llm.models.decoder import init_cache
+from pjit_llm.models.families import abstract_model
+from pjit_llm.models.llama.model import QUANTIZED_WEIGHTS
 from pjit_llm.models.quantize import Int8Weight, quantize_params
 
 PROMPTS = [np.array([10, 11, 12], np.int32), np.array([40, 41, 42, 43, 44, 45, 46], np.int32),

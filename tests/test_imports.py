@@ -96,3 +96,15 @@ def test_the_checks_find_a_cycle_and_a_function_level_import():
     tree = ast.parse("def f():\n    from pjit_llm.config import Config\n")
     inner = [n for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) for n in ast.walk(f)]
     assert [t for n in inner for t in imported(n)] == ["pjit_llm.config.Config"]
+
+
+def test_only_the_family_table_reaches_a_family_package():
+    """Everything outside models/ reaches a model family through models/families.py; the
+    family packages are a table's entries, not a dependency of the rest of the code."""
+    graph, _ = edges()
+    families = {m for m in graph if m.startswith("pjit_llm.models.")
+                and (ROOT / "models" / m.split(".")[2]).is_dir()}
+    assert {"pjit_llm.models.llama", "pjit_llm.models.qwen3"} <= families
+    reaching = sorted(f"{m} -> {t}" for m, targets in graph.items()
+                      if not m.startswith("pjit_llm.models.") for t in targets if t in families)
+    assert not reaching, reaching

@@ -21,7 +21,7 @@ from pjit_llm.checkpoint.runs import restore_params
 from pjit_llm.errors import UserError
 from pjit_llm.interop import hf as convert
 from pjit_llm.interop import safetensors_io
-from pjit_llm.models.llama import hf as hf_config
+from pjit_llm.models import hf_format
 from pjit_llm.parallel.layout import is_variable
 from pjit_llm.placement import place_for_conversion
 
@@ -63,12 +63,12 @@ def test_float16_checkpoint_imports_exactly_in_float32_and_says_so(tmp_path, cap
     cfg = run_config(run)
     assert cfg.model.param_dtype == "float32"
     layout = build_on(cfg).layout
-    params = {hf_config.param_path(k): np.asarray(v[...]) for k, v in jax.tree_util.tree_leaves_with_path(
+    params = {hf_format.param_path(k): np.asarray(v[...]) for k, v in jax.tree_util.tree_leaves_with_path(
         restore_params(cfg, layout, None)[0], is_leaf=is_variable)}
     weights = model.state_dict()
     for name, path, in_dims, layer, _ in convert.hf_tensors(cfg.model):
         ours = params[path] if layer is None else params[path][layer]
-        real = tuple(slice(0, n) for n in hf_config.unpadded_shape(cfg.model, path, ours.shape))
+        real = tuple(slice(0, n) for n in hf_format.unpadded_shape(cfg.model, path, ours.shape))
         # the padding ids' rows hold zeros
         assert ours.dtype == np.float32 and np.count_nonzero(ours) == np.count_nonzero(ours[real])
         ours = ours[real]

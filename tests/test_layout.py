@@ -7,7 +7,7 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import build_on
 from pjit_llm.errors import UserError
-from pjit_llm.models.llama.model import abstract_model
+from pjit_llm.models.families import abstract_model
 from pjit_llm.parallel.layout import Layout, attention_kv_heads, fit_kv_heads, param_shardings
 from pjit_llm.parallel.mesh import make_mesh
 

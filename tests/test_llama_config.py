@@ -5,13 +5,13 @@ import dataclasses
 import pytest
 
 from pjit_llm.errors import UserError
-from pjit_llm.models.llama.config import ModelConfig
+from pjit_llm.models.llama.config import LlamaConfig as ModelConfig
 
 
 def test_the_defaults_are_valid_and_head_dim_follows():
     cfg = ModelConfig()
     cfg.validate()
-    assert cfg.head_dim == 256 // 8
+    assert cfg.head_size == 256 // 8
 
 
 @pytest.mark.parametrize("change, message", [

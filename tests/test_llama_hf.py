@@ -5,6 +5,7 @@ import pytest
 
 from hf_models import LLAMA, LLAMA3_ROPE
 from pjit_llm.errors import UserError
+from pjit_llm.models import hf_format
 from pjit_llm.models.llama import hf as hf_config
 
 
@@ -20,7 +21,7 @@ from pjit_llm.models.llama import hf as hf_config
      "pass --dtype bfloat16 to halve the memory"),
 ])
 def test_import_dtype_and_what_is_said_of_it(stored, chosen, dtype, note):
-    assert hf_config.import_dtype(stored, chosen) == (dtype, note)
+    assert hf_format.import_dtype(stored, chosen) == (dtype, note)
 
 
 @pytest.mark.parametrize("change, message", [

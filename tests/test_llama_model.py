@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pjit_llm.models.llama.config import ModelConfig
-from pjit_llm.models.llama.model import Transformer, apply_rope, padded_vocab, rope_angles
+from pjit_llm.models.layers import apply_rope, padded_vocab, rope_angles
+from pjit_llm.models.llama.config import LlamaConfig as ModelConfig
+from pjit_llm.models.llama.model import LlamaTransformer as Transformer
 
 L = 32
 

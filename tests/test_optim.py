@@ -7,7 +7,7 @@ from flax import nnx
 
 from pjit_llm.config import OptimizerConfig
 from pjit_llm.errors import UserError
-from pjit_llm.models.llama.model import Transformer
+from pjit_llm.models.llama.model import LlamaTransformer as Transformer
 from pjit_llm.training.optim import decay_mask, make_optimizer, make_schedule, schedule_change
 
 

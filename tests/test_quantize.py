@@ -9,7 +9,8 @@ import pytest
 
 from conftest import build_on, tiny_config
 from pjit_llm.errors import UserError
-from pjit_llm.models.llama.model import QUANTIZED_WEIGHTS, abstract_model
+from pjit_llm.models.families import abstract_model
+from pjit_llm.models.llama.model import QUANTIZED_WEIGHTS
 from pjit_llm.models.quantize import (Int8Weight, check_quantize, dequantize, param_bytes,
                                       quantize, quantize_params)
 from pjit_llm.models.loss import make_eval_step

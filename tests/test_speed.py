@@ -23,7 +23,7 @@ def test_generation_rows_measure_the_real_generator():
         # The cache: keys and values of every layer, for the batch (padded to its 2 batch
         # shards) and prompt + new tokens, in float32.
         padded = max(r["batch"], 2)
-        assert r["cache_bytes"] == 2 * m.num_layers * padded * 11 * m.num_kv_heads * m.head_dim * 4
+        assert r["cache_bytes"] == 2 * m.num_layers * padded * 11 * m.num_kv_heads * m.head_size * 4
         assert r["param_bytes"] == sum(x.nbytes for x in jax.tree.leaves(params))
         assert r["bandwidth_share"] is None  # a CPU's bandwidth is not in the table
 

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from conftest import build_on, tiny_config
-from pjit_llm.models.llama.model import Transformer
+from pjit_llm.models.llama.model import LlamaTransformer as Transformer
 from pjit_llm.models.loss import loss_terms
 
 MESHES = {"one device": None, "dp": {"data": 8}, "fsdp": {"fsdp": 8}, "tensor": {"fsdp": 2, "tensor": 4},

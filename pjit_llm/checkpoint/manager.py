@@ -33,8 +33,8 @@ from pjit_llm.errors import UserError, first_line, out_of_space, quiet_teardown
 # stream the iterator position refers to. Everything else (schedule, steps, logging, mesh,
 # remat, compute dtype) may change between runs.
 FIXED_FIELDS = {
-    "model": ("vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads", "mlp_dim",
-              "tie_embeddings"),
+    "model": ("family", "vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads",
+              "head_dim", "mlp_dim", "tie_embeddings"),
     "data": ("source", "paths", "text_field", "format", "name", "train_split", "tokenizer",
              "tokenizer_path", "packing", "shuffle_window", "num_workers", "shards", "seq_len", "batch_size",
              "val_fraction", "seed"),

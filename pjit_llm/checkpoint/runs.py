@@ -15,8 +15,8 @@ from pjit_llm.checkpoint.manager import committed_steps, read_checksums
 from pjit_llm.checkpoint.run_dir import PARAMS_DIR, STEP_FILE, checkpoint_dir
 from pjit_llm.config import Config
 from pjit_llm.errors import UserError, first_line
-from pjit_llm.models.llama.config import ModelConfig
-from pjit_llm.models.llama.model import QUANTIZED_WEIGHTS, abstract_model
+from pjit_llm.models.decoder_config import DecoderConfig
+from pjit_llm.models.families import abstract_model, family_of
 from pjit_llm.models.quantize import check_quantize, quantize_params, quantized_target
 from pjit_llm.parallel.layout import Layout, check_divisible, param_shardings
 
@@ -52,7 +52,7 @@ def restore_params(cfg: Config, layout: Layout, step: int | None):
                     "newest could be read; pass --step with a kept step")
 
 
-def _read_params(model: ModelConfig, layout: Layout, where: Path, prefix: tuple[str, ...],
+def _read_params(model: DecoderConfig, layout: Layout, where: Path, prefix: tuple[str, ...],
                  step: int):
     params = restore_partial(where, prefix, params_target(model, layout))
     if not prefix:
@@ -92,13 +92,13 @@ def params_location(cfg: Config, step: int | None) -> tuple[Path, tuple[str, ...
     return directory / str(step) / "state", ("params",), step
 
 
-def params_target(model: ModelConfig, layout: Layout):
+def params_target(model: DecoderConfig, layout: Layout):
     """The parameters' shapes and dtypes with their shardings in `layout`: a restore target
     (int8 values and scales where model.quantize=int8)."""
     _, abstract = abstract_model(model, layout)
     check_divisible(layout, abstract)
     if model.quantize == "int8":
-        return quantized_target(abstract, layout, QUANTIZED_WEIGHTS)
+        return quantized_target(abstract, layout, family_of(model).quantized_weights)
     shardings = param_shardings(layout, abstract)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings)
@@ -141,6 +141,6 @@ def inference_params(cfg: Config, layout: Layout, step: int | None, quantize: st
     model = cfg.model
     if quantize == "int8" and model.quantize == "none":
         _, abstract = abstract_model(model, layout)
-        params = quantize_params(params, layout, QUANTIZED_WEIGHTS, abstract)
+        params = quantize_params(params, layout, family_of(model).quantized_weights, abstract)
         model = dataclasses.replace(model, quantize="int8")
     return params, step, model

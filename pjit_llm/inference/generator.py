@@ -22,7 +22,8 @@ from flax import nnx
 from pjit_llm.data.chat import chat_prompt, load_chat_template
 from pjit_llm.errors import UserError
 from pjit_llm.inference.loading import load_for_inference
-from pjit_llm.models.llama.model import abstract_model, cache_axes, init_cache, unstack_layers
+from pjit_llm.models.decoder import cache_axes, init_cache, unstack_layers
+from pjit_llm.models.families import abstract_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +132,7 @@ class Generator:
     @staticmethod
     def prepare(params, donate: bool = False) -> "DecodeParams":
         """The model's parameters as the decode loop reads them, one tree per layer (see
-        models.llama.model.unstack_layers); with `donate` the stacked arrays are freed."""
+        models.decoder.unstack_layers); with `donate` the stacked arrays are freed."""
         return DecodeParams(unstack_layers(params, donate))
 
     def generate(self, params, prompts: list[np.ndarray], max_new_tokens: int,

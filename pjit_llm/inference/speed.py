@@ -19,8 +19,8 @@ from pjit_llm.checkpoint.runs import inference_params
 from pjit_llm.config import Config
 from pjit_llm.errors import UserError
 from pjit_llm.inference.generator import Generator, Sampling
-from pjit_llm.models.llama import flops as llama_flops
-from pjit_llm.models.llama.config import ModelConfig
+from pjit_llm.models.decoder_config import DecoderConfig
+from pjit_llm.models.families import family_of
 from pjit_llm.models.quantize import param_bytes
 from pjit_llm.parallel.mesh import use_emulated_devices
 from pjit_llm.placement import place
@@ -32,7 +32,7 @@ def random_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[n
     return [rng.integers(0, min(vocab, 256), length).astype(np.int32) for _ in range(batch)]
 
 
-def measure_generation(generator: Generator, params, model: ModelConfig, batch: int,
+def measure_generation(generator: Generator, params, model: DecoderConfig, batch: int,
                        prompt_len: int, new_tokens: int, repeats: int) -> dict:
     """Median prefill and decode times of `repeats` generations of `new_tokens` greedy tokens
     (no end token: every row runs to the end) after one untimed generation that compiles."""
@@ -53,7 +53,7 @@ def measure_generation(generator: Generator, params, model: ModelConfig, batch: 
     step_s = decode_s / steps
     bandwidth = perf.memory_bandwidth(jax.devices()[0].device_kind)
     traffic = (weights + cache) / step_s
-    forward_flops = llama_flops.train_flops_per_token(model, prompt_len) / 3 * batch * prompt_len
+    forward_flops = family_of(model).train_flops_per_token(model, prompt_len) / 3 * batch * prompt_len
     return {
         "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
         "prefill_s": prefill_s, "prefill_tflops": forward_flops / prefill_s / 1e12,
@@ -74,7 +74,7 @@ def generation_rows(cfg, params, layout, batches: list[int], prompt_len: int,
 
 def generation_bench(variants: list[tuple[str, Config]], from_run: bool, quantize: list[str],
                      batches: list[int], prompt_len: int, new_tokens: int,
-                     repeats: int) -> tuple[list[dict], ModelConfig]:
+                     repeats: int) -> tuple[list[dict], DecoderConfig]:
     """Rows of `generation_rows` for each variant (configs of a run, whose parameters are
     restored, or of a model with random weights) and each of `quantize` (int8: at load time,
     as generate and evaluate do); with the last variant's model config."""

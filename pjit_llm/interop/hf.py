@@ -1,10 +1,11 @@
-"""Hugging Face checkpoints to and from run directories, for the Llama family.
+"""Hugging Face checkpoints to and from run directories, for every model family.
 
 `import_hf` reads config.json and the safetensors shards of a model directory and writes a
 run directory (config.yaml, params/, the tokenizer files) that generate, evaluate and
-`train.init_from=RUN_DIR` read like a trained run. `export_hf` writes config.json and
-safetensors shards that LlamaForCausalLM.from_pretrained loads. The family's own mapping
-(config fields, tensor names and layouts) is in models/llama/hf.py.
+`train.init_from=RUN_DIR` read like a trained run; config.json's `model_type` picks the
+family. `export_hf` writes config.json and safetensors shards that the family's
+`*ForCausalLM.from_pretrained` loads. Each family's own mapping (config fields, tensor names)
+is in models/<family>/hf.py, the layouts they share in models/hf_format.py.
 
 Both directions go tensor by tensor so that host memory never holds the model: import
 memory-maps the shards and builds each parameter with `jax.make_array_from_callback`, whose
@@ -32,10 +33,11 @@ from pjit_llm.config import Config, DataConfig, TrainConfig
 from pjit_llm.data.tokenizer import HFTokenizer
 from pjit_llm.errors import UserError
 from pjit_llm.interop import safetensors_io
-from pjit_llm.models.llama import hf as llama_hf
-from pjit_llm.models.llama.hf import (hf_tensors, param_path, to_hf, to_ours, unpadded_shape,
-                                      zero_padded)
-from pjit_llm.models.llama.model import abstract_model
+from pjit_llm.models.decoder_config import DecoderConfig
+from pjit_llm.models.families import abstract_model, family_of, hf_family
+from pjit_llm.models.hf_format import (import_dtype, param_path, to_hf, to_ours, unpadded_shape,
+                                       zero_padded)
+from pjit_llm.models.hf_format import hf_tensors as tensors_of
 from pjit_llm.parallel.layout import is_variable, param_shardings
 from pjit_llm.placement import place_for_conversion
 
@@ -48,7 +50,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def import_hf(hf_dir: Path, out: Path, dtype: str | None = None) -> Path:
-    """Convert a Hugging Face Llama directory into a run directory at `out`, with parameters in
+    """Convert a Hugging Face model directory into a run directory at `out`, with parameters in
     `dtype` (default: the dtype the weights are stored in, float32 for a float16 checkpoint);
     a line on stdout says when the weights change dtype."""
     if not hf_dir.is_dir():
@@ -64,13 +66,14 @@ def import_hf(hf_dir: Path, out: Path, dtype: str | None = None) -> Path:
                         "directory") from None
     except ValueError:
         raise UserError(f"{config_path} is not valid JSON") from None
-    model, _ = llama_hf.model_config(raw, str(config_path), dtype)
+    family = hf_family(raw, str(config_path))
+    model, _ = family.hf_model_config(raw, str(config_path), dtype)
     tensors = safetensors_io.SafetensorsDir(hf_dir)
     wanted = hf_tensors(model)
     _check_tensors(tensors, wanted, model.tie_embeddings, hf_dir)
     # The weights as stored decide, not config.json's `dtype`, which may say otherwise.
     stored = sorted({tensors.dtype(name).name for name, *_ in wanted})
-    param_dtype, note = llama_hf.import_dtype(stored, dtype)
+    param_dtype, note = import_dtype(stored, dtype)
     model = dataclasses.replace(model, param_dtype=param_dtype)
     if note:
         print(note, flush=True)
@@ -162,8 +165,8 @@ def _check_tensors(tensors, wanted, tied: bool, hf_dir: Path) -> None:
     extra = sorted(n for n in present - set(needed) - ignored if not n.endswith("rotary_emb.inv_freq"))
     if extra:
         raise UserError(f"{hf_dir}: unexpected tensor {extra[0]} ({len(extra)} in all): the "
-                        "model has parts a Llama decoder does not (biases, other layers); "
-                        "it cannot be imported")
+                        "model has parts its family's decoder here does not (biases, other "
+                        "layers); it cannot be imported")
     for name, shape in needed.items():
         got = tensors.shape(name)
         if got != tuple(shape):
@@ -177,11 +180,12 @@ def _check_tensors(tensors, wanted, tied: bool, hf_dir: Path) -> None:
 def export_hf(run_dir: Path, out: Path, step: int | None, dtype: str | None,
               shard_bytes: int) -> tuple[Path, int]:
     """Write a run's parameters (of checkpoint `step`, default the latest) as a transformers
-    Llama directory at `out`; returns (out, the step written: 0 for an imported run)."""
+    model directory of its family at `out`; returns (out, the step written: 0 for an imported run)."""
     cfg = run_config(run_dir)
     if cfg.model.quantize != "none":
         raise UserError(f"{run_dir} holds {cfg.model.quantize} parameters, which Hugging Face "
-                        "Llama files do not; export the run it was written from instead")
+                        f"{cfg.model.family.capitalize()} files do not; export the run it was "
+                        "written from instead")
     if out.exists():
         raise UserError(f"{out} already exists; remove it or pass another --out")
     dtype = dtype or cfg.model.param_dtype
@@ -212,7 +216,7 @@ def export_hf(run_dir: Path, out: Path, step: int | None, dtype: str | None,
     try:
         safetensors_io.write_dir(tmp, specs, tensor, shard_bytes, {"format": "pt"})
         current.clear()
-        config = llama_hf.hf_config(cfg.model, dtype, eos)
+        config = family_of(cfg.model).hf_config(cfg.model, dtype, eos)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if cfg.data.tokenizer == "hf":  # the tokenizer and its companions, where they exist
             source = Path(cfg.data.tokenizer_path)
@@ -237,3 +241,10 @@ def return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MiB, fixed
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
+
+
+def hf_tensors(model: DecoderConfig) -> list[tuple[str, tuple, int, int | None, tuple[int, ...]]]:
+    """Every HF tensor of a model config, in HF's order (models/hf_format.py: hf_tensors)."""
+    family = family_of(model)
+    return tensors_of(model, abstract_model(model, None)[1], family.hf_layer_weights,
+                      family.hf_top_weights)

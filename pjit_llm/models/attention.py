@@ -13,12 +13,12 @@ import jax
 import jax.numpy as jnp
 
 from pjit_llm.models.attention_kernels import attend, packed_segments, same_segment_mask
-from pjit_llm.models.llama.config import ModelConfig
+from pjit_llm.models.decoder_config import DecoderConfig
 from pjit_llm.errors import UserError, first_line
 from pjit_llm.metrics import info
 
 
-def cudnn_unsupported(cfg: ModelConfig, seq_len: int) -> str | None:
+def cudnn_unsupported(cfg: DecoderConfig, seq_len: int) -> str | None:
     """Why cuDNN attention cannot run this model here (with its segment mask, dense or as
     document offsets per model.max_segments), or None when it can."""
     backend = jax.default_backend()
@@ -26,8 +26,8 @@ def cudnn_unsupported(cfg: ModelConfig, seq_len: int) -> str | None:
         return f"it needs a GPU and the backend is {backend}"
     if cfg.dtype != "bfloat16":
         return f"it runs in bfloat16 and model.dtype={cfg.dtype}"
-    q = jax.ShapeDtypeStruct((1, seq_len, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((1, seq_len, cfg.num_kv_heads, cfg.head_dim), jnp.bfloat16)
+    q = jax.ShapeDtypeStruct((1, seq_len, cfg.num_heads, cfg.head_size), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, seq_len, cfg.num_kv_heads, cfg.head_size), jnp.bfloat16)
     ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
 
     def one_layer(q, k, v, ids):
@@ -44,8 +44,8 @@ def cudnn_unsupported(cfg: ModelConfig, seq_len: int) -> str | None:
     return None
 
 
-def resolve_attention(cfg: ModelConfig, seq_len: int, context: int = 1,
-                      announce: bool = True) -> ModelConfig:
+def resolve_attention(cfg: DecoderConfig, seq_len: int, context: int = 1,
+                      announce: bool = True) -> DecoderConfig:
     """`cfg` with model.attention set to the kernel this run will use: xla or cudnn, said in
     one line with `announce`. A sequence sharded over `context` shards attends under a dense
     mask of global positions, which cuDNN's kernel has no mask type for: XLA's then."""

@@ -7,7 +7,7 @@ logical axes (so its sharding); the scale keeps the axes that are not contracted
 parameter tree changes: `matmul` (models/matmul.py) multiplies by the int8 values in the
 compute dtype and scales its output, so the model's layers read an `Int8Weight` where they read
 a float weight. Which axes each weight contracts is the model family's table
-(`QUANTIZED_WEIGHTS` in models/llama/model.py).
+(each family's `quantized_weights`, models/family.py).
 """
 
 import dataclasses

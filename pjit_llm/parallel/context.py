@@ -2,7 +2,7 @@
 
 The rule `length: [context]` gives each device a slice of every sequence through the
 embedding, norms, projections, MLP and loss. Attention keeps its queries in that slice and
-gathers keys and values over `context` (models/llama/model.py), masking by each token's place
+gathers keys and values over `context` (models/layers.py), masking by each token's place
 in its row and its segment id rather than by array order.
 
 Load balance: under a causal mask the last slice of a sequence attends to the most keys. The

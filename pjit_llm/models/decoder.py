@@ -1,0 +1,235 @@
+"""The decoder-only transformer every family shares: embedding, the stacked blocks of the
+family (run by a scan, unrolled, or as pipeline stages), the final norm and the vocabulary
+projection; the key/value cache and decoding; the parameter layout for a decode loop.
+
+A family's model is `Transformer` with its block class (`block_class`), built from the
+shared layers (models/layers.py).
+Shapes in names: B batch, L length, D embed, H heads, G kv heads, K head dim, V vocab.
+"""
+
+from functools import cache, partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pjit_llm.models.attention_kernels import packed_segments, same_segment_mask
+from pjit_llm.models.decoder_config import DecoderConfig
+from pjit_llm.models.layers import (REMAT_POLICIES, Axes, RMSNorm, kv_heads_axis,
+                                    mask_padded_vocab, param, rope_angles)
+from pjit_llm.models.matmul import matmul, take_rows
+from pjit_llm.models.quantize import Int8Weight
+from pjit_llm.parallel.layout import Layout, constrain
+from pjit_llm.parallel.stages import STAGE_AXIS, Pipeline, merge_microbatches, split_microbatches
+
+
+class Transformer(nnx.Module):
+    """With `pipeline`, training and evaluation run the layers as pipeline stages along the
+    `stage` mesh axis (parallel/stages.py); the stacked layers are then in its stage order.
+    Decoding with a cache always runs them one after another. A family's subclass names its
+    block: `block_class(cfg, layout, rngs)`, called as
+    `block(x_BLD, sin, cos, mask, kv=None, causal=True) -> (x_BLD, kv)`."""
+
+    block_class: type[nnx.Module]
+
+    def __init__(self, cfg: DecoderConfig, layout: Layout | None, rngs: nnx.Rngs,
+                 pipeline: Pipeline | None = None, layer_list: bool = False):
+        if cfg.vocab_size <= 0:
+            raise ValueError("resolve model.vocab_size from the tokenizer before building the model")
+        D, V, pd = cfg.embed_dim, cfg.vocab_size, cfg.param_dtype
+        self.embed = param(rngs, cfg.init_std, (V, D), ("vocab", "embed"), pd)
+        # Inside the layers `stage` belongs to the pipeline (or to the stacked weights alone),
+        # so their activations are sharded over the other axes only.
+        block_layout = None if layout is None else layout.without(STAGE_AXIS)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=0, out_axes=0,
+                  transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"})
+        def make_blocks(rngs: nnx.Rngs) -> nnx.Module:
+            return self.block_class(cfg, block_layout, rngs)
+
+        if layer_list:  # one parameter tree per layer: see `unstack_layers`
+            self.blocks = nnx.List([self.block_class(cfg, block_layout, rngs) for _ in range(cfg.num_layers)])
+        else:
+            self.blocks = make_blocks(rngs)
+        self.final_norm = RMSNorm(D, cfg.norm_eps, pd)
+        if not cfg.tie_embeddings:
+            self.unembed = param(rngs, cfg.init_std, (D, V), ("embed", "vocab"), pd)
+        self.cfg, self.layout, self.pipeline = cfg, layout, pipeline
+        self.block_layout = block_layout
+
+    def __call__(self, tokens_BL, segment_ids_BL, positions_BL, slots_BL=None) -> jax.Array:
+        """Logits (B, L, V) in the compute dtype."""
+        return self.logits(self.hidden(tokens_BL, segment_ids_BL, positions_BL, slots_BL))
+
+    def hidden(self, tokens_BL, segment_ids_BL, positions_BL, slots_BL=None) -> jax.Array:
+        """The final normalised hidden states (B, L, D), which `logits` projects onto the
+        vocabulary. Tokens attend only within their segment unless model.segment_mask is off.
+        `slots_BL`: each token's place in its row when the rows come reordered (context load
+        balance); causality then follows the slots, not the array order."""
+        x_BLD = self._embed(tokens_BL)
+        if self.pipeline is None:
+            sin, cos = rope_angles(positions_BL, self.cfg.head_size, self.cfg.rope_theta, self.cfg)
+            mask_B1LS = self._mask(segment_ids_BL, slots_BL, self.layout)
+            x_BLD = self._run_blocks(x_BLD, sin, cos, mask_B1LS, causal=slots_BL is None)
+        else:
+            x_BLD = self._run_pipeline(x_BLD, segment_ids_BL, positions_BL, slots_BL)
+        return self.final_norm(x_BLD)
+
+    def _mask(self, segment_ids_BL, slots_BL, layout: Layout | None):
+        """(B, 1, L, L) or None: same segment (model.segment_mask), and with `slots_BL` key
+        slot <= query slot. Its query axis is sharded like the queries (`length`). For cuDNN
+        with model.max_segments, the documents' offsets instead (`PackedSegments`)."""
+        cfg = self.cfg
+        if cfg.segment_mask and cfg.attention == "cudnn" and cfg.max_segments and slots_BL is None:
+            return packed_segments(segment_ids_BL, cfg.max_segments)
+        mask_B1LS = None
+        if cfg.segment_mask:
+            mask_B1LS = same_segment_mask(segment_ids_BL)
+        if slots_BL is not None:
+            causal_B1LS = slots_BL[:, None, :, None] >= slots_BL[:, None, None, :]
+            mask_B1LS = causal_B1LS if mask_B1LS is None else mask_B1LS & causal_B1LS
+        if mask_B1LS is None:
+            return None
+        return constrain(layout, mask_B1LS, ("batch", None, "length", None))
+
+    def logits(self, x_BLD: jax.Array) -> jax.Array:
+        return self.project(x_BLD, self.output_weights())
+
+    def output_weights(self) -> jax.Array:
+        """The vocabulary projection (V, D) in the compute dtype, FSDP shards gathered (as for
+        every weight), so that a loop over chunks of positions gathers it once."""
+        w_VD = self.embed[...] if self.cfg.tie_embeddings else self.unembed[...].T
+        if not isinstance(w_VD, Int8Weight):  # int8 values reach matmul as they are
+            w_VD = w_VD.astype(self.cfg.dtype)
+        return _constrain_table(self.layout, w_VD)
+
+    def project(self, x_BLD: jax.Array, w_VD: jax.Array) -> jax.Array:
+        logits_BLV = mask_padded_vocab(matmul("BLD,VD->BLV", x_BLD, w_VD, self.cfg.dtype), self.cfg)
+        return constrain(self.layout, logits_BLV, ("batch", "length", "vocab"))
+
+    def decode(self, tokens_BL, positions_BL, cache: tuple[dict, ...]):
+        """Logits for new tokens at `positions` (consecutive per row) given the key/value
+        cache of the earlier ones, one {"k", "v": (B, S, G, K)} per layer; returns (logits,
+        cache). The layers run one after another, each writing only its new entries into its
+        own cache buffers, which a decode loop then updates in place. Stacked layers are
+        sliced here on every call (a copy of their weights): a loop of decode steps should
+        run the model with a layer list (`unstack_layers`) instead."""
+        slots_S = jnp.arange(cache[0]["k"].shape[1])
+        mask_B1LS = slots_S[None, None, None, :] <= positions_BL[:, None, :, None]
+        cfg, layout = self.cfg, self.block_layout
+        sin, cos = rope_angles(positions_BL, cfg.head_size, cfg.rope_theta, cfg)
+        x_BLD = self._embed(tokens_BL)
+        axes = cache_axes(cfg, layout)
+        written = []
+        for i, layer_cache in enumerate(cache):
+            k, v = (constrain(layout, layer_cache[n], axes) for n in ("k", "v"))
+            x_BLD, (k, v) = self._layer(i)(x_BLD, sin, cos, mask_B1LS, (k, v, positions_BL[:, 0]))
+            written.append({"k": k, "v": v})
+        return self.logits(self.final_norm(x_BLD)), tuple(written)
+
+    def _layer(self, i: int) -> nnx.Module:
+        if isinstance(self.blocks, nnx.List):
+            return self.blocks[i]
+        graphdef, stacked = nnx.split(self.blocks)
+        return nnx.merge(graphdef, jax.tree.map(partial(_index, i=i), stacked))
+
+    def _embed(self, tokens_BL):
+        # Gather the table's FSDP shards first (as FSDP does for every weight): a lookup into a
+        # table sharded on `embed` cannot produce activations sharded on `batch` efficiently.
+        table_VD = _constrain_table(self.layout, self.embed[...])
+        x_BLD = take_rows(table_VD, tokens_BL, self.cfg.dtype)
+        return constrain(self.layout, x_BLD, ("batch", "length", "embed"))
+
+    def _run_blocks(self, x_BLD, sin, cos, mask_B1LS, stacked=None, causal=True):
+        """The stacked layers (all, or the block `stacked`), scanned or unrolled."""
+        graphdef, all_layers = nnx.split(self.blocks)
+        stacked = all_layers if stacked is None else stacked
+
+        def apply(x, layer_state):
+            block = nnx.merge(graphdef, layer_state)
+            return block(x, sin, cos, mask_B1LS, causal=causal)[0], None
+
+        if self.cfg.remat != "none":
+            apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.cfg.remat],
+                                   prevent_cse=not self.cfg.scan_layers)
+        if self.cfg.scan_layers:
+            return jax.lax.scan(apply, x_BLD, stacked)[0]
+        for i in range(jax.tree.leaves(stacked)[0].shape[0]):
+            x_BLD = apply(x_BLD, jax.tree.map(partial(_index, i=i), stacked))[0]
+        return x_BLD
+
+    def _run_pipeline(self, x_BLD, segment_ids_BL, positions_BL, slots_BL=None):
+        """The layers as pipeline stages over micro-batches of the batch."""
+        cfg, M = self.cfg, self.pipeline.microbatches
+        activation_axes = ("batch", "length", "embed")
+        x_MbLD = constrain(self.block_layout, split_microbatches(x_BLD, M),
+                            (None, *activation_axes))
+
+        def stage(layers, x_bLD, extras):
+            segment_ids_bL, positions_bL, slots_bL = extras
+            sin, cos = rope_angles(positions_bL, cfg.head_size, cfg.rope_theta, cfg)
+            mask_b1LS = self._mask(segment_ids_bL, slots_bL, self.block_layout)
+            return self._run_blocks(x_bLD, sin, cos, mask_b1LS, stacked=layers,
+                                    causal=slots_bL is None)
+
+        extras = (split_microbatches(segment_ids_BL, M), split_microbatches(positions_BL, M),
+                  None if slots_BL is None else split_microbatches(slots_BL, M))
+        y_MbLD = self.pipeline.run(stage, nnx.split(self.blocks)[1], x_MbLD, extras,
+                                   self.layout.mesh, self.block_layout.spec(activation_axes))
+        return constrain(self.layout, merge_microbatches(y_MbLD), activation_axes)
+
+
+def _index(a: jax.Array, i: int) -> jax.Array:
+    return a[i]
+
+
+def _constrain_table(layout: Layout | None, w_VD):
+    """A (V, D) table with its FSDP shards gathered; an int8 one with its row scales."""
+    if isinstance(w_VD, Int8Weight):
+        return Int8Weight(constrain(layout, w_VD.values, ("vocab", None)),
+                          constrain(layout, w_VD.scale, ("vocab",)))
+    return constrain(layout, w_VD, ("vocab", None))
+
+
+def cache_axes(cfg: DecoderConfig, layout: Layout | None) -> Axes:
+    """The logical axes of one layer's cached keys or values, (B, S, G, K): the heads as
+    attention uses them (`kv_heads_axis`)."""
+    return ("batch", "length", kv_heads_axis(cfg, layout)[1], "head_dim")
+
+
+def init_cache(cfg: DecoderConfig, layout: Layout | None, batch: int,
+               length: int) -> tuple[dict, ...]:
+    """An empty key/value cache for `Transformer.decode`: per layer, `length` slots for each
+    of `batch` rows."""
+    shape = (batch, length, kv_heads_axis(cfg, layout)[0], cfg.head_size)
+    return tuple({"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+                 for _ in range(cfg.num_layers))
+
+
+@cache
+def _layer_splitter(layers: int, sharding: jax.sharding.NamedSharding):
+    """One compiled split per stacked sharding (and shape), reused by every `prepare`."""
+    one = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+    return jax.jit(lambda a: tuple(a[i] for i in range(layers)), out_shardings=(one,) * layers)
+
+
+def unstack_layers(params: nnx.State, donate: bool = False) -> nnx.State:
+    """`params` with the stacked layers as one tree per layer, the state of
+    `Transformer(..., layer_list=True)`: a decode step then reads each layer's weights where
+    they lie instead of slicing (copying) them out of the stack every step. Each layer keeps
+    the stacked sharding less the layer axis. With `donate`, each stacked array is freed once
+    split, so the weights are never held twice."""
+    def split(a):
+        if isinstance(a.sharding, jax.sharding.NamedSharding):
+            layers = _layer_splitter(a.shape[0], a.sharding)(a)
+        else:
+            layers = tuple(a[i] for i in range(a.shape[0]))
+        if donate:
+            a.delete()
+        return layers
+
+    leaves, treedef = jax.tree.flatten(params["blocks"])
+    per_leaf = [split(a) for a in leaves]
+    layers = {i: treedef.unflatten([t[i] for t in per_leaf]) for i in range(len(per_leaf[0]))}
+    return nnx.State({**{k: v for k, v in params.items() if k != "blocks"}, "blocks": layers})

@@ -1,0 +1,50 @@
+"""The Qwen3 family in Hugging Face's format: Llama's tensors plus each layer's query and key
+norms, config.json with `head_dim` and the sliding-window keys (which no released dense
+Qwen3 uses: a checkpoint that does is refused)."""
+
+import dataclasses
+
+from pjit_llm.errors import UserError
+from pjit_llm.models.hf_format import (declared_dtype, decoder_fields, decoder_json,
+                                       import_dtype, number)
+from pjit_llm.models.llama import hf as llama_hf
+from pjit_llm.models.qwen3.config import Qwen3Config
+
+ARCHITECTURES = {"Qwen3ForCausalLM": "qwen3"}
+
+
+def model_config(hf: dict, source: str, param_dtype: str | None = None) -> tuple[Qwen3Config, str]:
+    def refuse(what: str) -> UserError:
+        return UserError(f"{source}: {what} is not supported (only dense Qwen3 decoders that "
+                         "this model computes exactly can be imported)")
+
+    if hf.get("hidden_act", "silu") != "silu":
+        raise refuse(f"activation hidden_act={hf['hidden_act']}")
+    sliding = [t for t in hf.get("layer_types") or [] if t != "full_attention"]
+    if hf.get("use_sliding_window") or sliding:
+        raise refuse("sliding-window attention (use_sliding_window / layer_types)")
+    fields = decoder_fields(hf, source, refuse, theta_default=1000000.0)
+    head_dim = number(hf, "head_dim", int, source, fields["embed_dim"] // fields["num_heads"])
+    cfg = Qwen3Config(**fields, head_dim=head_dim)
+    dtype = declared_dtype(hf)
+    cfg = dataclasses.replace(cfg, param_dtype=param_dtype or import_dtype([dtype], None)[0])
+    cfg.validate()
+    return cfg, dtype
+
+
+def hf_config(cfg: Qwen3Config, dtype: str, eos_id: int | None = None) -> dict:
+    """The config.json of Qwen3ForCausalLM computing the same function as `cfg`."""
+    return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_act": "silu",
+            "use_sliding_window": False, "sliding_window": None,
+            "max_window_layers": cfg.num_layers,
+            "layer_types": ["full_attention"] * cfg.num_layers,
+            **decoder_json(cfg, dtype, eos_id)}
+
+
+LAYER_WEIGHTS = [
+    *llama_hf.LAYER_WEIGHTS[:5],
+    (("blocks", "attn", "q_norm", "scale"), "model.layers.{i}.self_attn.q_norm.weight", 0),
+    (("blocks", "attn", "k_norm", "scale"), "model.layers.{i}.self_attn.k_norm.weight", 0),
+    *llama_hf.LAYER_WEIGHTS[5:],
+]
+TOP_WEIGHTS = llama_hf.TOP_WEIGHTS
