@@ -28,15 +28,32 @@ TOKENS = np.random.default_rng(0).integers(0, 300, (2, 48)).astype(np.int32)
 def hf_llama(directory: Path, seed=0, dtype=None, **overrides):
     """A small random LlamaForCausalLM saved (in `dtype`, default float32) with a word-level
     tokenizer.json beside it."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, models, pre_tokenizers
     settings = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                     num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256,
                     initializer_range=0.1, rms_norm_eps=1e-5, tie_word_embeddings=True)
+    return hf_random("Llama", directory, {**settings, **overrides}, seed, dtype)
+
+
+def hf_qwen3(directory: Path, seed=0, dtype=None, **overrides):
+    """A small random Qwen3ForCausalLM: a head size (32) that is not width / heads (16), an
+    odd vocabulary (300 words and 3 more ids), grouped-query heads."""
+    settings = dict(vocab_size=303, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                    max_position_embeddings=256, initializer_range=0.1, rms_norm_eps=1e-6,
+                    rope_theta=1000000.0, tie_word_embeddings=True)
+    return hf_random("Qwen3", directory, {**settings, **overrides}, seed, dtype)
+
+
+def hf_random(kind: str, directory: Path, settings: dict, seed=0, dtype=None):
+    """transformers' `<kind>ForCausalLM` with random weights from `seed`, saved with a
+    word-level tokenizer.json beside it."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
     torch.manual_seed(seed)
-    settings = copy.deepcopy({**settings, **overrides})  # transformers edits rope dicts in place
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**settings)).eval()
+    settings = copy.deepcopy(settings)  # transformers edits rope dicts in place
+    config = getattr(transformers, f"{kind}Config")(**settings)
+    model = getattr(transformers, f"{kind}ForCausalLM")(config).eval()
     if dtype:
         model = model.to(getattr(torch, dtype))
     model.save_pretrained(directory)
