@@ -44,6 +44,21 @@ def hf_qwen3(directory: Path, seed=0, dtype=None, **overrides):
     return hf_random("Qwen3", directory, {**settings, **overrides}, seed, dtype)
 
 
+def hf_gemma3(directory: Path, seed=0, dtype=None, **overrides):
+    """A small random Gemma3ForCausalLM (the text decoder): two local layers then a global
+    one, repeated, with a window (8) shorter than the test sequences, a query scale
+    (query_pre_attn_scalar 24) other than the head size's (32), linear rope scaling on the
+    global layers only, an odd vocabulary."""
+    settings = dict(vocab_size=303, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                    max_position_embeddings=256, initializer_range=0.1, rms_norm_eps=1e-6,
+                    sliding_window=8, sliding_window_pattern=3, query_pre_attn_scalar=24,
+                    rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                    rope_scaling={"rope_type": "linear", "factor": 2.0},
+                    tie_word_embeddings=True)
+    return hf_random("Gemma3", directory, {**settings, **overrides}, seed, dtype)
+
+
 def hf_random(kind: str, directory: Path, settings: dict, seed=0, dtype=None):
     """transformers' `<kind>ForCausalLM` with random weights from `seed`, saved with a
     word-level tokenizer.json beside it."""
@@ -52,7 +67,8 @@ def hf_random(kind: str, directory: Path, settings: dict, seed=0, dtype=None):
     from tokenizers import Tokenizer, models, pre_tokenizers
     torch.manual_seed(seed)
     settings = copy.deepcopy(settings)  # transformers edits rope dicts in place
-    config = getattr(transformers, f"{kind}Config")(**settings)
+    config = getattr(transformers, "Gemma3TextConfig" if kind == "Gemma3" else f"{kind}Config")(
+        **settings)
     model = getattr(transformers, f"{kind}ForCausalLM")(config).eval()
     if dtype:
         model = model.to(getattr(torch, dtype))

@@ -38,7 +38,7 @@ def value_and_grads(attention, q, k, v, weights):
                          ids=["causal", "causal+documents", "mask only (prefill)"])
 def test_xla_attention_matches_jax_forward_and_backward(mask, causal):
     q, k, v, w = qkv()
-    ours = value_and_grads(lambda q, k, v: xla_attention(q, k, v, mask, causal), q, k, v, w)
+    ours = value_and_grads(lambda q, k, v: xla_attention(q, k, v, mask, causal, K ** -0.5), q, k, v, w)
     ref = value_and_grads(lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, mask=mask, is_causal=causal, implementation="xla"), q, k, v, w)
     np.testing.assert_allclose(ours[0], ref[0], rtol=1e-5)
@@ -49,9 +49,9 @@ def test_xla_attention_matches_jax_forward_and_backward(mask, causal):
 def test_xla_attention_in_bfloat16_is_as_close_to_float32_as_jax():
     q, k, v, w = qkv()
     mask = same_segment_mask(SEGMENTS)
-    exact = value_and_grads(lambda q, k, v: xla_attention(q, k, v, mask, True), q, k, v, w)[1]
+    exact = value_and_grads(lambda q, k, v: xla_attention(q, k, v, mask, True, K ** -0.5), q, k, v, w)[1]
     half = [a.astype(jnp.bfloat16) for a in (q, k, v)]
-    ours = value_and_grads(lambda q, k, v: xla_attention(q, k, v, mask, True), *half, w)[1]
+    ours = value_and_grads(lambda q, k, v: xla_attention(q, k, v, mask, True, K ** -0.5), *half, w)[1]
     jaxs = value_and_grads(lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, mask=mask, is_causal=True), *half, w)[1]
 
@@ -64,9 +64,9 @@ def test_xla_attention_in_bfloat16_is_as_close_to_float32_as_jax():
 def test_a_query_row_with_nothing_visible_gives_zeros_and_finite_gradients():
     q, k, v, w = qkv()
     mask = same_segment_mask(SEGMENTS).at[:, :, 0].set(False)  # query 0 sees no key
-    out = xla_attention(q, k, v, mask, False)
+    out = xla_attention(q, k, v, mask, False, K ** -0.5)
     assert not np.any(out[:, 0]) and np.all(np.isfinite(out))
-    grads = value_and_grads(lambda q, k, v: xla_attention(q, k, v, mask, False), q, k, v, w)[1]
+    grads = value_and_grads(lambda q, k, v: xla_attention(q, k, v, mask, False, K ** -0.5), q, k, v, w)[1]
     assert all(np.all(np.isfinite(g)) for g in grads)
     assert not np.any(grads[0][:, 0])  # nothing flows back through the empty row
 

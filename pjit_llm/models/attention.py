@@ -52,6 +52,14 @@ def resolve_attention(cfg: DecoderConfig, seq_len: int, context: int = 1,
     say = info if announce else (lambda line: None)
     if cfg.attention == "xla":
         return cfg
+    if any(cfg.local_layers()):
+        reason = ("the sliding-window layers attend under a mask that changes from layer to "
+                  "layer, which it is not given here")
+        if cfg.attention == "cudnn":
+            raise UserError(f"model.attention=cudnn cannot be used: {reason}; set "
+                            "model.attention=auto or xla")
+        say(f"attention: XLA (cuDNN flash attention not used: {reason})")
+        return dataclasses.replace(cfg, attention="xla")
     if context > 1:
         reason = (f"a sequence split into {context} context shards needs a mask from global "
                   "positions, which it has no mask type for")

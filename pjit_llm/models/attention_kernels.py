@@ -62,33 +62,35 @@ def same_segment_mask(segment_ids_BL: jax.Array) -> jax.Array:
     return segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
 
 
-def attend(q_BLHK, k_BSGK, v_BSGK, mask, causal: bool, implementation: str) -> jax.Array:
-    """Attention of each query head h over key/value head h // (H / G), scaled by K^-1/2.
-    `mask`: None, a (B, 1, L, S) boolean mask, or (cuDNN only) `PackedSegments`; `causal`
-    adds key position <= query position."""
+def attend(q_BLHK, k_BSGK, v_BSGK, mask, causal: bool, implementation: str,
+           scale: float | None = None) -> jax.Array:
+    """Attention of each query head h over key/value head h // (H / G), the scores scaled by
+    `scale` (default K^-1/2). `mask`: None, a (B, 1, L, S) boolean mask, or (cuDNN only)
+    `PackedSegments`; `causal` adds key position <= query position."""
+    scale = q_BLHK.shape[-1] ** -0.5 if scale is None else scale
     if implementation == "xla":
         if isinstance(mask, PackedSegments):
             raise ValueError("packed segments are for cuDNN; XLA's kernel takes a dense mask")
-        return xla_attention(q_BLHK, k_BSGK, v_BSGK, mask, causal)
+        return xla_attention(q_BLHK, k_BSGK, v_BSGK, mask, causal, scale)
     if isinstance(mask, PackedSegments):
-        return _cudnn_packed(q_BLHK, k_BSGK, v_BSGK, mask)
+        return _cudnn_packed(q_BLHK, k_BSGK, v_BSGK, mask, scale)
     return jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, mask=mask, is_causal=causal,
-                                        implementation="cudnn")
+                                        scale=scale, implementation="cudnn")
 
 
-def _cudnn_packed(q_BLHK, k_BSGK, v_BSGK, segments: PackedSegments) -> jax.Array:
+def _cudnn_packed(q_BLHK, k_BSGK, v_BSGK, segments: PackedSegments, scale: float) -> jax.Array:
     """Causal attention within each document, from the documents' offsets when every row
     fits the layout, else under the dense mask (same result, slower)."""
     def packed(q, k, v, segments):
         lengths = segments.lengths_BM
         return cudnn_fmha.dot_product_attention(
             q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=segments.starts_BM1,
-            kv_offsets=segments.starts_BM1, scale=q.shape[-1] ** -0.5,
+            kv_offsets=segments.starts_BM1, scale=scale,
             mask_type=cudnn_fmha.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
 
     def dense(q, k, v, segments):
         return jax.nn.dot_product_attention(q, k, v, mask=same_segment_mask(segments.ids_BL),
-                                            is_causal=True, implementation="cudnn")
+                                            is_causal=True, scale=scale, implementation="cudnn")
 
     return jax.lax.cond(segments.fits, packed, dense, q_BLHK, k_BSGK, v_BSGK, segments)
 
@@ -119,10 +121,10 @@ def _grouped(q_BLHK, G: int):
     return q_BLHK.reshape(B, L, G, H // G, K)
 
 
-def _scores(q_BLGRK, k_BSGK, visible):
+def _scores(q_BLGRK, k_BSGK, visible, scale: float):
     """Scaled scores (B, G, R, L, S) in float32, -inf where masked."""
     scores = jnp.einsum("BLGRK,BSGK->BGRLS", q_BLGRK, k_BSGK,
-                        preferred_element_type=jnp.float32) * q_BLGRK.shape[-1] ** -0.5
+                        preferred_element_type=jnp.float32) * scale
     return scores if visible is None else jnp.where(visible, scores, -jnp.inf)
 
 
@@ -132,18 +134,18 @@ def _finite(x):
     return jnp.where(jnp.isfinite(x), x, 0.0)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4,))
-def xla_attention(q_BLHK, k_BSGK, v_BSGK, mask_B1LS, causal: bool):
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def xla_attention(q_BLHK, k_BSGK, v_BSGK, mask_B1LS, causal: bool, scale: float):
     """XLA's attention, numerically that of jax.nn.dot_product_attention (float32 softmax,
     probabilities in the values' dtype), keeping only the output and its statistics for the
     backward pass. A query row with no visible key gets 0 (jax's gives the mean value)."""
-    return _xla_forward(q_BLHK, k_BSGK, v_BSGK, mask_B1LS, causal)[0]
+    return _xla_forward(q_BLHK, k_BSGK, v_BSGK, mask_B1LS, causal, scale)[0]
 
 
-def _xla_forward(q_BLHK, k_BSGK, v_BSGK, mask_B1LS, causal):
+def _xla_forward(q_BLHK, k_BSGK, v_BSGK, mask_B1LS, causal, scale):
     B, L, H, K = q_BLHK.shape
     S, G = k_BSGK.shape[1], k_BSGK.shape[2]
-    scores = _scores(_grouped(q_BLHK, G), k_BSGK, _visible(mask_B1LS, causal, L, S))
+    scores = _scores(_grouped(q_BLHK, G), k_BSGK, _visible(mask_B1LS, causal, L, S), scale)
     peak = _finite(jnp.max(scores, axis=-1, keepdims=True))
     unnormalised = jnp.exp(scores - peak)
     total = jnp.sum(unnormalised, axis=-1, keepdims=True)
@@ -157,21 +159,21 @@ def _xla_forward(q_BLHK, k_BSGK, v_BSGK, mask_B1LS, causal):
     return out_BLHK, (q_BLHK, k_BSGK, v_BSGK, mask_B1LS, out_BLHK, lse_BGRL)
 
 
-def _xla_backward(causal, residuals, g_BLHK):
+def _xla_backward(causal, scale, residuals, g_BLHK):
     """FlashAttention's backward pass, densely: P from the kept statistics, then
     dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K, dK = dS^T Q (scaled)."""
     q_BLHK, k_BSGK, v_BSGK, mask_B1LS, out_BLHK, lse_BGRL = residuals
     B, L, H, K = q_BLHK.shape
     S, G = k_BSGK.shape[1], k_BSGK.shape[2]
     q_BLGRK, g_BLGRK = _grouped(q_BLHK, G), _grouped(g_BLHK, G)
-    scores = _scores(q_BLGRK, k_BSGK, _visible(mask_B1LS, causal, L, S))
+    scores = _scores(q_BLGRK, k_BSGK, _visible(mask_B1LS, causal, L, S), scale)
     probs = jnp.exp(scores - lse_BGRL[..., None])  # 0 where masked
     dv_BSGK = jnp.einsum("BGRLS,BLGRK->BSGK", probs.astype(g_BLHK.dtype), g_BLGRK,
                          preferred_element_type=jnp.float32)
     dprobs = jnp.einsum("BLGRK,BSGK->BGRLS", g_BLGRK, v_BSGK, preferred_element_type=jnp.float32)
     row_BLGR = jnp.sum(g_BLGRK.astype(jnp.float32) * _grouped(out_BLHK, G).astype(jnp.float32),
                        axis=-1)
-    dscores = probs * (dprobs - jnp.moveaxis(row_BLGR, 1, 3)[..., None]) * K ** -0.5
+    dscores = probs * (dprobs - jnp.moveaxis(row_BLGR, 1, 3)[..., None]) * scale
     dq_BLGRK = jnp.einsum("BGRLS,BSGK->BLGRK", dscores.astype(q_BLHK.dtype), k_BSGK,
                           preferred_element_type=jnp.float32)
     dk_BSGK = jnp.einsum("BGRLS,BLGRK->BSGK", dscores.astype(q_BLHK.dtype), q_BLGRK,

@@ -8,19 +8,43 @@ Shapes in names: B batch, L length, D embed, H heads, G kv heads, K head dim, V 
 """
 
 from functools import cache, partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from pjit_llm.models.attention_kernels import packed_segments, same_segment_mask
 from pjit_llm.models.decoder_config import DecoderConfig
-from pjit_llm.models.layers import (REMAT_POLICIES, Axes, RMSNorm, kv_heads_axis,
-                                    mask_padded_vocab, param, rope_angles)
+from pjit_llm.models.layers import (REMAT_POLICIES, Axes, kv_heads_axis, mask_padded_vocab, norm,
+                                    param, rope_angles)
 from pjit_llm.models.matmul import matmul, take_rows
 from pjit_llm.models.quantize import Int8Weight
 from pjit_llm.parallel.layout import Layout, constrain
 from pjit_llm.parallel.stages import STAGE_AXIS, Pipeline, merge_microbatches, split_microbatches
+
+
+class LayerInputs(NamedTuple):
+    """What each layer attends with besides its input: the rotary angles and the mask of the
+    global layers and, for a family with sliding-window layers, of its local ones (their own
+    rotary base; the mask also hides keys sliding_window or more positions back)."""
+    sin: jax.Array
+    cos: jax.Array
+    mask: object  # None, a (B, 1, L, S) boolean mask, or PackedSegments
+    local_sin: jax.Array | None = None
+    local_cos: jax.Array | None = None
+    local_mask: jax.Array | None = None
+
+    def pick(self, local):
+        """(sin, cos, mask) of a local layer where `local` (a bool, or traced in a scan)."""
+        if self.local_mask is None or local is False:
+            return self.sin, self.cos, self.mask
+        if local is True:
+            return self.local_sin, self.local_cos, self.local_mask
+        return tuple(jnp.where(local, a, b) for a, b in
+                     ((self.local_sin, self.sin), (self.local_cos, self.cos),
+                      (self.local_mask, self.mask)))
 
 
 class Transformer(nnx.Module):
@@ -52,7 +76,7 @@ class Transformer(nnx.Module):
             self.blocks = nnx.List([self.block_class(cfg, block_layout, rngs) for _ in range(cfg.num_layers)])
         else:
             self.blocks = make_blocks(rngs)
-        self.final_norm = RMSNorm(D, cfg.norm_eps, pd)
+        self.final_norm = norm(cfg, D)
         if not cfg.tie_embeddings:
             self.unembed = param(rngs, cfg.init_std, (D, V), ("embed", "vocab"), pd)
         self.cfg, self.layout, self.pipeline = cfg, layout, pipeline
@@ -69,12 +93,27 @@ class Transformer(nnx.Module):
         balance); causality then follows the slots, not the array order."""
         x_BLD = self._embed(tokens_BL)
         if self.pipeline is None:
-            sin, cos = rope_angles(positions_BL, self.cfg.head_size, self.cfg.rope_theta, self.cfg)
-            mask_B1LS = self._mask(segment_ids_BL, slots_BL, self.layout)
-            x_BLD = self._run_blocks(x_BLD, sin, cos, mask_B1LS, causal=slots_BL is None)
+            inputs = self._inputs(segment_ids_BL, positions_BL, slots_BL, self.layout)
+            x_BLD = self._run_blocks(x_BLD, inputs, causal=slots_BL is None)
         else:
             x_BLD = self._run_pipeline(x_BLD, segment_ids_BL, positions_BL, slots_BL)
         return self.final_norm(x_BLD)
+
+    def _inputs(self, segment_ids_BL, positions_BL, slots_BL, layout: Layout | None) -> LayerInputs:
+        cfg = self.cfg
+        sin, cos = rope_angles(positions_BL, cfg.head_size, cfg.rope_theta, cfg)
+        mask_B1LS = self._mask(segment_ids_BL, slots_BL, layout)
+        if not any(cfg.local_layers()):
+            return LayerInputs(sin, cos, mask_B1LS)
+        local_sin, local_cos = rope_angles(positions_BL, cfg.head_size, cfg.rope_local_theta)
+        B, L = segment_ids_BL.shape
+        place_BL = jnp.broadcast_to(jnp.arange(L), (B, L)) if slots_BL is None else slots_BL
+        near_B1LS = constrain(layout, place_BL[:, None, :, None] - place_BL[:, None, None, :]
+                              < cfg.sliding_window, ("batch", None, "length", None))
+        if mask_B1LS is None:  # global layers get a mask too, so that a scan can pick either
+            return LayerInputs(sin, cos, jnp.ones_like(near_B1LS), local_sin, local_cos,
+                               near_B1LS)
+        return LayerInputs(sin, cos, mask_B1LS, local_sin, local_cos, mask_B1LS & near_B1LS)
 
     def _mask(self, segment_ids_BL, slots_BL, layout: Layout | None):
         """(B, 1, L, L) or None: same segment (model.segment_mask), and with `slots_BL` key
@@ -116,15 +155,22 @@ class Transformer(nnx.Module):
         sliced here on every call (a copy of their weights): a loop of decode steps should
         run the model with a layer list (`unstack_layers`) instead."""
         slots_S = jnp.arange(cache[0]["k"].shape[1])
-        mask_B1LS = slots_S[None, None, None, :] <= positions_BL[:, None, :, None]
+        back_B1LS = positions_BL[:, None, :, None] - slots_S[None, None, None, :]
+        mask_B1LS = back_B1LS >= 0
         cfg, layout = self.cfg, self.block_layout
         sin, cos = rope_angles(positions_BL, cfg.head_size, cfg.rope_theta, cfg)
+        inputs = LayerInputs(sin, cos, mask_B1LS)
+        if any(cfg.local_layers()):  # local layers see the last sliding_window slots
+            inputs = LayerInputs(sin, cos, mask_B1LS, *rope_angles(
+                positions_BL, cfg.head_size, cfg.rope_local_theta),
+                mask_B1LS & (back_B1LS < cfg.sliding_window))
         x_BLD = self._embed(tokens_BL)
         axes = cache_axes(cfg, layout)
         written = []
-        for i, layer_cache in enumerate(cache):
+        for i, (layer_cache, local) in enumerate(zip(cache, cfg.local_layers())):
             k, v = (constrain(layout, layer_cache[n], axes) for n in ("k", "v"))
-            x_BLD, (k, v) = self._layer(i)(x_BLD, sin, cos, mask_B1LS, (k, v, positions_BL[:, 0]))
+            sin_i, cos_i, mask_i = inputs.pick(local)
+            x_BLD, (k, v) = self._layer(i)(x_BLD, sin_i, cos_i, mask_i, (k, v, positions_BL[:, 0]))
             written.append({"k": k, "v": v})
         return self.logits(self.final_norm(x_BLD)), tuple(written)
 
@@ -139,24 +185,29 @@ class Transformer(nnx.Module):
         # table sharded on `embed` cannot produce activations sharded on `batch` efficiently.
         table_VD = _constrain_table(self.layout, self.embed[...])
         x_BLD = take_rows(table_VD, tokens_BL, self.cfg.dtype)
+        if self.cfg.scale_embeddings:  # Gemma: the rows times sqrt(width), in their dtype
+            x_BLD = x_BLD * jnp.asarray(self.cfg.embed_dim ** 0.5, x_BLD.dtype)
         return constrain(self.layout, x_BLD, ("batch", "length", "embed"))
 
-    def _run_blocks(self, x_BLD, sin, cos, mask_B1LS, stacked=None, causal=True):
-        """The stacked layers (all, or the block `stacked`), scanned or unrolled."""
+    def _run_blocks(self, x_BLD, inputs: LayerInputs, stacked=None, local_K=None, causal=True):
+        """The stacked layers (all, or the block `stacked` with its flags `local_K`), scanned
+        or unrolled; each attends with the inputs of its kind (`LayerInputs.pick`)."""
         graphdef, all_layers = nnx.split(self.blocks)
-        stacked = all_layers if stacked is None else stacked
+        if stacked is None:
+            stacked, local_K = all_layers, np.array(self.cfg.local_layers())
 
-        def apply(x, layer_state):
+        def apply(x, layer):
+            layer_state, local = layer
             block = nnx.merge(graphdef, layer_state)
-            return block(x, sin, cos, mask_B1LS, causal=causal)[0], None
+            return block(x, *inputs.pick(local), causal=causal)[0], None
 
         if self.cfg.remat != "none":
             apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.cfg.remat],
                                    prevent_cse=not self.cfg.scan_layers)
         if self.cfg.scan_layers:
-            return jax.lax.scan(apply, x_BLD, stacked)[0]
-        for i in range(jax.tree.leaves(stacked)[0].shape[0]):
-            x_BLD = apply(x_BLD, jax.tree.map(partial(_index, i=i), stacked))[0]
+            return jax.lax.scan(apply, x_BLD, (stacked, jnp.asarray(local_K)))[0]
+        for i in range(len(local_K)):
+            x_BLD = apply(x_BLD, (jax.tree.map(partial(_index, i=i), stacked), local_K[i]))[0]
         return x_BLD
 
     def _run_pipeline(self, x_BLD, segment_ids_BL, positions_BL, slots_BL=None):
@@ -167,16 +218,21 @@ class Transformer(nnx.Module):
                             (None, *activation_axes))
 
         def stage(layers, x_bLD, extras):
+            layer_states, local_K = layers
             segment_ids_bL, positions_bL, slots_bL = extras
-            sin, cos = rope_angles(positions_bL, cfg.head_size, cfg.rope_theta, cfg)
-            mask_b1LS = self._mask(segment_ids_bL, slots_bL, self.block_layout)
-            return self._run_blocks(x_bLD, sin, cos, mask_b1LS, stacked=layers,
+            inputs = self._inputs(segment_ids_bL, positions_bL, slots_bL, self.block_layout)
+            return self._run_blocks(x_bLD, inputs, stacked=layer_states, local_K=local_K,
                                     causal=slots_bL is None)
 
         extras = (split_microbatches(segment_ids_BL, M), split_microbatches(positions_BL, M),
                   None if slots_BL is None else split_microbatches(slots_BL, M))
-        y_MbLD = self.pipeline.run(stage, nnx.split(self.blocks)[1], x_MbLD, extras,
-                                   self.layout.mesh, self.block_layout.spec(activation_axes))
+        # Each layer's kind travels with its weights, in their (stage) order.
+        local_L = np.array(cfg.local_layers())
+        if self.pipeline.circular:
+            local_L = local_L[self.pipeline.layer_order(cfg.num_layers)]
+        y_MbLD = self.pipeline.run(stage, (nnx.split(self.blocks)[1], jnp.asarray(local_L)),
+                                   x_MbLD, extras, self.layout.mesh,
+                                   self.block_layout.spec(activation_axes))
         return constrain(self.layout, merge_microbatches(y_MbLD), activation_axes)
 
 

@@ -69,6 +69,22 @@ class DecoderConfig:
 
     # Traits of the family's computation, fixed by its config class rather than set per run.
     qk_norm: ClassVar[bool] = False  # RMSNorm of each query and key head before rotary
+    norm_plus_one: ClassVar[bool] = False  # RMSNorm scales by (1 + weight), weights from 0
+    scale_embeddings: ClassVar[bool] = False  # embeddings times sqrt(embed_dim)
+    mlp_activation: ClassVar[str] = "silu"  # of the gate: silu (SwiGLU) or gelu_tanh (GeGLU)
+    # Sliding-window layers (a family with them makes these keys): how many positions a local
+    # layer's query sees, itself included (0: no local layers), and their rotary base.
+    sliding_window: ClassVar[int] = 0
+    rope_local_theta: ClassVar[float] = 0.0
+
+    def local_layers(self) -> tuple[bool, ...]:
+        """Which layers attend within the sliding window only (none here)."""
+        return (False,) * self.num_layers
+
+    @property
+    def attention_scale(self) -> float:
+        """What the query-key products are multiplied by before the softmax."""
+        return self.head_size ** -0.5
 
     @property
     def head_size(self) -> int:

@@ -5,7 +5,7 @@ models/ that builds a `Family` record (models/family.py) and one line in `FAMILI
 from flax import nnx
 
 from pjit_llm.errors import UserError
-from pjit_llm.models import llama, qwen3
+from pjit_llm.models import gemma3, llama, qwen3
 from pjit_llm.models.decoder import Transformer
 from pjit_llm.models.decoder_config import DecoderConfig
 from pjit_llm.models.family import Family
@@ -15,6 +15,7 @@ from pjit_llm.parallel.stages import Pipeline
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     llama.FAMILY,
     qwen3.FAMILY,
+    gemma3.FAMILY,
 )}
 
 

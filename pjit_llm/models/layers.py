@@ -19,6 +19,11 @@ from pjit_llm.parallel.layout import Layout, attention_kv_heads, constrain
 
 Axes = tuple[str | None, ...]
 
+# The MLP's gate activations: SwiGLU's SiLU, GeGLU's GELU with tanh (transformers'
+# gelu_pytorch_tanh).
+ACTIVATIONS: dict[str, Callable] = {"silu": jax.nn.silu,
+                                    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+
 # The outputs of a block's linear projections, tagged by `matmul` so that a remat policy can
 # keep them while recomputing the cheap elementwise work and the attention.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "attn_out", "mlp_gate", "mlp_up", "mlp_down")
@@ -67,16 +72,24 @@ def param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...], axes: Axes, dtype)
 
 
 class RMSNorm(nnx.Module):
-    """Over the last axis, in float32; `axes` names the scale's logical axis."""
+    """Over the last axis, in float32; `axes` names the scale's logical axis. With `plus_one`
+    (Gemma) the input is scaled by 1 + weight, the weight starting at 0."""
 
-    def __init__(self, dim: int, eps: float, dtype, axes: Axes = ("embed",)):
-        self.scale = nnx.Param(jnp.ones((dim,), dtype), logical_axes=axes)
-        self.eps = eps
+    def __init__(self, dim: int, eps: float, dtype, axes: Axes = ("embed",),
+                 plus_one: bool = False):
+        init = jnp.zeros if plus_one else jnp.ones
+        self.scale = nnx.Param(init((dim,), dtype), logical_axes=axes)
+        self.eps, self.plus_one = eps, plus_one
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
         x = x_BLD.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-        return (x * self.scale[...].astype(jnp.float32)).astype(x_BLD.dtype)
+        return (x * (self.plus_one + self.scale[...].astype(jnp.float32))).astype(x_BLD.dtype)
+
+
+def norm(cfg: DecoderConfig, dim: int, axes: Axes = ("embed",)) -> RMSNorm:
+    """The family's RMSNorm over `dim`."""
+    return RMSNorm(dim, cfg.norm_eps, cfg.param_dtype, axes, cfg.norm_plus_one)
 
 
 def rope_angles(positions_BL: jax.Array, head_dim: int, theta: float,
@@ -121,9 +134,9 @@ class Attention(nnx.Module):
         self.wk = param(rngs, std, (D, G, K), ("embed", "kv_heads", "head_dim"), pd)
         self.wv = param(rngs, std, (D, G, K), ("embed", "kv_heads", "head_dim"), pd)
         self.wo = param(rngs, out_std, (H, K, D), ("heads", "head_dim", "embed"), pd)
-        if cfg.qk_norm:  # each query and key head normalised before rotary (Qwen3)
-            self.q_norm = RMSNorm(K, cfg.norm_eps, pd, ("head_dim",))
-            self.k_norm = RMSNorm(K, cfg.norm_eps, pd, ("head_dim",))
+        if cfg.qk_norm:  # each query and key head normalised before rotary (Qwen3, Gemma 3)
+            self.q_norm = norm(cfg, K, ("head_dim",))
+            self.k_norm = norm(cfg, K, ("head_dim",))
         self.cfg, self.layout = cfg, layout
         used, self.kv_axis = kv_heads_axis(cfg, layout)
         self.kv_repeats = used // G
@@ -163,23 +176,25 @@ class Attention(nnx.Module):
             k_BLGK = constrain(self.layout, k_BLGK, ("batch", None, self.kv_axis, "head_dim"))
             v_BLGK = constrain(self.layout, v_BLGK, ("batch", None, self.kv_axis, "head_dim"))
         if kv is not None and q_BLHK.shape[1] == 1:  # a decode step
-            out_BLHK = attend_one_position(q_BLHK, k_BLGK, v_BLGK, mask_B1LS)
+            out_BLHK = attend_one_position(q_BLHK, k_BLGK, v_BLGK, mask_B1LS,
+                                           self.cfg.attention_scale)
         else:
             # attention.resolve_attention decides between the kernels ("auto" means XLA
             # unless resolved); a prefill attends over a cache under a general mask: XLA's.
             impl = "cudnn" if self.cfg.attention == "cudnn" and kv is None else "xla"
-            out_BLHK = attend(q_BLHK, k_BLGK, v_BLGK, mask_B1LS, kv is None and causal, impl)
+            out_BLHK = attend(q_BLHK, k_BLGK, v_BLGK, mask_B1LS, kv is None and causal, impl,
+                              self.cfg.attention_scale)
         return matmul("BLHK,HKD->BLD", out_BLHK, self.wo[...], dt, "attn_out", kind), kv
 
 
-def attend_one_position(q_B1HK, k_BSGK, v_BSGK, mask_B11S) -> jax.Array:
+def attend_one_position(q_B1HK, k_BSGK, v_BSGK, mask_B11S, scale: float) -> jax.Array:
     """Attention of one new position per row over the cache, in float32, as multiply-and-sum
     reductions: these read the cache in its stored layout, where a batched matmul would first
     copy it transposed, every step, for a single query row that gives a matmul nothing to
     gain. Query head h uses key/value head h // (H / G), as in grouped-query attention."""
     B, _, H, K = q_B1HK.shape
     G = k_BSGK.shape[2]
-    q_B1GRK = q_B1HK.astype(jnp.float32).reshape(B, 1, G, H // G, K) * K ** -0.5
+    q_B1GRK = q_B1HK.astype(jnp.float32).reshape(B, 1, G, H // G, K) * scale
     k_BSG1K, v_BSG1K = k_BSGK[:, :, :, None, :], v_BSGK[:, :, :, None, :]
     scores_BSGR = jnp.sum(q_B1GRK * k_BSG1K.astype(jnp.float32), axis=-1)
     scores_BSGR = jnp.where(mask_B11S[:, 0, 0, :, None, None], scores_BSGR, -jnp.inf)
@@ -200,7 +215,8 @@ class MLP(nnx.Module):
         dt, kind = self.cfg.dtype, self.cfg.matmul
         gate_BLF = matmul("BLD,DF->BLF", x_BLD, self.w_gate[...], dt, "mlp_gate", kind)
         up_BLF = matmul("BLD,DF->BLF", x_BLD, self.w_up[...], dt, "mlp_up", kind)
-        h_BLF = constrain(self.layout, jax.nn.silu(gate_BLF) * up_BLF, ("batch", "length", "mlp"))
+        h_BLF = constrain(self.layout, ACTIVATIONS[self.cfg.mlp_activation](gate_BLF) * up_BLF,
+                          ("batch", "length", "mlp"))
         return matmul("BLF,FD->BLD", h_BLF, self.w_down[...], dt, "mlp_down", kind)
 
 
