@@ -31,8 +31,10 @@ from pjit_llm.training.build import Components, build
 
 
 def synthetic_batch(cfg: Config, layout: Layout, seed: int = 0) -> dict:
-    """A global batch of random tokens, built shard by shard (each process makes its own)."""
-    B, L, V = cfg.data.batch_size, cfg.data.seq_len, cfg.model.vocab_size
+    """A global batch of random tokens, built shard by shard (each process makes its own).
+    The tokens are real ones: never the ids that pad the vocabulary, whose logits the loss
+    masks out (a target there would make the loss infinite)."""
+    B, L, V = cfg.data.batch_size, cfg.data.seq_len, cfg.model.true_vocab
     rng = np.random.default_rng(seed)
     host = {"tokens": rng.integers(0, V, (B, L), dtype=np.int32),
             "segment_ids": np.ones((B, L), np.int32),
