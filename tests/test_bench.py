@@ -28,6 +28,8 @@ def test_step_benchmark_json_and_profile(tmp_path, capsys):
     row = json.loads(out.out)  # JSON alone on stdout; the attention line went to stderr
     assert row["variant"] == "base" and row["tokens_per_step"] == 512
     assert "attention: XLA" in out.err
+    # What made the row, for setting rows of several runs side by side (bench_report).
+    assert row["config"] is None and row["overrides"] == TINY
 
 
 def test_a_step_that_cannot_fit_is_refused_before_its_state_is_made(monkeypatch):
