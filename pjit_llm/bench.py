@@ -13,12 +13,15 @@ memory: XLA's per-device memory plan of the compiled training step (arguments, t
 generate: prefill time and TFLOP/s, decode tokens/s and time per output token for each batch
   size, and the decode step's memory traffic, for a run (trained or imported) or a config with
   random weights; `--transformers HF_DIR` adds transformers' generate on the same model.
-Each measurement is repeated; the tables give the median.
+Each measurement is repeated; the tables give the median. With --json every row also
+says what made it (`config`, `overrides`, and `xla_flags`: the XLA_FLAGS given beyond ours),
+so rows from several runs can be set side by side (`python -m pjit_llm.bench_report`).
 """
 
 import argparse
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -140,6 +143,9 @@ def main(argv=None) -> None:
         rows = save_rows(load_config(args.config, args.overrides), args.repeats, args.dir)
     if jax.process_index() != 0:  # a multi-host step benchmark: one table, from process 0
         return
+    origin = {"config": args.config, "overrides": list(args.overrides),
+              "xla_flags": xla_flags.beyond_defaults(os.environ.get("XLA_FLAGS", ""))}
+    rows = [{**origin, **r} for r in rows]
     if args.json and args.command == "generate":
         print(json.dumps(rows))
     elif args.json:

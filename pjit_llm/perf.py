@@ -1,8 +1,10 @@
 """Performance accounting in one place: model FLOPs per step (from the model family's count),
 throughput and utilisation (MFU) against the device's peak, and what a compiled step costs
-in memory.
+in memory, and the refusal of a step that cannot fit its device.
 """
 
+from pjit_llm.errors import UserError
+from pjit_llm.metrics import human_bytes
 from pjit_llm.models.decoder_config import DecoderConfig
 from pjit_llm.models.families import family_of
 
@@ -96,6 +98,18 @@ def compiled_memory(compiled) -> dict[str, int] | None:
            "temporaries": m.temp_size_in_bytes, "aliased": m.alias_size_in_bytes}
     out["peak"] = out["arguments"] + out["outputs"] + out["temporaries"] - out["aliased"]
     return out
+
+
+def check_fits(memory: dict[str, int] | None, device) -> None:
+    """Refuse a compiled step whose planned peak (`compiled_memory`) exceeds what the backend
+    lets XLA use on `device`: one line before anything is allocated, instead of an
+    out-of-memory error from deep inside the first step. Backends that state no limit (CPU)
+    are never refused."""
+    limit = device_memory_limit(device)
+    if memory and limit and memory["peak"] > limit:
+        raise UserError(f"the train step needs {human_bytes(memory['peak'])} per device but "
+                        f"the device has {human_bytes(limit)}; shard more (mesh.fsdp, "
+                        "mesh.tensor), set model.remat, or lower data.batch_size")
 
 
 def compiled_flops(compiled) -> float | None:

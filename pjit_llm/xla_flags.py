@@ -32,6 +32,13 @@ def merged_flags(current: str, defaults: dict[str, str] = GPU_DEFAULTS) -> str:
     return " ".join([current.strip(), *extra]).strip()
 
 
+def beyond_defaults(current: str, defaults: dict[str, str] = GPU_DEFAULTS) -> str:
+    """The flags of `current` other than our defaults as `merged_flags` adds them: the ones a
+    user chose."""
+    ours = {f"--{name}={value}" for name, value in defaults.items()}
+    return " ".join(part for part in current.split() if part not in ours)
+
+
 def apply_defaults(environ=os.environ) -> None:
     if environ.get("PJIT_LLM_XLA_DEFAULTS", "1") == "0":
         return

@@ -9,7 +9,11 @@ process they start compile each of the many runs of the same tiny model once bet
 and train that run once.
 
 Tests under tests/e2e start real processes (`run_module`) and are marked `slow`; everything
-else runs in this process."""
+else runs in this process.
+
+Tests marked `gpu` need the machine's own GPU: `PJIT_LLM_TEST_GPU=1 python -m pytest -m gpu`
+runs them there (and skips the rest, which assume the 8 emulated CPU devices); without
+PJIT_LLM_TEST_GPU they are skipped."""
 
 import dataclasses
 import fcntl
@@ -22,7 +26,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-os.environ["JAX_PLATFORMS"] = "cpu"
+ON_GPU = os.environ.get("PJIT_LLM_TEST_GPU") == "1"
+if ON_GPU:
+    # The processes the tests start need the card's memory too: take it as needed, not 75 %
+    # of it up front.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+else:
+    os.environ["JAX_PLATFORMS"] = "cpu"
 SESSION_DIR = Path(tempfile.mkdtemp(prefix="pjit-llm-tests-"))
 # An xdist worker inherits the run's directory from the controller, which made it when this
 # module was first imported (before the workers started); any other pytest makes its own.
@@ -40,11 +50,13 @@ os.environ["JAX_COMPILATION_CACHE_DIR"] = str(RUN_DIR / "jax_compilation_cache")
 # of the suite's time), into machine code that runs slower, which the tiny models do not
 # notice. Floating-point results may differ from an optimised build's in the last bits, as
 # they do between meshes. Every process a test starts gets the flag too (process_env). A
-# level given in XLA_FLAGS wins: --xla_backend_optimization_level=3 is XLA's default.
+# level given in XLA_FLAGS wins: --xla_backend_optimization_level=3 is XLA's default. On a
+# GPU the tests measure the kernels a user gets: no flag.
 LEVEL = "--xla_backend_optimization_level="
 _flags = os.environ.get("XLA_FLAGS", "").split()
-TEST_XLA_FLAGS = next((flag for flag in _flags if flag.startswith(LEVEL)), LEVEL + "0")
-os.environ["XLA_FLAGS"] = " ".join(dict.fromkeys([*_flags, TEST_XLA_FLAGS]))
+TEST_XLA_FLAGS = next((flag for flag in _flags if flag.startswith(LEVEL)),
+                      "" if ON_GPU else LEVEL + "0")
+os.environ["XLA_FLAGS"] = " ".join(dict.fromkeys(f for f in [*_flags, TEST_XLA_FLAGS] if f))
 # Cache every compilation, not only those over a second: the tests build the same tiny steps
 # and generators many times over.
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
@@ -74,10 +86,20 @@ def pytest_unconfigure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """`slow` means exactly "starts real processes": every test under tests/e2e."""
+    """`slow` means exactly "starts real processes": every test under tests/e2e. A `gpu` test
+    runs only on a GPU, and with PJIT_LLM_TEST_GPU=1 only `gpu` tests run."""
+    on_gpu = ON_GPU and jax.default_backend() == "gpu"
     for item in items:
         if E2E in Path(item.fspath).parents:
             item.add_marker(pytest.mark.slow)
+        gpu_test = item.get_closest_marker("gpu") is not None
+        if gpu_test and not on_gpu:
+            item.add_marker(pytest.mark.skip(
+                reason="needs a GPU: PJIT_LLM_TEST_GPU=1 python -m pytest -m gpu on a GPU machine"
+                if not ON_GPU else f"needs a GPU; JAX's backend is {jax.default_backend()}"))
+        elif ON_GPU and not gpu_test:
+            item.add_marker(pytest.mark.skip(
+                reason="runs on 8 emulated CPU devices: run it without PJIT_LLM_TEST_GPU"))
 
 
 def tiny_config(*overrides: str):

@@ -7,8 +7,10 @@ import json
 import pytest
 
 from conftest import TINY
+from pjit_llm import perf
 from pjit_llm.bench import main as bench_main
 from pjit_llm.errors import UserError
+from pjit_llm.training.build import Components
 
 
 def test_bad_arguments_are_refused(capsys):
@@ -26,6 +28,20 @@ def test_step_benchmark_json_and_profile(tmp_path, capsys):
     row = json.loads(out.out)  # JSON alone on stdout; the attention line went to stderr
     assert row["variant"] == "base" and row["tokens_per_step"] == 512
     assert "attention: XLA" in out.err
+    # What made the row, for setting rows of several runs side by side (bench_report).
+    assert row["config"] is None and row["overrides"] == TINY
+
+
+def test_a_step_that_cannot_fit_is_refused_before_its_state_is_made(monkeypatch):
+    """As training refuses it (the device's limit faked: a CPU states none)."""
+    monkeypatch.setattr(perf, "device_memory_limit", lambda device: 1 << 20)
+
+    def init_state(self, seed=None):
+        raise AssertionError("the state was made before the step was refused")
+
+    monkeypatch.setattr(Components, "init_state", init_state)
+    with pytest.raises(UserError, match="needs .* per device but the device has 1 MiB; shard more"):
+        bench_main(["--steps", "1", "--warmup", "0", *TINY])
 
 
 def test_data_and_save_benchmarks_run(capsys, tmp_path):

@@ -13,6 +13,7 @@ from pjit_llm.checkpoint.run_dir import run_config
 from pjit_llm.checkpoint.runs import restore_params
 from pjit_llm.errors import UserError
 from pjit_llm.interop import hf as convert
+from pjit_llm.training.build import Components
 from pjit_llm.training.loop import _init_from, report_compiled
 
 
@@ -22,6 +23,21 @@ def test_a_step_that_cannot_fit_is_refused(monkeypatch):
     monkeypatch.setattr(perf, "device_memory_limit", lambda device: 1024)
     with pytest.raises(UserError, match="needs .* per device but the device has 1 KiB"):
         report_compiled(compiled, 0.1, 1e9)
+
+
+def test_training_refuses_a_step_that_cannot_fit_before_making_its_state(monkeypatch, tmp_path):
+    """The step is compiled for the abstract state: a state that alone would not fit the device
+    is refused in one line, not an out-of-memory error while it is made."""
+    from pjit_llm.train import main as train
+    monkeypatch.setattr(perf, "device_memory_limit", lambda device: 1024)
+
+    def init_state(self, seed=None):
+        raise AssertionError("the state was made before the step was refused")
+
+    monkeypatch.setattr(Components, "init_state", init_state)
+    with pytest.raises(UserError, match="needs .* per device but the device has 1 KiB"):
+        train([*TINY, "data.num_workers=0", "train.eval_batches=1", "train.eval_every=0",
+               "train.sample_tokens=0", f"train.run_dir={tmp_path / 'run'}"])
 
 
 def test_init_from_restores_the_parameters_with_a_fresh_optimizer(tmp_path):

@@ -265,9 +265,8 @@ def test_fp8_on_a_sharded_mesh_matches_fp8_on_one_device(tiny):
     assert max(errors) < 0.07, errors
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu",
-                    reason="fp8 GEMMs are an XLA GPU rewrite (cuBLASLt on H100-class GPUs); "
-                           "CPUs run the same program as dots on fp8-rounded values")
+@pytest.mark.gpu  # fp8 GEMMs are an XLA GPU rewrite (cuBLASLt on H100-class GPUs); CPUs run
+# the same program as dots on fp8-rounded values
 def test_the_compiled_fp8_step_holds_fp8_gemms(tiny):
     import re
     # Widths that are multiples of 16, as cuBLASLt's fp8 GEMMs want them.

@@ -11,6 +11,8 @@ def test_defaults_fill_in_without_overriding_the_user():
     assert "--xla_gpu_enable_latency_hiding_scheduler=true" not in parts
     assert f"--xla_gpu_all_gather_combine_threshold_bytes={1 << 30}" in parts
     assert xla_flags.merged_flags(merged) == merged  # applying twice adds nothing
+    # What the user chose, ours taken out (a benchmark row records it).
+    assert xla_flags.beyond_defaults(merged) == "--xla_gpu_enable_latency_hiding_scheduler=false --foo=1"
 
 
 def test_switched_off_by_the_environment():

@@ -71,6 +71,12 @@ class Loader:
     def __iter__(self):
         return self
 
+    @property
+    def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """The global batches' shapes, dtypes and sharding, for compiling before reading one."""
+        return {k: jax.ShapeDtypeStruct(self.shape, np.int32, sharding=self.sharding)
+                for k in self.keys}
+
     def __next__(self) -> dict[str, jax.Array]:
         parts = [next(it) for it in self._iters]
         local = {k: np.concatenate([p[k] for p in parts]) for k in self.keys}

@@ -44,6 +44,10 @@ def train(cfg: Config, dataset: Dataset, tokenizer: Tokenizer) -> dict:
     ckpts = Checkpoints(checkpoint_dir(cfg), cfg.checkpoint)
     loader = Loader(dataset, tokenizer, cfg.data, parts.batch_sharding)
     try:
+        latest = ckpts.latest_step()
+        # Compiled for the state's and the batches' shapes before either exists, so that a
+        # step that cannot fit the device is refused before the state takes its memory.
+        train_step = compile_step(parts, loader) if (latest or 0) < cfg.train.steps else None
         state = _resume_or_init(parts, ckpts, loader)
         run_dir = Path(cfg.train.run_dir)
         if jax.process_index() == 0:
@@ -74,7 +78,8 @@ def train(cfg: Config, dataset: Dataset, tokenizer: Tokenizer) -> dict:
                                 isinstance(tokenizer, ByteTokenizer), parts.to_model_order)
         try:
             with StopRequest() as stop:
-                result = run_loop(parts, state, loader, log, evaluation, ckpts, stop)
+                result = run_loop(parts, state, loader, log, evaluation, ckpts, stop,
+                                  train_step)
         except BaseException:
             log.close(quietly=True)  # the run's own error is the one to report
             raise
@@ -86,17 +91,18 @@ def train(cfg: Config, dataset: Dataset, tokenizer: Tokenizer) -> dict:
 
 
 def run_loop(parts: Components, state: TrainState, loader, log: MetricsLog,
-             evaluation: Evaluation, ckpts: Checkpoints, stop: StopRequest) -> dict:
-    """Steps from the state's step to train.steps, with the periodic actions at theirs."""
+             evaluation: Evaluation, ckpts: Checkpoints, stop: StopRequest,
+             train_step=None) -> dict:
+    """Steps from the state's step to train.steps, with the periodic actions at theirs;
+    `train_step` compiled by `compile_step` (compiled here when not given)."""
     cfg = parts.cfg
     first, total = int(state.step), cfg.train.steps
     if first >= total:
         info(f"nothing to do: the run is at step {first} of train.steps={total}")
         return {}
+    if train_step is None:
+        train_step = compile_step(parts, loader)
     batch = next(loader)
-    start = time.perf_counter()
-    train_step = parts.train_step.lower(state, batch).compile()
-    report_compiled(train_step, time.perf_counter() - start, parts.flops_per_step)
 
     reader = MetricsReader(cfg, log, parts.flops_per_step, parts.tokens_per_step, first, ckpts)
     in_flight = InFlight(jax.default_backend() == "cpu" or jax.process_count() > 1)
@@ -145,6 +151,15 @@ def run_loop(parts: Components, state: TrainState, loader, log: MetricsLog,
     return reader.last
 
 
+def compile_step(parts: Components, loader: Loader):
+    """The train step compiled for the abstract state and the loader's batch shapes (nothing
+    allocated), reported, and refused when it cannot fit the device."""
+    start = time.perf_counter()
+    compiled = parts.train_step.lower(parts.abstract_state, loader.abstract_batch).compile()
+    report_compiled(compiled, time.perf_counter() - start, parts.flops_per_step)
+    return compiled
+
+
 def report_compiled(compiled, seconds: float, model_flops: float) -> None:
     """Print the compiled step's per-device memory and FLOPs; refuse a step that cannot fit."""
     memory, flops = perf.compiled_memory(compiled), perf.compiled_flops(compiled)
@@ -158,11 +173,7 @@ def report_compiled(compiled, seconds: float, model_flops: float) -> None:
         # XLA counts a scanned loop's body once, so with scan_layers this is per layer.
         parts.append(f"XLA's cost analysis {flops / 1e9:,.1f} GFLOP per device")
     info("; ".join(parts))
-    limit = perf.device_memory_limit(jax.devices()[0])
-    if memory and limit and memory["peak"] > limit:
-        raise UserError(f"the train step needs {human_bytes(memory['peak'])} per device but "
-                        f"the device has {human_bytes(limit)}; shard more (mesh.fsdp, "
-                        "mesh.tensor), set model.remat, or lower data.batch_size")
+    perf.check_fits(memory, jax.devices()[0])
 
 
 def _resume_or_init(parts: Components, ckpts: Checkpoints, loader: Loader) -> TrainState:

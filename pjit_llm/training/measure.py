@@ -33,8 +33,10 @@ from pjit_llm.training.build import Components, build
 def synthetic_batch(cfg: Config, layout: Layout, seed: int = 0) -> dict:
     """A global batch of random tokens packed as documents of random lengths (exponential,
     a quarter of a row on average, as web text packs into long rows), so that the segment
-    mask costs what it costs on real data. Built shard by shard (each process makes its own)."""
-    B, L, V = cfg.data.batch_size, cfg.data.seq_len, cfg.model.vocab_size
+    mask costs what it costs on real data. Built shard by shard (each process makes its own).
+    The tokens are real ones: never the ids that pad the vocabulary, whose logits the loss
+    masks out (a target there would make the loss infinite)."""
+    B, L, V = cfg.data.batch_size, cfg.data.seq_len, cfg.model.true_vocab
     rng = np.random.default_rng(seed)
     segment_ids = np.empty((B, L), np.int32)
     positions = np.empty((B, L), np.int32)
@@ -52,16 +54,27 @@ def synthetic_batch(cfg: Config, layout: Layout, seed: int = 0) -> dict:
             for k, v in host.items()}
 
 
+def abstract_batch(parts: Components) -> dict:
+    """The synthetic batch's shapes, dtypes and sharding, for compiling before making one."""
+    B, L = parts.cfg.data.batch_size, parts.cfg.data.seq_len
+    return {k: jax.ShapeDtypeStruct((B, L), np.int32, sharding=parts.batch_sharding)
+            for k in ("tokens", "segment_ids", "positions")}
+
+
 def measure(cfg: Config, steps: int, warmup: int, profile_dir: str | None = None) -> dict:
     """Compile the configured train step, run `warmup` steps, then time `steps` steps (traced
-    with jax.profiler into `profile_dir` when given)."""
+    with jax.profiler into `profile_dir` when given). The step is compiled for the abstract
+    state, so that one that cannot fit the device is refused (as training refuses it) before
+    the state takes its memory."""
     parts = build(cfg)
     cfg = parts.cfg
+    start = time.perf_counter()
+    compiled = parts.train_step.lower(parts.abstract_state, abstract_batch(parts)).compile()
+    compile_s = time.perf_counter() - start
+    memory = perf.compiled_memory(compiled)
+    perf.check_fits(memory, jax.local_devices()[0])
     state = parts.init_state()
     batch = synthetic_batch(cfg, parts.layout)
-    start = time.perf_counter()
-    compiled = parts.train_step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - start
 
     for _ in range(warmup):
         state, metrics = compiled(state, batch)
@@ -82,7 +95,6 @@ def measure(cfg: Config, steps: int, warmup: int, profile_dir: str | None = None
     median = statistics.median(times)
     peak = perf.peak_flops(jax.devices()[0].device_kind, cfg.train.peak_tflops)
     rates = perf.throughput(parts.flops_per_step, tokens, median, devices, peak)
-    memory = perf.compiled_memory(compiled)
     device_peak = perf.device_memory_peak(jax.local_devices()[0])
     pipeline = parts.pipeline
     row = {
@@ -94,6 +106,7 @@ def measure(cfg: Config, steps: int, warmup: int, profile_dir: str | None = None
         "tflops_per_device": rates["tflops_per_device"], "mfu": rates["mfu"],
         # What the device allocator saw where it reports it (GPUs), else XLA's plan.
         "peak_memory": device_peak or (memory["peak"] if memory else None),
+        "planned_memory": memory["peak"] if memory else None,  # XLA's plan of the step
         "state_bytes_per_device": bytes_per_device(state),
         "compile_s": compile_s, "loss": float(metrics["loss"]),
         "stages": pipeline.stages if pipeline else 1,
@@ -114,10 +127,8 @@ def step_memory(cfg: Config) -> dict:
     sizes = cfg.mesh.shape
     parts = build(cfg, devices=None if -1 in sizes else jax.devices()[:math.prod(sizes)])
     B, L = parts.cfg.data.batch_size, parts.cfg.data.seq_len
-    batch = {k: jax.ShapeDtypeStruct((B, L), np.int32, sharding=parts.batch_sharding)
-             for k in ("tokens", "segment_ids", "positions")}
     start = time.perf_counter()
-    compiled = parts.train_step.lower(parts.abstract_state, batch).compile()
+    compiled = parts.train_step.lower(parts.abstract_state, abstract_batch(parts)).compile()
     compile_s = time.perf_counter() - start
     memory = perf.compiled_memory(compiled) or {}
     mesh = parts.mesh.shape
