@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pjit_llm.models.fp8_state import DelayedScales, split_histories
 from pjit_llm.models.llama.config import ModelConfig
 from pjit_llm.models.matmul import matmul, take_rows
 from pjit_llm.models.quantize import Int8Weight
@@ -74,6 +75,13 @@ def _param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...], axes: Axes, dtype
     return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
 
 
+def _delayed_scales(cfg: ModelConfig, projections: tuple[str, ...]) -> DelayedScales | None:
+    """The amax histories of these projections under model.fp8_scaling=delayed, else None."""
+    if cfg.fp8_scaling != "delayed":
+        return None
+    return DelayedScales(projections, cfg.fp8_amax_history)
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, dtype):
         self.scale = nnx.Param(jnp.ones((dim,), dtype), logical_axes=("embed",))
@@ -127,6 +135,7 @@ class Attention(nnx.Module):
         self.wk = _param(rngs, std, (D, G, K), ("embed", "kv_heads", "head_dim"), pd)
         self.wv = _param(rngs, std, (D, G, K), ("embed", "kv_heads", "head_dim"), pd)
         self.wo = _param(rngs, out_std, (H, K, D), ("heads", "head_dim", "embed"), pd)
+        self.fp8 = _delayed_scales(cfg, PROJECTIONS[:4])
         self.cfg, self.layout = cfg, layout
         used, self.kv_axis = kv_heads_axis(cfg, layout)
         self.kv_repeats = used // G
@@ -137,7 +146,7 @@ class Attention(nnx.Module):
         kv=(k_cache_BSGK, v_cache_BSGK, start_B): the new keys and values are written into the
         cache at each row's start and the queries attend over the cache under `mask`.
         Returns (output, (k_cache, v_cache) or None)."""
-        dt, kind = self.cfg.dtype, self.cfg.matmul
+        dt, kind = self.cfg.dtype, self.cfg.matmul if self.fp8 is None else self.fp8
         wk_DGK, wv_DGK = self.wk[...], self.wv[...]
         if self.kv_repeats > 1:  # G is here the repeated heads: each shard computes its own
             wk_DGK, wv_DGK = (_repeat_heads(w, self.kv_repeats, self.layout) for w in (wk_DGK, wv_DGK))
@@ -197,10 +206,11 @@ class MLP(nnx.Module):
         self.w_gate = _param(rngs, std, (D, F), ("embed", "mlp"), pd)
         self.w_up = _param(rngs, std, (D, F), ("embed", "mlp"), pd)
         self.w_down = _param(rngs, std / (2 * cfg.num_layers) ** 0.5, (F, D), ("mlp", "embed"), pd)
+        self.fp8 = _delayed_scales(cfg, PROJECTIONS[4:])
         self.cfg, self.layout = cfg, layout
 
     def __call__(self, x_BLD):
-        dt, kind = self.cfg.dtype, self.cfg.matmul
+        dt, kind = self.cfg.dtype, self.cfg.matmul if self.fp8 is None else self.fp8
         gate_BLF = matmul("BLD,DF->BLF", x_BLD, self.w_gate[...], dt, "mlp_gate", kind)
         up_BLF = matmul("BLD,DF->BLF", x_BLD, self.w_up[...], dt, "mlp_up", kind)
         h_BLF = constrain(self.layout, jax.nn.silu(gate_BLF) * up_BLF, ("batch", "length", "mlp"))
@@ -361,13 +371,15 @@ class Transformer(nnx.Module):
             segment_ids_bL, positions_bL, slots_bL = extras
             sin, cos = rope_angles(positions_bL, cfg.head_dim, cfg.rope_theta, cfg)
             mask_b1LS = self._mask(segment_ids_bL, slots_bL, self.block_layout)
-            return self._run_blocks(x_bLD, sin, cos, mask_b1LS, stacked=layers,
+            return self._run_blocks(x_bLD, sin, cos, mask_b1LS, stacked=nnx.merge_state(*layers),
                                     causal=slots_bL is None)
 
         extras = (split_microbatches(segment_ids_BL, M), split_microbatches(positions_BL, M),
                   None if slots_BL is None else split_microbatches(slots_BL, M))
-        y_MbLD = self.pipeline.run(stage, nnx.split(self.blocks)[1], x_MbLD, extras,
-                                   self.layout.mesh, self.block_layout.spec(activation_axes))
+        # fp8 amax histories are overwritten by their gradients: max over micro-batches.
+        weights, histories = split_histories(nnx.split(self.blocks)[1])
+        y_MbLD = self.pipeline.run(stage, weights, x_MbLD, extras, self.layout.mesh,
+                                   self.block_layout.spec(activation_axes), histories)
         return constrain(self.layout, merge_microbatches(y_MbLD), activation_axes)
 
 
