@@ -24,9 +24,13 @@ class AmaxHistory(nnx.Variable):
     """A projection's amax history (3, H): rows input, weight, output gradient; newest first."""
 
 
+# The attribute under which a module holds its DelayedScales (None without delayed scaling).
+ATTRIBUTE = "fp8"
+
+
 class DelayedScales(nnx.Module):
     """The amax histories of a module's fp8 projections, one per projection name (the `name`
-    its `matmul` call tags the output with)."""
+    its `matmul` call tags the output with). Modules hold it as their ATTRIBUTE."""
 
     def __init__(self, names: Iterable[str], length: int):
         for name in names:
@@ -46,3 +50,9 @@ def split_histories(state: nnx.State) -> tuple[nnx.State, nnx.State]:
     `nnx.merge_state`. Without histories the first is `state` as it was."""
     histories, rest = nnx.split_state(state, AmaxHistory, ...)
     return rest, histories
+
+
+def is_history_path(path: tuple[str, ...]) -> bool:
+    """Whether a state path (its keys) leads to an amax history: through a module's
+    DelayedScales. For saved trees, which keep no variable types."""
+    return ATTRIBUTE in path[:-1]
