@@ -274,7 +274,7 @@ DELAYED = (*FP8, "model.fp8_scaling=delayed", "model.fp8_amax_history=4")
 def histories(params) -> dict[str, np.ndarray]:
     """The fp8 amax histories of a parameter tree, by path."""
     return {"/".join(map(str, path)): np.asarray(v.get_value())
-            for path, v in params.flat_state() if is_history(v)}
+            for path, v in nnx.to_flat_state(params) if is_history(v)}
 
 
 def test_delayed_fp8_histories_record_each_step_outside_the_optimizer(tiny):
@@ -284,7 +284,8 @@ def test_delayed_fp8_histories_record_each_step_outside_the_optimizer(tiny):
     cfg = tiny(*DELAYED)
     parts = build_on(cfg)
     state = parts.init_state()
-    assert len(histories(state.params)) == 7 and not any(map(np.any, histories(state.params).values()))
+    held = histories(state.params)
+    assert len(held) == 7 and not any(map(np.any, held.values()))  # empty at the start
     plain = build_on(tiny(*FP8)).abstract_state.opt_state  # current scaling: no histories
     assert jax.tree.structure(state.opt_state) == jax.tree.structure(plain)
     rows, B = random_rows(cfg), cfg.data.batch_size
@@ -293,8 +294,11 @@ def test_delayed_fp8_histories_record_each_step_outside_the_optimizer(tiny):
         batch = {k: jax.device_put(v[step * B:(step + 1) * B], parts.batch_sharding)
                  for k, v in rows.items()}
         weights, held = split_histories(state.params)
-        (_, count), grads = jax.value_and_grad(
-            lambda w: loss_terms(parts.graphdef, nnx.merge_state(w, held), batch), has_aux=True)(weights)
+
+        def loss(w):
+            return loss_terms(parts.graphdef, nnx.merge_state(w, held), batch)
+
+        (_, count), grads = jax.value_and_grad(loss, has_aux=True)(weights)
         grad_norm = float(optax.tree.norm(jax.tree.map(lambda g: g / count, grads)))
         wq = np.asarray(state.params["blocks"]["attn"]["wq"][...])  # (layers, D, H, K)
         state, metrics = parts.train_step(state, batch)

@@ -30,37 +30,39 @@ def saved_shapes(saved_params: dict) -> dict[Path, tuple[int, ...]]:
 
 def readable(abstract_params: nnx.State, saved: dict[Path, tuple[int, ...]]) -> nnx.State:
     """What to read of a checkpoint holding `saved` into a run whose parameters are
-    `abstract_params`: those, less the histories the checkpoint lacks or holds in another
-    shape, plus the histories it holds that the run has no place for (read, then dropped by
-    `fitted`: an Orbax restore reads a checkpoint's tree whole)."""
-    flat = {_key(path): v for path, v in abstract_params.flat_state()}
-    keep = {path: v for path, v in flat.items()
-            if not is_history(v) or saved.get(path) == tuple(v.get_value().shape)}
+    `abstract_params`: those, less the histories the checkpoint lacks, and with the histories
+    it holds in their saved shape where the run has none of that shape (read, then replaced
+    or dropped by `fitted`: an Orbax restore reads a checkpoint's tree whole)."""
+    flat = {_key(path): v for path, v in nnx.to_flat_state(abstract_params)}
+    keep = {path: v for path, v in flat.items() if not is_history(v) or path in saved}
     replicated = NamedSharding(_mesh(abstract_params), PartitionSpec())
     for path, shape in saved.items():
-        if path not in flat and is_history_path(path):
+        if is_history_path(path) and (path not in flat or shape != _shape(flat[path])):
             keep[path] = AmaxHistory(jax.ShapeDtypeStruct(shape, jnp.float32, sharding=replicated))
-    return nnx.State.from_flat_path(keep)
+    return nnx.from_flat_state(keep)
 
 
 def fitted(params: nnx.State, abstract_params: nnx.State) -> tuple[nnx.State, list[str]]:
     """(`params` with exactly the variables of `abstract_params`: the histories it lacks or
     holds in another shape made empty in their shardings, those `abstract_params` lacks
     dropped; the names of the histories made empty)."""
-    have = {_key(path): v for path, v in params.flat_state()}
-    if set(have) == {_key(path) for path, _ in abstract_params.flat_state()} and all(
-            tuple(v.get_value().shape) == tuple(have[_key(path)].get_value().shape)
-            for path, v in abstract_params.flat_state()):
+    have = {_key(path): v for path, v in nnx.to_flat_state(params)}
+    want = {_key(path): v for path, v in nnx.to_flat_state(abstract_params)}
+    if have.keys() == want.keys() and all(_shape(have[p]) == _shape(v) for p, v in want.items()):
         return params, []  # nothing to add or drop
     out, fresh = {}, []
-    for path, v in abstract_params.flat_state():
-        got, want = have.get(_key(path)), v.get_value()
-        if is_history(v) and (got is None or tuple(got.get_value().shape) != tuple(want.shape)):
-            out[path] = v.replace(jnp.zeros(want.shape, want.dtype, device=want.sharding))
-            fresh.append("/".join(map(str, path)))
+    for path, v in want.items():
+        if is_history(v) and (path not in have or _shape(have[path]) != _shape(v)):
+            a = v.get_value()
+            out[path] = v.replace(jnp.zeros(a.shape, a.dtype, device=a.sharding))
+            fresh.append("/".join(path))
         else:
-            out[path] = got
-    return nnx.State.from_flat_path(out), fresh
+            out[path] = have[path]
+    return nnx.from_flat_state(out), fresh
+
+
+def _shape(v: nnx.Variable) -> tuple[int, ...]:
+    return tuple(v.get_value().shape)
 
 
 def _key(path) -> Path:
