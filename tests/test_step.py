@@ -346,10 +346,12 @@ def test_delayed_fp8_agrees_with_one_device(delayed_reference, variant, override
 @pytest.mark.skipif(jax.default_backend() != "gpu",
                     reason="fp8 GEMMs are an XLA GPU rewrite (cuBLASLt on H100-class GPUs); "
                            "CPUs run the same program as dots on fp8-rounded values")
-def test_the_compiled_fp8_step_holds_fp8_gemms(tiny):
+@pytest.mark.parametrize("scaling", ["current", "delayed"])
+def test_the_compiled_fp8_step_holds_fp8_gemms(tiny, scaling):
     import re
     # Widths that are multiples of 16, as cuBLASLt's fp8 GEMMs want them.
-    cfg = tiny("model.dtype=bfloat16", "model.embed_dim=128", "model.mlp_dim=256", *FP8)
+    cfg = tiny("model.dtype=bfloat16", "model.embed_dim=128", "model.mlp_dim=256", *FP8,
+               f"model.fp8_scaling={scaling}")
     parts = build_on(cfg)
     tokens = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len), np.int32,
                                   sharding=parts.batch_sharding)

@@ -39,6 +39,8 @@ def readable(abstract_params: nnx.State, saved: dict[Path, tuple[int, ...]]) -> 
     for path, shape in saved.items():
         if is_history_path(path) and (path not in flat or shape != _shape(flat[path])):
             keep[path] = AmaxHistory(jax.ShapeDtypeStruct(shape, jnp.float32, sharding=replicated))
+    if keep.keys() == flat.keys() and all(keep[p] is flat[p] for p in flat):
+        return abstract_params  # the checkpoint holds what the run has
     return nnx.from_flat_state(keep)
 
 

@@ -52,7 +52,7 @@ def train(cfg: Config, dataset: Dataset, tokenizer: Tokenizer) -> dict:
         if jax.process_index() == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_config(run_dir, cfg)
-        n_params = sum(x.size for x in jax.tree.leaves(state.params))
+        n_params = sum(x.size for x in jax.tree.leaves(trainable(state.params)))
         info(describe(parts.mesh))
         if parts.pipeline:
             info(parts.pipeline.describe())
