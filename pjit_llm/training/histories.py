@@ -7,6 +7,8 @@ first step then quantizes with scale 1, and each history fills as the steps go),
 those it has no place for. Anything else that differs is still refused by the restore.
 """
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -55,8 +57,9 @@ def fitted(params: nnx.State, abstract_params: nnx.State) -> tuple[nnx.State, li
     out, fresh = {}, []
     for path, v in want.items():
         if is_history(v) and (path not in have or _shape(have[path]) != _shape(v)):
-            a = v.get_value()
-            out[path] = v.replace(jnp.zeros(a.shape, a.dtype, device=a.sharding))
+            a = v.get_value()  # zeros made by every process, for its own shards
+            out[path] = v.replace(jax.jit(partial(jnp.zeros, a.shape, a.dtype),
+                                          out_shardings=a.sharding)())
             fresh.append("/".join(path))
         else:
             out[path] = have[path]
