@@ -14,8 +14,7 @@ from conftest import build_on, tiny_config
 from pjit_llm.models.attention_kernels import attend, packed_segments, same_segment_mask
 from test_step import random_rows
 
-pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu",
-                                reason="cuDNN attention runs on NVIDIA GPUs only")
+pytestmark = pytest.mark.gpu  # cuDNN attention runs on NVIDIA GPUs only
 
 B, L, H, G, K = 2, 2048, 32, 8, 64  # the Llama-3.2-1B heads, at a shorter length
 SEGMENT_IDS = jnp.stack([jnp.where(jnp.arange(L) < 700, 1, jnp.where(jnp.arange(L) < 1900, 2, 0)),

@@ -76,6 +76,10 @@ def test_round_trip_through_dict(tmp_path):
     (["model.tie_embeddings=1"], "model.tie_embeddings must be true or false"),
     (["model.remat=some"], "model.remat='some' is not one of: none, full, dots, proj, proj_attn, proj_offload"),
     (["model.matmul=int4"], "model.matmul='int4' is not one of: default, fp8"),
+    (["model.fp8_scaling=delayed"], "model.fp8_scaling=delayed scales fp8 multiplies; set "
+     "model.matmul=fp8 too, or model.fp8_scaling=current"),
+    (["model.fp8_scaling=late"], "model.fp8_scaling='late' is not one of: current, delayed"),
+    (["model.fp8_amax_history=0"], "model.fp8_amax_history=0 must be positive"),
     (["model.num_heads=5"], "model.num_heads=5 does not divide model.embed_dim=256"),
     (["model.num_kv_heads=3"], "model.num_kv_heads=3 must divide model.num_heads=8"),
     (["model.num_layers=0"], "model.num_layers=0 must be positive"),

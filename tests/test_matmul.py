@@ -1,13 +1,15 @@
 """The one weight multiply: the einsum with the weight cast to the compute dtype, its output
-tagged by name so that the `proj` remat policy saves it; an int8 weight multiplies as its
-dequantized weight would, and an int8 embedding table gives its dequantized rows."""
+tagged by name so that the `proj` remat policy saves it; fp8 with current or delayed scales;
+an int8 weight multiplies as its dequantized weight would, and an int8 embedding table gives
+its dequantized rows."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pjit_llm.models.fp8 import fp8_einsum
+from pjit_llm.models.fp8 import fp8_einsum, fp8_einsum_delayed
+from pjit_llm.models.fp8_state import DelayedScales
 from pjit_llm.models.matmul import matmul, take_rows
 from pjit_llm.models.quantize import Int8Weight, dequantize, quantize
 
@@ -34,6 +36,19 @@ def test_kind_fp8_multiplies_in_fp8():
     np.testing.assert_array_equal(np.asarray(fp8, np.float32), np.asarray(
         fp8_einsum("bd,df->bf", x_BD, w_DF, jnp.dtype(jnp.bfloat16)), np.float32))
     assert not np.array_equal(np.asarray(fp8, np.float32), np.asarray(plain, np.float32))
+
+
+def test_delayed_scales_multiply_in_fp8_with_the_history_of_the_projection_named():
+    x_BD = jax.random.normal(jax.random.key(0), (4, 32), jnp.bfloat16)
+    w_DF = jax.random.normal(jax.random.key(1), (32, 16), jnp.float32)
+    scales = DelayedScales(("mlp_up", "mlp_gate"), 4)
+    scales.mlp_up.set_value(jnp.array([[3.0] * 4, [2.0] * 4, [1.0] * 4]))  # mlp_gate's: empty
+    out = matmul("bd,df->bf", x_BD, w_DF, jnp.bfloat16, "mlp_up", kind=scales)
+    expected = fp8_einsum_delayed("bd,df->bf", x_BD, w_DF, scales.mlp_up[...],
+                                  jnp.dtype(jnp.bfloat16))
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(expected, np.float32))
+    other = matmul("bd,df->bf", x_BD, w_DF, jnp.bfloat16, "mlp_gate", kind=scales)
+    assert not np.array_equal(np.asarray(other, np.float32), np.asarray(out, np.float32))
 
 
 def _saved_residuals(name, capsys, kind="default") -> str:

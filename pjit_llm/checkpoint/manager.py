@@ -100,8 +100,11 @@ class Checkpoints:
         return self.manager.restore(step, args=ocp.args.Composite(
             config=ocp.args.JsonRestore())).config
 
-    def restore(self, abstract_state, loader, config: Config):
+    def restore(self, abstract_state, loader, config: Config, fit=None):
         """(state, step) from the newest readable checkpoint, or None when there is none.
+        `fit(abstract_state, saved)`, given the Orbax metadata tree of a checkpoint's state,
+        says what to read of it instead of `abstract_state` (what may differ between runs
+        and checkpoints: training/histories.py).
 
         A checkpoint whose arrays differ from the checksums saved with them, or whose files
         are missing or corrupt, is reported in one line, renamed to `<step>.damaged-<time>`
@@ -115,8 +118,10 @@ class Checkpoints:
             try:
                 check_compatible(self.saved_config(step), config, self.directory, step)
                 saved_sums = read_checksums(self.directory / str(step))
+                target = abstract_state if fit is None else fit(abstract_state,
+                                                                 self._saved_tree(step))
                 restored = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
+                    state=ocp.args.StandardRestore(target),
                     data=grain.checkpoint.CheckpointRestore(_PositionTarget(loader))))
                 damage = checksums.first_mismatch(saved_sums, restored.state) if saved_sums else None
                 if not damage:
@@ -139,6 +144,10 @@ class Checkpoints:
                       f"({reason}); moved aside, trying the previous one", file=sys.stderr)
                 self._set_aside(step, "unreadable")
         return None
+
+    def _saved_tree(self, step: int) -> dict:
+        """The metadata (shapes, dtypes) of checkpoint `step`'s state, as a tree."""
+        return ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state").tree
 
     def _set_aside(self, step: int, why: str) -> None:
         from jax.experimental import multihost_utils

@@ -51,14 +51,21 @@ def write_config(directory: Path, cfg: Config) -> None:
     (directory / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
+# What a reader of a run (evaluate, generate, export, init_from...) runs fp8 with: the amax
+# histories of delayed scaling are the training run's state, which readers neither read nor
+# update (model.fp8_scaling), so they scale each tensor by its own amax.
+READER_OVERRIDES = ("model.fp8_scaling=current",)
+
+
 def run_config(run_dir: Path, overrides=()) -> Config:
     """A training run's recorded config with `overrides`, its run directory pointing at
-    `run_dir` (so checkpoints are found wherever the directory now is)."""
+    `run_dir` (so checkpoints are found wherever the directory now is), as a reader runs it
+    (READER_OVERRIDES)."""
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.yaml); pass --run the "
                         "train.run_dir of a training run")
-    cfg = load_config(str(path), list(overrides))
+    cfg = load_config(str(path), [*overrides, *READER_OVERRIDES])
     return moved(cfg, cfg.train.run_dir, str(run_dir), _given(overrides))
 
 

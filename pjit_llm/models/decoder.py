@@ -17,6 +17,7 @@ from flax import nnx
 
 from pjit_llm.models.attention_kernels import packed_segments, same_segment_mask
 from pjit_llm.models.decoder_config import DecoderConfig
+from pjit_llm.models.fp8_state import split_histories
 from pjit_llm.models.layers import (REMAT_POLICIES, Axes, kv_heads_axis, mask_padded_vocab, norm,
                                     param, rope_angles)
 from pjit_llm.models.matmul import matmul, take_rows
@@ -218,7 +219,8 @@ class Transformer(nnx.Module):
                             (None, *activation_axes))
 
         def stage(layers, x_bLD, extras):
-            layer_states, local_K = layers
+            (weights, local_K), histories = layers
+            layer_states = nnx.merge_state(weights, histories)
             segment_ids_bL, positions_bL, slots_bL = extras
             inputs = self._inputs(segment_ids_bL, positions_bL, slots_bL, self.block_layout)
             return self._run_blocks(x_bLD, inputs, stacked=layer_states, local_K=local_K,
@@ -230,9 +232,11 @@ class Transformer(nnx.Module):
         local_L = np.array(cfg.local_layers())
         if self.pipeline.circular:
             local_L = local_L[self.pipeline.layer_order(cfg.num_layers)]
-        y_MbLD = self.pipeline.run(stage, (nnx.split(self.blocks)[1], jnp.asarray(local_L)),
-                                   x_MbLD, extras, self.layout.mesh,
-                                   self.block_layout.spec(activation_axes))
+        # fp8 amax histories are overwritten by their gradients: max over micro-batches.
+        weights, histories = split_histories(nnx.split(self.blocks)[1])
+        y_MbLD = self.pipeline.run(stage, (weights, jnp.asarray(local_L)), x_MbLD, extras,
+                                   self.layout.mesh, self.block_layout.spec(activation_axes),
+                                   histories)
         return constrain(self.layout, merge_microbatches(y_MbLD), activation_axes)
 
 

@@ -60,9 +60,15 @@ class DecoderConfig:
     # prompt has ended between iterations (more: fewer GPU round trips, longer compiles).
     decode_unroll: int = 1
     # The blocks' seven projections: default multiplies in the compute dtype; fp8 in
-    # float8 (e4m3 forward, e5m2 gradients, per-tensor current scaling, float32 accumulation).
+    # float8 (e4m3 forward, e5m2 gradients, per-tensor scales, float32 accumulation).
     # The vocabulary projection, attention and norms stay in the compute dtype.
     matmul: Literal["default", "fp8"] = "default"
+    # fp8's scales: current takes each operand's amax right before quantizing it (an extra
+    # pass over it); delayed takes the largest of its last fp8_amax_history steps' amaxes,
+    # kept per projection in the training state (the step records this one's alongside).
+    # Evaluate, generate and export run current scaling.
+    fp8_scaling: Literal["current", "delayed"] = "current"
+    fp8_amax_history: int = 16
     # How the stored parameters are quantized: int8 in an export written with --quantize int8
     # (models/quantize.py), which evaluate and generate read; training refuses it.
     quantize: Literal["none", "int8"] = "none"
@@ -100,7 +106,7 @@ class DecoderConfig:
         require_positive(self, "model", "num_layers", "embed_dim", "num_heads", "num_kv_heads",
                   "mlp_dim", "max_len", "decode_unroll", "rope_theta", "norm_eps", "init_std",
                   "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
-                  "rope_original_max_len")
+                  "rope_original_max_len", "fp8_amax_history")
         if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
             raise UserError("model.rope_high_freq_factor must exceed model.rope_low_freq_factor "
                             "for rope_scaling=llama3")
@@ -125,6 +131,9 @@ class DecoderConfig:
         if self.attention == "cudnn" and self.dtype != "bfloat16":
             raise UserError("model.attention=cudnn needs model.dtype=bfloat16 (cuDNN attention "
                             "runs in half precision); set it or use model.attention=xla")
+        if self.fp8_scaling == "delayed" and self.matmul != "fp8":
+            raise UserError("model.fp8_scaling=delayed scales fp8 multiplies; set "
+                            "model.matmul=fp8 too, or model.fp8_scaling=current")
         if self.num_heads % self.num_kv_heads:
             raise UserError(f"model.num_kv_heads={self.num_kv_heads} must divide model.num_heads="
                             f"{self.num_heads} (grouped-query attention)")

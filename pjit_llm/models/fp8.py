@@ -1,6 +1,12 @@
 """fp8 weight multiplies for training (model.matmul=fp8): float8_e4m3fn operands in the forward
-pass, float8_e5m2 output gradients in the backward pass, each tensor scaled on the fly by its
-own amax (per-tensor current scaling), products accumulated in float32.
+pass, float8_e5m2 output gradients in the backward pass, each tensor scaled per tensor,
+products accumulated in float32. Two ways to choose the scales (model.fp8_scaling):
+- current (`fp8_einsum`): each tensor's own amax, taken on the fly right before quantizing it
+  (a pass over the tensor that the quantization has to wait for);
+- delayed (`fp8_einsum_delayed`): the largest amax in a history of the tensor's amaxes from
+  earlier steps, as Transformer Engine and Flax do. The tensor is quantized at once with that
+  scale (values beyond the stale amax saturate) and its own amax, taken in the same pass,
+  comes back as the "gradient" of the history: the history with it pushed in, newest first.
 
 Every operand goes through quantize -> dequantize (divide by the scale, clip, convert to fp8;
 convert back, multiply by the scale) right before a dot with preferred_element_type=float32.
@@ -26,11 +32,16 @@ def current_scale(x: jax.Array, fp8_dtype) -> jax.Array:
 
 
 def quantize(x: jax.Array, fp8_dtype) -> tuple[jax.Array, jax.Array]:
-    """(x / scale as fp8, scale). Clipping guards the rounding at amax."""
+    """(x / scale as fp8, scale) with x's own scale."""
     scale = current_scale(x, fp8_dtype)
+    return quantize_with(x, scale, fp8_dtype), scale
+
+
+def quantize_with(x: jax.Array, scale: jax.Array, fp8_dtype) -> jax.Array:
+    """x / scale as fp8. Clipping guards the rounding at amax (and, with a scale from earlier
+    steps, saturates values beyond it)."""
     fp8_max = jnp.finfo(fp8_dtype).max.astype(jnp.float32)
-    scaled = jnp.clip(x.astype(jnp.float32) / scale, -fp8_max, fp8_max)
-    return scaled.astype(fp8_dtype), scale
+    return jnp.clip(x.astype(jnp.float32) / scale, -fp8_max, fp8_max).astype(fp8_dtype)
 
 
 def dequantize(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
@@ -81,3 +92,60 @@ def _fp8_einsum_bwd(equation, dtype, residuals, g_out):
 
 
 fp8_einsum.defvjp(_fp8_einsum_fwd, _fp8_einsum_bwd)
+
+
+# -- delayed scaling -------------------------------------------------------------------------
+
+# A projection's amax history is one (3, H) float32 array: a row per operand, newest first.
+INPUT, WEIGHT, GRADIENT = 0, 1, 2
+
+
+def amax(x: jax.Array) -> jax.Array:
+    return jnp.max(jnp.abs(x)).astype(jnp.float32)
+
+
+def history_scale(history_H: jax.Array, fp8_dtype) -> jax.Array:
+    """The scale for the largest amax of the history; 1 for an empty (all-zero) history."""
+    largest = jnp.max(history_H)
+    return jnp.where(largest > 0, largest / jnp.finfo(fp8_dtype).max.astype(jnp.float32),
+                     jnp.float32(1.0))
+
+
+def pushed(history_H: jax.Array, new_amax: jax.Array) -> jax.Array:
+    """The history with `new_amax` first and its oldest entry dropped."""
+    return jnp.concatenate([new_amax[None].astype(history_H.dtype), history_H[:-1]])
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 4))
+def fp8_einsum_delayed(equation: str, x: jax.Array, w: jax.Array, history_3H: jax.Array,
+                       dtype) -> jax.Array:
+    """`fp8_einsum` with the scales of `history_3H` (rows INPUT, WEIGHT, GRADIENT).
+    Differentiated, the history's "gradient" is its next value: each row with this step's
+    amax of its operand pushed in (the caller overwrites the history with it)."""
+    return _fp8_delayed_fwd(equation, x, w, history_3H, dtype)[0]
+
+
+def _fp8_delayed_fwd(equation, x, w, history_3H, dtype):
+    _transposed_equations(equation)
+    x_scale = history_scale(history_3H[INPUT], FORWARD_DTYPE)
+    w_scale = history_scale(history_3H[WEIGHT], FORWARD_DTYPE)
+    x_q, w_q = quantize_with(x, x_scale, FORWARD_DTYPE), quantize_with(w, w_scale, FORWARD_DTYPE)
+    out = _dot(equation, dequantize(x_q, x_scale, dtype), dequantize(w_q, w_scale, dtype))
+    like = (jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+    seen = (amax(x), amax(w))  # read in the quantizing pass; nothing waits on them
+    return out.astype(dtype), (x_q, x_scale, w_q, w_scale, history_3H, seen, like)
+
+
+def _fp8_delayed_bwd(equation, dtype, residuals, g_out):
+    x_q, x_scale, w_q, w_scale, history_3H, (x_amax, w_amax), (x_like, w_like) = residuals
+    dx_equation, dw_equation = _transposed_equations(equation)
+    g_scale = history_scale(history_3H[GRADIENT], GRADIENT_DTYPE)
+    g = dequantize(quantize_with(g_out, g_scale, GRADIENT_DTYPE), g_scale, dtype)
+    dx = _dot(dx_equation, g, dequantize(w_q, w_scale, dtype))
+    dw = _dot(dw_equation, dequantize(x_q, x_scale, dtype), g)
+    following = jnp.stack([pushed(history_3H[INPUT], x_amax), pushed(history_3H[WEIGHT], w_amax),
+                           pushed(history_3H[GRADIENT], amax(g_out))])
+    return dx.astype(x_like.dtype), dw.astype(w_like.dtype), following
+
+
+fp8_einsum_delayed.defvjp(_fp8_delayed_fwd, _fp8_delayed_bwd)

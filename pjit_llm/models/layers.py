@@ -13,6 +13,7 @@ from flax import nnx
 
 from pjit_llm.models.attention_kernels import attend, keeps_attention
 from pjit_llm.models.decoder_config import DecoderConfig
+from pjit_llm.models.fp8_state import DelayedScales
 from pjit_llm.models.matmul import matmul
 from pjit_llm.models.quantize import Int8Weight
 from pjit_llm.parallel.layout import Layout, attention_kv_heads, constrain
@@ -69,6 +70,13 @@ def kv_heads_axis(cfg: DecoderConfig, layout: Layout | None) -> tuple[int, str]:
 def param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...], axes: Axes, dtype) -> nnx.Param:
     init = jax.nn.initializers.normal(std)
     return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
+
+
+def _delayed_scales(cfg: DecoderConfig, projections: tuple[str, ...]) -> DelayedScales | None:
+    """The amax histories of these projections under model.fp8_scaling=delayed, else None."""
+    if cfg.fp8_scaling != "delayed":
+        return None
+    return DelayedScales(projections, cfg.fp8_amax_history)
 
 
 class RMSNorm(nnx.Module):
@@ -134,6 +142,7 @@ class Attention(nnx.Module):
         self.wk = param(rngs, std, (D, G, K), ("embed", "kv_heads", "head_dim"), pd)
         self.wv = param(rngs, std, (D, G, K), ("embed", "kv_heads", "head_dim"), pd)
         self.wo = param(rngs, out_std, (H, K, D), ("heads", "head_dim", "embed"), pd)
+        self.fp8 = _delayed_scales(cfg, PROJECTIONS[:4])
         if cfg.qk_norm:  # each query and key head normalised before rotary (Qwen3, Gemma 3)
             self.q_norm = norm(cfg, K, ("head_dim",))
             self.k_norm = norm(cfg, K, ("head_dim",))
@@ -147,7 +156,7 @@ class Attention(nnx.Module):
         kv=(k_cache_BSGK, v_cache_BSGK, start_B): the new keys and values are written into the
         cache at each row's start and the queries attend over the cache under `mask`.
         Returns (output, (k_cache, v_cache) or None)."""
-        dt, kind = self.cfg.dtype, self.cfg.matmul
+        dt, kind = self.cfg.dtype, self.cfg.matmul if self.fp8 is None else self.fp8
         wk_DGK, wv_DGK = self.wk[...], self.wv[...]
         if self.kv_repeats > 1:  # G is here the repeated heads: each shard computes its own
             wk_DGK, wv_DGK = (repeat_heads(w, self.kv_repeats, self.layout) for w in (wk_DGK, wv_DGK))
@@ -209,10 +218,11 @@ class MLP(nnx.Module):
         self.w_gate = param(rngs, std, (D, F), ("embed", "mlp"), pd)
         self.w_up = param(rngs, std, (D, F), ("embed", "mlp"), pd)
         self.w_down = param(rngs, std / (2 * cfg.num_layers) ** 0.5, (F, D), ("mlp", "embed"), pd)
+        self.fp8 = _delayed_scales(cfg, PROJECTIONS[4:])
         self.cfg, self.layout = cfg, layout
 
     def __call__(self, x_BLD):
-        dt, kind = self.cfg.dtype, self.cfg.matmul
+        dt, kind = self.cfg.dtype, self.cfg.matmul if self.fp8 is None else self.fp8
         gate_BLF = matmul("BLD,DF->BLF", x_BLD, self.w_gate[...], dt, "mlp_gate", kind)
         up_BLF = matmul("BLD,DF->BLF", x_BLD, self.w_up[...], dt, "mlp_up", kind)
         h_BLF = constrain(self.layout, ACTIVATIONS[self.cfg.mlp_activation](gate_BLF) * up_BLF,

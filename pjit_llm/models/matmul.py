@@ -8,24 +8,29 @@ model's layers:
   and the product is scaled per output channel (the scale has the weight's dimensions that
   the equation keeps);
 - kind="fp8" (model.matmul=fp8, which the blocks' projections pass) multiplies in float8
-  with per-tensor scales and a custom gradient (models/fp8.py).
+  with per-tensor scales and a custom gradient (models/fp8.py), each tensor's scale its own;
+- kind=a DelayedScales (model.fp8_scaling=delayed: the module's amax histories,
+  models/fp8_state.py) multiplies in float8 with the scales of the history held under `name`.
 """
 
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from pjit_llm.models.fp8 import fp8_einsum
+from pjit_llm.models.fp8 import fp8_einsum, fp8_einsum_delayed
+from pjit_llm.models.fp8_state import DelayedScales
 from pjit_llm.models.quantize import Int8Weight
 
 
 def matmul(equation: str, x: jax.Array, w, dtype, name: str | None = None,
-           kind: str = "default") -> jax.Array:
+           kind: str | DelayedScales = "default") -> jax.Array:
     """`einsum(equation, x, w)` with the weight cast to the compute dtype, or multiplied as
-    `kind` says ("default" or "fp8"). `name` tags the output for the remat policies that keep
-    projections (model.remat=proj)."""
+    `kind` says ("default", "fp8", or fp8 with the delayed scales of `kind`'s history `name`).
+    `name` tags the output for the remat policies that keep projections (model.remat=proj)."""
     if isinstance(w, Int8Weight):
         out = _int8_matmul(equation, x, w, dtype)
+    elif isinstance(kind, DelayedScales):
+        out = fp8_einsum_delayed(equation, x, w, kind.history(name), jnp.dtype(dtype))
     elif kind == "fp8":
         out = fp8_einsum(equation, x, w, jnp.dtype(dtype))
     else:

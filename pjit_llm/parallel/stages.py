@@ -8,7 +8,8 @@ stage's back to the first. Stage 0 takes a fresh micro-batch while there are any
 that came round from the last stage, R times in all (R = 1 is GPipe; R > 1 the circular
 schedule, where each stage holds R non-contiguous blocks of layers and the idle fraction of the
 iterations, the bubble, falls from (S−1)/(M+S−1) to (S−1)/(M·R+S−1)). Each iteration keeps
-only its input for the backward pass; the stage's layers are recomputed from it.
+only its input for the backward pass; the stage's layers are recomputed from it. A stage
+in its bubble (no micro-batch to work on) computes on zeros.
 
 For the circular schedule the training state holds the stacked layers in stage order (all of
 stage 0's blocks, then stage 1's…), so that `stage` shards them in contiguous pieces;
@@ -18,6 +19,7 @@ any mesh, with or without stages.
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +41,24 @@ def split_microbatches(x: jax.Array, count: int) -> jax.Array:
 def merge_microbatches(x: jax.Array) -> jax.Array:
     """The inverse of `split_microbatches`."""
     return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def copies_by_max(tree, count: int):
+    """`count` copies of every array of `tree`, stacked on a new leading axis; differentiated,
+    the copies' gradients combine by their max instead of their sum."""
+    return jax.tree.map(lambda a: jnp.broadcast_to(a, (count, *a.shape)), tree)
+
+
+def _copies_fwd(tree, count):
+    return copies_by_max(tree, count), None
+
+
+def _copies_bwd(count, _, g_copies):
+    return (jax.tree.map(lambda g: jnp.max(g, axis=0), g_copies),)
+
+
+copies_by_max.defvjp(_copies_fwd, _copies_bwd)
 
 
 @dataclass(frozen=True)
@@ -118,18 +138,24 @@ class Pipeline:
     # -- the schedule --------------------------------------------------------------------------
 
     def run(self, stage_fn: Callable, stacked, x_MbLD: jax.Array, extras_M, mesh: Mesh,
-            activation_spec: PartitionSpec) -> jax.Array:
+            activation_spec: PartitionSpec, overwritten=None) -> jax.Array:
         """Run all micro-batches through all layers.
 
-        stage_fn(layers, x, extras) -> x runs one block of layers (a tree with a leading axis of
-        K layers) on one micro-batch; `extras` is the micro-batch's slice of `extras_M` (its
+        stage_fn(layers, x, extras) -> x runs one block of layers on one micro-batch:
+        `layers` is the pair (block of `stacked`, block of `overwritten`), trees with a
+        leading axis of K layers; `extras` is the micro-batch's slice of `extras_M` (its
         positions and segment ids, say). `stacked` holds every layer in stage order, `x_MbLD`
         the micro-batches, `activation_spec` how one micro-batch's activations are sharded
-        over the other mesh axes. Returns the last layer's output for every micro-batch."""
+        over the other mesh axes. Returns the last layer's output for every micro-batch.
+
+        `overwritten` (stacked like `stacked`, or None) is non-negative layer state whose
+        gradient is its next value (fp8 amax histories, models/fp8_state.py): each iteration
+        reads its own copy, so that differentiated, the uses' gradients combine by max where
+        the shared `stacked` adds them up."""
         S, M, R = self.stages, self.microbatches, self.repeats
         stage_S = jnp.arange(S)
-        blocks = jax.tree.map(lambda a: a.reshape(S, R, a.shape[0] // (S * R), *a.shape[1:]),
-                              stacked)
+        blocks, blocks_max = jax.tree.map(
+            lambda a: a.reshape(S, R, a.shape[0] // (S * R), *a.shape[1:]), (stacked, overwritten))
         along = NamedSharding(mesh, PartitionSpec(STAGE_AXIS, *activation_spec))
         banked = NamedSharding(mesh, PartitionSpec(STAGE_AXIS, None, *activation_spec))
         ring = [(s, (s + 1) % S) for s in range(S)]
@@ -160,13 +186,19 @@ class Pipeline:
                 return bank_1M, jnp.where(first, bank_1M[:, t % M], recv_1)
             return per_stage(local)(bank_SM, recv_S)
 
-        def iteration(carry, t):
+        def iteration(carry, t_and_copy):
+            t, blocks_max_t = t_and_copy
             bank_SM, recv_S = carry
             bank_SM, x_S = bank_and_take(t, bank_SM, recv_S)
             micro_S = (t - stage_S) % M  # the micro-batch each stage works on (or a bubble)
             round_S = jnp.clip((t - stage_S) // M, 0, R - 1)
+            # A stage in its bubble works on zeros, not on what is left in its input, so that
+            # nothing it computes (an amax, say) depends on that.
+            working_S = (t >= stage_S) & (t - stage_S < M * R)
+            x_S = jnp.where(working_S.reshape(S, *(1,) * (x_S.ndim - 1)), x_S, 0)
             extras_S = jax.tree.map(lambda e: e[micro_S], extras_M)
-            y_S = jax.lax.with_sharding_constraint(stages(blocks, x_S, round_S, extras_S), along)
+            y_S = jax.lax.with_sharding_constraint(
+                stages((blocks, blocks_max_t), x_S, round_S, extras_S), along)
             return (bank_SM, jax.lax.with_sharding_constraint(shift(y_S), along)), None
 
         bank_SM = jax.lax.with_sharding_constraint(
@@ -174,7 +206,8 @@ class Pipeline:
         recv_S = jax.lax.with_sharding_constraint(jnp.zeros((S, *x_MbLD.shape[1:]), x_MbLD.dtype),
                                                   along)
         T = self.iterations
-        (bank_SM, recv_S), _ = jax.lax.scan(iteration, (bank_SM, recv_S), jnp.arange(T))
+        (bank_SM, recv_S), _ = jax.lax.scan(iteration, (bank_SM, recv_S),
+                                            (jnp.arange(T), copies_by_max(blocks_max, T)))
         # The last micro-batch's output is still on its way round: bank it too.
         bank_SM, _ = bank_and_take(T, bank_SM, recv_S)
 

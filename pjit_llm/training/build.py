@@ -17,7 +17,7 @@ import optax
 from pjit_llm.config import Config
 from pjit_llm.placement import BYTE_VOCAB, Placement, place
 from pjit_llm.training.optim import make_optimizer, make_schedule
-from pjit_llm.training.step import TrainState, compile_train_step, plan_state
+from pjit_llm.training.step import TrainState, compile_train_step, plan_state, trainable
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Components(Placement):
         def init(key):
             params = self.make_params(key)
             return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                              opt_state=self.tx.init(params))
+                              opt_state=self.tx.init(trainable(params)))
 
         return jax.jit(init, out_shardings=self.shardings)(jax.random.key(seed))
 

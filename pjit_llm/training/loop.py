@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from pjit_llm import perf
 from pjit_llm.checkpoint.manager import FIXED_FIELDS, Checkpoints
@@ -23,14 +24,16 @@ from pjit_llm.data.sources import Dataset
 from pjit_llm.data.tokenizer import ByteTokenizer, Tokenizer
 from pjit_llm.errors import UserError
 from pjit_llm.metrics import MetricsLog, WandbRun, human_bytes, human_count, info
+from pjit_llm.models.fp8_state import split_histories
 from pjit_llm.parallel.layout import bytes_per_device
 from pjit_llm.parallel.mesh import describe
 from pjit_llm.training.actions import (Evaluation, InFlight, MetricsReader, Profiler,
                                        sample_generator)
 from pjit_llm.training.build import Components, build
+from pjit_llm.training.histories import fitted, readable, saved_shapes
 from pjit_llm.training.optim import schedule_change
 from pjit_llm.training.preemption import StopRequest
-from pjit_llm.training.step import TrainState
+from pjit_llm.training.step import TrainState, trainable
 
 
 def train(cfg: Config, dataset: Dataset, tokenizer: Tokenizer) -> dict:
@@ -53,7 +56,7 @@ def train(cfg: Config, dataset: Dataset, tokenizer: Tokenizer) -> dict:
         if jax.process_index() == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_config(run_dir, cfg)
-        n_params = sum(x.size for x in jax.tree.leaves(state.params))
+        n_params = sum(x.size for x in jax.tree.leaves(trainable(state.params)))
         info(describe(parts.mesh))
         if parts.pipeline:
             info(parts.pipeline.describe())
@@ -187,14 +190,30 @@ def _resume_or_init(parts: Components, ckpts: Checkpoints, loader: Loader) -> Tr
     if not cfg.train.resume:
         raise UserError(f"{ckpts.directory} already holds checkpoints (latest step {latest}); "
                         "set train.resume=true to continue that run or choose another train.run_dir")
-    restored = ckpts.restore(parts.abstract_state, loader, cfg)
+    restored = ckpts.restore(parts.abstract_state, loader, cfg, fit=_readable)
     if restored is None:
         raise UserError(f"no readable checkpoint is left in {ckpts.directory} (unreadable or "
                         "damaged ones were moved aside); choose another train.run_dir to start afresh")
     state, step = restored
     info(f"resumed from step {step} of {ckpts.directory}")
+    state = state.replace(params=_with_histories(state.params, parts))
     _report_schedule_change(ckpts.saved_config(step), cfg, step)
     return parts.to_run_order(state)
+
+
+def _readable(abstract_state: TrainState, saved: dict) -> TrainState:
+    """What to read of a checkpoint: its fp8 amax histories as far as they fit this run."""
+    return abstract_state.replace(params=readable(abstract_state.params,
+                                                  saved_shapes(saved["params"])))
+
+
+def _with_histories(params, parts: Components):
+    """`params` with this run's fp8 amax histories: those read, the others empty (said)."""
+    params, fresh = fitted(params, parts.abstract_state.params)
+    if fresh:
+        info(f"fp8 delayed scaling: {len(fresh)} amax histories (e.g. {fresh[0]}) start empty: "
+             "none of their length was read; the first step quantizes with scale 1")
+    return params
 
 
 def _report_schedule_change(saved: dict, cfg: Config, step: int) -> None:
@@ -240,12 +259,15 @@ def _init_from(parts: Components) -> TrainState:
     cfg, tx = parts.cfg, parts.tx
     source = Path(cfg.train.init_from).absolute()
     params, step = restore_params(_init_source(cfg), parts.layout, None)
+    params = _with_histories(params, parts)
     shardings = jax.tree.map(lambda a: a.sharding, parts.abstract_state)
     dtype = cfg.model.param_dtype
 
     def start(params):
-        params = jax.tree.map(lambda p: p.astype(dtype), params)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+        weights, histories = split_histories(params)  # histories stay float32
+        params = nnx.merge_state(jax.tree.map(lambda p: p.astype(dtype), weights), histories)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(trainable(params)))
 
     state = jax.jit(start, out_shardings=shardings)(params)
     info(f"initialised the parameters from {source} (step {step}); fresh optimizer state")

@@ -28,6 +28,7 @@ from pjit_llm.data.pipeline import packed_batches
 from pjit_llm.parallel.layout import Layout, bytes_per_device
 from pjit_llm.parallel.mesh import use_emulated_devices
 from pjit_llm.training.build import Components, build
+from pjit_llm.training.step import trainable
 
 
 def synthetic_batch(cfg: Config, layout: Layout, seed: int = 0) -> dict:
@@ -98,7 +99,7 @@ def measure(cfg: Config, steps: int, warmup: int, profile_dir: str | None = None
     device_peak = perf.device_memory_peak(jax.local_devices()[0])
     pipeline = parts.pipeline
     row = {
-        "params": sum(x.size for x in jax.tree.leaves(state.params)),
+        "params": sum(x.size for x in jax.tree.leaves(trainable(state.params))),
         "devices": devices, "device_kind": jax.devices()[0].device_kind,
         "attention": parts.model.attention, "tokens_per_step": tokens,
         "step_s": median, "step_min_s": min(times), "step_max_s": max(times), "steps": steps,
@@ -176,7 +177,7 @@ def save_times(parts: Components, directory: Path, async_save: bool, repeats: in
             total.append(time.perf_counter() - start)
     finally:
         ckpts.close()
-    return {"params": sum(x.size for x in jax.tree.leaves(state.params)),
+    return {"params": sum(x.size for x in jax.tree.leaves(trainable(state.params))),
             "state_bytes": sum(x.nbytes for x in jax.tree.leaves(state)),
             "mode": "async" if async_save else "sync", "blocked_s": statistics.median(blocked),
             "write_s": statistics.median(total), "repeats": repeats}

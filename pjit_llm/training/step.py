@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from pjit_llm.models.fp8_state import split_histories
 from pjit_llm.models.loss import Batch, loss_terms
 from pjit_llm.parallel.layout import Layout, is_variable, param_shardings
 from pjit_llm.parallel.stages import split_microbatches
@@ -19,15 +20,21 @@ from pjit_llm.parallel.stages import split_microbatches
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
-    params: nnx.State
-    opt_state: optax.OptState
+    params: nnx.State  # the model's state: its parameters and any fp8 amax histories
+    opt_state: optax.OptState  # of the parameters alone
+
+
+def trainable(params: nnx.State) -> nnx.State:
+    """What the optimizer updates: the model's state without its fp8 amax histories, which
+    each step overwrites instead (models/fp8_state.py)."""
+    return split_histories(params)[0]
 
 
 def state_shardings(layout: Layout, tx: optax.GradientTransformation, abstract_params):
     """Parameters and their optimizer moments share the rule table's shardings."""
     params = param_shardings(layout, abstract_params)
     opt_state = optax.tree_map_params(
-        tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), params,
+        tx, lambda _, s: s, jax.eval_shape(tx.init, trainable(abstract_params)), trainable(params),
         transform_non_params=lambda _: layout.replicated(),
         is_leaf=is_variable)
     return TrainState(step=layout.replicated(), params=params, opt_state=opt_state)
@@ -39,7 +46,8 @@ def plan_state(abstract_params: nnx.State, layout: Layout, tx: optax.GradientTra
     so it is also the target for restoring a checkpoint straight into this mesh."""
     shardings = state_shardings(layout, tx, abstract_params)
     shapes = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
-                                                 opt_state=tx.init(p)), abstract_params)
+                                                 opt_state=tx.init(trainable(p))),
+                            abstract_params)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             shapes, shardings)
     return abstract, shardings
@@ -57,27 +65,37 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
                     balance: int = 0) -> Callable:
     """The training step. With `skip_nonfinite`, a step whose loss or gradient norm is not
     finite leaves parameters and optimizer state as they were (the step still counts).
-    `balance`: the context shards the rows are reordered for (0: none)."""
-    grad_fn = jax.value_and_grad(lambda p, b: loss_terms(graphdef, p, b, balance), has_aux=True)
+    `balance`: the context shards the rows are reordered for (0: none).
+
+    The optimizer sees the parameters alone. fp8 amax histories (model.fp8_scaling=delayed)
+    are differentiated too: their gradients are their next values, combined by max over
+    every use in the step (pipeline and accumulation micro-batches), and replace them; they
+    take no part in clipping, weight decay or the gradient norm (models/fp8_state.py)."""
+    def loss(weights, histories, batch):
+        return loss_terms(graphdef, nnx.merge_state(weights, histories), batch, balance)
+
+    grad_fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
 
     def train_step(state: TrainState, batch: Batch):
+        weights, histories = split_histories(state.params)
         if grad_accum == 1:
-            (loss_sum, count), grads = grad_fn(state.params, batch)
+            (loss_sum, count), (grads, histories) = grad_fn(weights, histories, batch)
         else:
             def accumulate(carry, micro):
-                (l, c), g = grad_fn(state.params, micro)
-                acc_l, acc_c, acc_g = carry
+                (l, c), (g, h) = grad_fn(weights, histories, micro)
+                acc_l, acc_c, acc_g, acc_h = carry
                 return (acc_l + l, acc_c + c,
-                        jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc_g, g)), None
+                        jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc_g, g),
+                        jax.tree.map(jnp.maximum, acc_h, h)), None  # amaxes: max, not sum
 
-            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-            (loss_sum, count, grads), _ = jax.lax.scan(
-                accumulate, (jnp.float32(0), jnp.float32(0), zeros),
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), (weights, histories))
+            (loss_sum, count, grads, histories), _ = jax.lax.scan(
+                accumulate, (jnp.float32(0), jnp.float32(0), *zeros),
                 _micro_batches(batch, grad_accum, layout))
         denom = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, weights)
+        updates, opt_state = tx.update(grads, state.opt_state, weights)
+        params = nnx.merge_state(optax.apply_updates(weights, updates), histories)
         grad_norm = optax.tree.norm(grads)
         metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm,
                    "lr": schedule(state.step), "tokens": count}

@@ -10,7 +10,8 @@ def test_step_benchmark_prints_its_table():
                      "8", "mesh.data=2", "mesh.fsdp=4", *TINY, "--variant",
                      "model.remat=full model.loss_chunk=8", "--variant", "model.matmul=fp8",
                      "--variant", "mesh.fsdp=2 mesh.stage=2 train.microbatches=4 "
-                     "train.pipeline_repeats=2 model.num_layers=4")
+                     "train.pipeline_repeats=2 model.num_layers=4", "--variant",
+                     "model.matmul=fp8 model.fp8_scaling=delayed")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert "8 x cpu; step times over 2 synchronised steps" in lines
@@ -25,3 +26,6 @@ def test_step_benchmark_prints_its_table():
     assert "S=2 M=4 R=2, bubble 11%" in lines[header + 4]  # (S-1)/(MR+S-1)
     assert variant[0] == "model.remat=full" and "n/a" in variant  # no MFU without a known peak
     assert fp8[0] == "model.matmul=fp8" and fp8[2] == "512"
+    delayed = lines[header + 5].split()
+    assert delayed[:2] == ["model.matmul=fp8", "model.fp8_scaling=delayed"]
+    assert delayed[2] == fp8[1]  # the same parameters: the amax histories are not counted
