@@ -15,7 +15,8 @@
 #             profile of its base row with a table of where the step's time goes
 #   generate  `python -m pjit_llm.bench generate` at the Llama-1B shape (random bfloat16
 #             weights), batches of 1, 8 and 64, with XLA's command buffers (CUDA graphs) as
-#             XLA sets them, off, and extended to loops (GENERATE_FLAGS)
+#             XLA sets them (and then also with model.decode_unroll=8), off, and extended to
+#             loops (GENERATE_FLAGS)
 #   train     `python -m pjit_llm.train` at the Llama-1B shape on the built-in corpus: 30 steps
 #             ending in a checkpoint, then a restart that resumes and runs to step 35; its
 #             logged speed over steps 10-30 becomes a row beside the benchmark's base
@@ -48,13 +49,15 @@
 # Environment: PYTHON (default python3); XLA_FLAGS is passed on (rows record it).
 set -u
 
+# The base row keeps attention's output and statistics (remat proj_attn) and gives cuDNN the
+# packed documents' offsets (max_segments 16); each variant takes one of them away or adds fp8.
 LLAMA_VARIANTS=(
-  "model.segment_mask=false"                    # plain causal: no dense segment mask
-  "model.remat=proj_attn"                       # keep attention's output and softmax statistics
-  "model.max_segments=16"                       # cuDNN given the documents' bounds, not a mask
+  "model.remat=proj model.max_segments=0"       # both away: the base row measured on 2026-12-04
+  "model.max_segments=0"                        # the documents as a dense (B, 1, L, L) mask
+  "model.segment_mask=false"                    # plain causal: what offsets should cost (goal: within 3 %)
+  "model.remat=proj"                            # attention's forward recomputed in the backward pass
   "model.matmul=fp8"                            # fp8 projections, current scaling
   "model.matmul=fp8 model.fp8_scaling=delayed"  # fp8 with scales from past steps' amax
-  "model.remat=full"                            # recompute whole layers: the least memory
 )
 GPT2_VARIANTS=("model.scan_layers=false" "model.loss_chunk=0")
 # Checked against the flag tables of jaxlib 0.10.2 and 0.11.2 (XLA aborts on an unknown flag).
@@ -175,11 +178,12 @@ step_row() {  # step_row LIMIT PART CONFIG [OVERRIDES...]: one `bench step` row 
   fi
 }
 
-generate_row() {  # generate_row LIMIT FLAGS: the generation rows under these XLA flags
+generate_row() {  # generate_row LIMIT FLAGS [BENCH ARGS...]: generation rows under these XLA flags
   local limit=$1 flags="${USER_XLA_FLAGS:+$USER_XLA_FLAGS }$2" rc
-  run "$limit" "$OUT/generate.jsonl" "generate ${2:-(command buffers as XLA sets them)}" \
+  shift 2
+  run "$limit" "$OUT/generate.jsonl" "generate ${flags:-(command buffers as XLA sets them)}" \
     env "XLA_FLAGS=$flags" "$PY" -m pjit_llm.bench generate --json "${GENERATE[@]}" \
-    --config "$LLAMA" "${GENERATE_OVERRIDES[@]}"
+    --config "$LLAMA" "$@" "${GENERATE_OVERRIDES[@]}"
   rc=$?
   if ((rc != 0 && rc != 99)); then
     "$PY" -m pjit_llm.bench_report failed --bench generate --error="$LAST_ERROR" \
@@ -284,7 +288,8 @@ if want gpt2; then
 fi
 
 if want generate; then
-  generate_row 150 "${GENERATE_FLAGS[0]}"
+  # with XLA's own command buffers, also 8 decode steps per loop iteration (one host round trip)
+  generate_row 200 "${GENERATE_FLAGS[0]}" --variant model.decode_unroll=8
   for f in "${GENERATE_FLAGS[@]:1}"; do generate_row 120 "$f"; done
 fi
 
