@@ -108,3 +108,29 @@ def test_a_record_longer_than_a_row_is_cut_and_flagged(tok):
     np.testing.assert_array_equal(cut["tokens"], whole["tokens"][:8])
     np.testing.assert_array_equal(cut["loss_mask"], whole["loss_mask"][:8])
     assert cut["truncated"].tolist() == [1, 0, 0, 0, 0, 0, 0, 0]
+
+
+# In the manner of Qwen3's template: the reply after the last user turn opens with a thinking
+# block (empty here), earlier replies are rendered without one.
+THINKING = (
+    "{%- set ns = namespace(last_user=-1) %}"
+    "{%- for m in messages %}{% if m['role'] == 'user' %}{% set ns.last_user = loop.index0 %}"
+    "{% endif %}{% endfor %}"
+    "{%- for m in messages %}{% if m['role'] == 'user' %}<|user|> {{ m['content'] }} "
+    "{% elif loop.index0 > ns.last_user %}<|assistant|> <think> </think> {{ m['content'] }} "
+    "{{ eos_token }} {% else %}<|assistant|> {{ m['content'] }} {{ eos_token }} {% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}")
+
+
+def test_a_thinking_template_trains_on_its_final_reply_and_refuses_rewritten_turns(tok, tmp_path):
+    """Qwen3's template adds a thinking block to the reply that ends a conversation: a
+    prompt and its reply train on the block and the reply; a conversation whose earlier replies
+    the template renders differently once later turns follow is refused (transformers cannot
+    mask those either: the template has no generation markers)."""
+    template = load_chat_template(str(chat_tokenizer(tmp_path / "qwen", template=THINKING)))
+    ids, mask = chat_tokens(tok, template, CONVERSATION[:2])
+    assert words(tok, ids[mask == 1]) == ["[UNK]", "[UNK]", "[UNK]", "[UNK]", "[UNK]", "[UNK]",
+                                          "on", "a", "mat", "</s>"]  # <think> </think>: unknown here
+    assert chat_prompt(template, "the cat").endswith("<|assistant|> ")
+    with pytest.raises(UserError, match="renders a conversation's earlier turns differently"):
+        chat_tokens(tok, template, CONVERSATION)
