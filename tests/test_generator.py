@@ -165,23 +165,21 @@ def test_each_prompt_stops_at_its_own_end_token(trained):
 
 
 def test_decoding_in_unrolled_blocks_changes_no_token(trained):
-    """Blocks of 3 steps: 8 new tokens are two blocks and two single steps; each prompt still
-    stops at its own end token, and streaming hands over the same tokens."""
+    """Blocks of 3 steps: 8 new tokens are two blocks and two single steps. Seeded sampling
+    draws the same tokens; each prompt still stops at its own end token (one that ends a
+    prompt inside a block), and streaming hands over the same tokens."""
     cfg, _, params = trained
     layout, graphdef, placed = _on(cfg, params, {"fsdp": 2, "tensor": 4})
     unrolled = dataclasses.replace(cfg.model, decode_unroll=3)
     hot = Sampling(temperature=1.5, seed=7)
-    for sampling in (Sampling(), hot):
-        single = Generator(cfg.model, layout, sampling).generate(placed, PROMPTS, 8, None)
-        assert Generator(unrolled, layout, sampling).generate(placed, PROMPTS, 8, None) == single
-    free = Generator(cfg.model, layout, Sampling()).generate(placed, PROMPTS, 8, None)
-    eos = free[1][2]
-    out = Generator(unrolled, layout, Sampling()).generate(placed, PROMPTS, 8, eos)
-    assert out == [row[:row.index(eos)] if eos in row else row for row in free]
-    streamed = []
-    Generator(unrolled, layout, hot, stream_block=5).generate(
-        placed, PROMPTS, 8, None, on_tokens=streamed.append)
     single = Generator(cfg.model, layout, hot).generate(placed, PROMPTS, 8, None)
+    blocks = Generator(unrolled, layout, hot, stream_block=5)
+    assert blocks.generate(placed, PROMPTS, 8, None) == single
+    eos = single[1][4]
+    assert blocks.generate(placed, PROMPTS, 8, eos) == [
+        row[:row.index(eos)] if eos in row else row for row in single]
+    streamed = []
+    blocks.generate(placed, PROMPTS, 8, None, on_tokens=streamed.append)
     assert [[int(t[i]) for t in streamed] for i in range(len(PROMPTS))] == single
 
 
