@@ -74,7 +74,8 @@ class Transformer(nnx.Module):
             return self.block_class(cfg, block_layout, rngs)
 
         if layer_list:  # one parameter tree per layer: see `unstack_layers`
-            self.blocks = nnx.List([self.block_class(cfg, block_layout, rngs) for _ in range(cfg.num_layers)])
+            self.blocks = nnx.List([self.block_class(cfg, block_layout, rngs)
+                                    for _ in range(cfg.num_layers)])
         else:
             self.blocks = make_blocks(rngs)
         self.final_norm = norm(cfg, D)
@@ -101,6 +102,8 @@ class Transformer(nnx.Module):
         return self.final_norm(x_BLD)
 
     def _inputs(self, segment_ids_BL, positions_BL, slots_BL, layout: Layout | None) -> LayerInputs:
+        """Rotary angles and masks for the layers of this batch (a window measured by each
+        token's place in its row, the slots where rows are reordered)."""
         cfg = self.cfg
         sin, cos = rope_angles(positions_BL, cfg.head_size, cfg.rope_theta, cfg)
         mask_B1LS = self._mask(segment_ids_BL, slots_BL, layout)

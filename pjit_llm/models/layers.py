@@ -1,6 +1,7 @@
-"""The layers every family builds its blocks from: RMSNorm, rotary positions, grouped-query
-attention (with the family's traits: per-head query/key norms, a head size of its own), the
-gated MLP, the padded vocabulary, and the remat policies over the projections they tag.
+"""The layers every family builds its blocks from: RMSNorm (plain or Gemma's 1 + weight),
+rotary positions, grouped-query attention (with the family's traits: per-head query/key norms,
+a head size and a score scale of its own), the gated MLP (SwiGLU or GeGLU), the padded
+vocabulary, and the remat policies over the projections they tag.
 Every parameter names its logical axes (metadata `logical_axes`).
 Shapes in names: B batch, L length, D embed, H heads, G kv heads, K head dim, F mlp, V vocab.
 """
@@ -36,7 +37,7 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     # The projections and attention's output and softmax statistics: the backward pass runs
     # no attention forward, for (B, L, H) float32 statistics and a (B, L, H, K) output a layer.
     "proj_attn": keeps_attention(*PROJECTIONS),
-    # The same tensors, parked in host memory between the forward and the backward pass.
+    # The projections' outputs, parked in host memory between the forward and backward pass.
     "proj_offload": jax.checkpoint_policies.save_and_offload_only_these_names(
         names_which_can_be_saved=[], names_which_can_be_offloaded=list(PROJECTIONS),
         offload_src="device", offload_dst="pinned_host"),
