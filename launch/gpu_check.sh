@@ -21,10 +21,13 @@
 #             ending in a checkpoint, then a restart that resumes and runs to step 35; its
 #             logged speed over steps 10-30 becomes a row beside the benchmark's base
 #   profile   a 2-step profile of the Llama-1B base row, and where its time goes
+#   fp8loss   fp8's loss curve against bfloat16: 200 training steps of the GPT-2 shape on the
+#             built-in corpus in bfloat16, fp8 with current and with delayed scaling, and
+#             each one's held-out loss beside bfloat16's (fp8loss.md; goal: within 1 %)
 #
 # Every row runs in its own process under its own time limit and writes under OUT_DIR as it
 # goes: a row that fails or outlasts its limit is recorded with its last line and the next
-# starts; a run cut short keeps what it finished. OUT_DIR (new or empty) ends with 8 files:
+# starts; a run cut short keeps what it finished. OUT_DIR (new or empty) ends with 9 files:
 #   summary.md           the environment, every row's status, the tables (each row beside its
 #                        config's base row, with ratios) and where the profiled steps' time went
 #   log.txt              each command with its limit, time and exit status, and its stderr
@@ -33,6 +36,7 @@
 #   generate.jsonl       generation rows, likewise
 #   train.txt            the training runs' console output
 #   profile-gpt2.tgz, profile-llama.tgz   the traces (TensorBoard's profile tab, or Perfetto)
+#   fp8loss.md           the fp8 runs' held-out losses beside bfloat16's
 # `python -m pjit_llm.bench_report table OUT_DIR/*.jsonl` prints the tables again.
 #
 # Options:
@@ -70,7 +74,7 @@ GENERATE_FLAGS=(
 usage() { sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 fail() { echo "error: $*" >&2; exit 2; }
 
-OUT="" WHEELS="" BUDGET=570 ONLY="env,tests,llama,gpt2,generate,train,profile" DRY=0 SMOKE=0
+OUT="" WHEELS="" BUDGET=570 ONLY="env,tests,llama,gpt2,generate,train,profile,fp8loss" DRY=0 SMOKE=0
 while (($#)); do
   case $1 in
     --wheels) WHEELS=${2:?--wheels needs a folder}; shift ;;
@@ -87,7 +91,7 @@ done
 [ -n "$OUT" ] || fail "give OUT_DIR, a new or empty folder for the results: bash $0 OUT_DIR"
 [[ $BUDGET =~ ^[0-9]+$ ]] || fail "--budget $BUDGET is not a number of seconds"
 for p in ${ONLY//,/ }; do
-  [[ ,env,tests,llama,gpt2,generate,train,profile, == *,$p,* ]] || fail "no part '$p' (--only)"
+  [[ ,env,tests,llama,gpt2,generate,train,profile,fp8loss, == *,$p,* ]] || fail "no part '$p' (--only)"
 done
 if ((!DRY)) && [ -d "$OUT" ] && [ -n "$(ls -A "$OUT")" ]; then
   fail "$OUT is not empty; give a new or empty folder, so that rows of two runs do not mix"
@@ -111,12 +115,12 @@ if ((SMOKE)); then
   LLAMA=configs/tiny.yaml GPT2=configs/tiny.yaml
   LLAMA_STEPS=(--steps 2 --warmup 1) GPT2_STEPS=(--steps 2 --warmup 1)
   GENERATE=(--batch 1 --batch 2 --prompt-len 16 --new-tokens 8 --repeats 1)
-  TRAIN_STEPS=(6 8 2) TRAIN_SHAPE=(train.log_every=2 train.eval_every=3)
+  TRAIN_STEPS=(6 8 2) TRAIN_SHAPE=(train.log_every=2 train.eval_every=3) FP8_STEPS=4 FP8_WARMUP=1
 else
   LLAMA=configs/bench-llama-1b.yaml GPT2=configs/bench-gpt2-small.yaml
   LLAMA_STEPS=(--steps 5 --warmup 2) GPT2_STEPS=(--steps 10 --warmup 2)
   GENERATE=(--batch 1 --batch 8 --batch 64 --prompt-len 128 --new-tokens 128 --repeats 3)
-  TRAIN_STEPS=(30 35 10) TRAIN_SHAPE=(train.log_every=5 train.eval_every=15)
+  TRAIN_STEPS=(30 35 10) TRAIN_SHAPE=(train.log_every=5 train.eval_every=15) FP8_STEPS=200 FP8_WARMUP=20
 fi
 GENERATE_OVERRIDES=(model.param_dtype=bfloat16)
 
@@ -313,6 +317,36 @@ fi
 
 if want profile; then
   profile llama "$LLAMA" 90
+fi
+
+if want fp8loss; then
+  if ((DRY)) || "$PY" -c "import grain, tensorflow_datasets" 2>/dev/null; then
+    FP8_RUNS=("model.matmul=default" "model.matmul=fp8" "model.matmul=fp8 model.fp8_scaling=delayed")
+    for i in "${!FP8_RUNS[@]}"; do
+      # shellcheck disable=SC2086  # a run's overrides are several key=value words
+      run 120 "$OUT/train.txt" "fp8loss: ${FP8_RUNS[$i]}" "$PY" -m pjit_llm.train --config "$GPT2" \
+        data.source=builtin "data.data_dir=$WORK/data" "optimizer.warmup_steps=$FP8_WARMUP" checkpoint.every=0 \
+        train.sample_tokens=0 train.log_every=50 "train.eval_every=$FP8_STEPS" \
+        "train.steps=$FP8_STEPS" "train.run_dir=$WORK/fp8loss-$i" ${FP8_RUNS[$i]}
+    done
+    ((DRY)) || "$PY" - "$WORK" "${FP8_RUNS[@]}" >"$OUT/fp8loss.md" 2>>"$LOG" <<'PYEOF'
+import json, sys
+work, runs = sys.argv[1], sys.argv[2:]
+def last_eval(i):
+    try:
+        rows = [json.loads(l) for l in open(f"{work}/fp8loss-{i}/metrics.jsonl")]
+    except OSError:
+        return None
+    return next((r["eval_loss"] for r in reversed(rows) if "eval_loss" in r), None)
+losses = [last_eval(i) for i in range(len(runs))]
+print(f"| run | held-out loss at the last step | vs {runs[0]} |\n|---|---|---|")
+for run, loss in zip(runs, losses):
+    ratio = f"{loss / losses[0] - 1:+.2%}" if loss and losses[0] else ""
+    print(f"| {run} | {loss if loss is not None else 'failed'} | {ratio} |")
+PYEOF
+  else
+    note "fp8loss" "not started" "" "grain and tensorflow-datasets do not import here: give --wheels DIR"
+  fi
 fi
 
 if ((DRY)); then
