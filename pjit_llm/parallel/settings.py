@@ -29,6 +29,7 @@ class Rules:
     mlp: tuple[str, ...] = ("tensor",)
     vocab: tuple[str, ...] = ("tensor",)
     layers: tuple[str, ...] = ("stage",)
+    expert: tuple[str, ...] = ()  # a mixture of experts' stacked experts
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
