@@ -183,9 +183,9 @@ class Transformer(nnx.Module):
         for i, (layer_cache, local) in enumerate(zip(cache, cfg.local_layers())):
             k, v = (constrain(layout, layer_cache[n], axes) for n in ("k", "v"))
             sin_i, cos_i, mask_i = inputs.pick(local)
-            layer = self._layer(i)
-            x_BLD, (k, v) = layer(x_BLD, sin_i, cos_i, mask_i, (k, v, positions_BL[:, 0]))
-            nnx.pop(layer, nnx.Intermediate)  # statistics for training only: not kept
+            # what a layer sows (router statistics) serves training only: captured, dropped
+            (x_BLD, (k, v)), _ = nnx.capture(self._layer(i), nnx.Intermediate)(
+                x_BLD, sin_i, cos_i, mask_i, (k, v, positions_BL[:, 0]))
             written.append({"k": k, "v": v})
         return self.logits(self.final_norm(x_BLD)), tuple(written)
 
@@ -215,8 +215,9 @@ class Transformer(nnx.Module):
         def apply(x, layer):
             layer_state, local = layer
             block = nnx.merge(graphdef, layer_state)
-            y = block(x, *inputs.pick(local), causal=causal)[0]
-            return y, _token_sums(nnx.pop(block, nnx.Intermediate), inputs.real)
+            (y, _), sown = nnx.capture(block, nnx.Intermediate)(x, *inputs.pick(local),
+                                                               causal=causal)
+            return y, _token_sums(sown, inputs.real)
 
         if self.cfg.remat != "none":
             apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.cfg.remat],
