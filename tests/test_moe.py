@@ -197,6 +197,29 @@ def test_moe_trains_on_a_mesh_as_on_one_device():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_accumulated_micro_batches_log_their_token_weighted_router_metrics():
+    """With train.grad_accum=2 each micro-batch (rows j, j+2, ...) has its own router losses;
+    the step logs their means weighted by the micro-batches' predicted tokens."""
+    cfg = tiny_config("model.family=mixtral", "model.num_experts=4", "train.grad_accum=2",
+                      "model.router_z_loss_coef=0.001")
+    parts = build_on(cfg, {"data": 2, "tensor": 2})
+    rows = random_rows(cfg, n_rows=cfg.data.batch_size)
+    rows["segment_ids"][0, 10:] = 0  # the micro-batches predict different numbers of tokens
+    state = parts.init_state()
+    params = jax.device_get(state.params)
+    batch = {k: jax.device_put(v, parts.batch_sharding) for k, v in rows.items()}
+    _, metrics = parts.train_step(state, batch)
+    terms = jax.jit(lambda p, b: objective_terms(parts.graphdef, p, b))
+    micro = [terms(params, {k: jnp.asarray(v[j::2]) for k, v in rows.items()})[1]
+             for j in range(2)]
+    counts = [float(c) for c, _, _ in micro]
+    assert counts[0] != counts[1]
+    for name in ("moe_aux_loss", "router_z_loss", "expert_tokens_max"):
+        expected = sum(c * float(m[name]) for c, (_, _, m) in zip(counts, micro)) / sum(counts)
+        assert abs(float(metrics[name]) - expected) < 1e-4 * abs(expected), name
+    assert abs(float(metrics["loss"]) - sum(float(l) for _, l, _ in micro) / sum(counts)) < 1e-5
+
+
 def test_the_step_logs_the_router_metrics():
     cfg = tiny_config("model.family=qwen3_moe", "model.num_experts=4", "model.experts_per_token=2")
     parts = build_on(cfg, {"data": 2})
