@@ -15,14 +15,16 @@ from flax import nnx
 
 from conftest import build_on, tiny_config
 from hf_models import TOKENS, WORDS, hf_logits, hf_mixtral, hf_qwen3_moe, our_logits
+from pjit_llm.checkpoint.exports import write_export
 from pjit_llm.checkpoint.run_dir import run_config
 from pjit_llm.checkpoint.runs import restore_params
 from pjit_llm.errors import UserError
 from pjit_llm.interop import hf as convert
-from pjit_llm.models.families import family, make_model
+from pjit_llm.models.families import abstract_model, family, make_model
 from pjit_llm.models.loss import objective_terms
 from pjit_llm.models.mixtral import hf as mixtral_hf
 from pjit_llm.models.moe import ACTIVATIONS, grouped_experts, route
+from pjit_llm.models.quantize import Int8Weight, quantize_params
 from pjit_llm.models.qwen3_moe import hf as qwen3_moe_hf
 from test_step import random_rows, run_steps
 
@@ -92,6 +94,19 @@ def test_they_generate_what_transformers_generates(imported):
     expected = tok.decode(out[0, len(ids):].tolist())
     assert generate_texts(run, [prompt], 12, Sampling()) == [expected]
     assert len(expected.split()) == 12 and set(expected.split()) <= set(WORDS)
+
+
+def test_an_int8_export_generates(imported, tmp_path):
+    """The experts quantized to int8 (with the attention) reach generation's decode loop."""
+    from pjit_llm.inference.generator import Sampling, generate_texts
+    _, _, run = imported
+    parts = build_on(run_config(run))
+    out, _ = write_export(run_config(run), parts.layout, tmp_path / "int8", None, "float32", "int8")
+    assert run_config(out).model.quantize == "int8"
+    exact, = generate_texts(run, ["the cat sat on"], 8, Sampling())
+    quantized, = generate_texts(out, ["the cat sat on"], 8, Sampling())
+    assert len(quantized.split()) == 8 and set(quantized.split()) <= set(WORDS)
+    print(f"greedy: {exact!r}; int8: {quantized!r}")
 
 
 def test_an_export_loads_in_transformers_with_the_same_logits(imported, tmp_path):
@@ -231,6 +246,25 @@ def test_the_step_logs_the_router_metrics():
     assert tokens * 2 / 4 <= float(metrics["expert_tokens_max"]) <= tokens
     assert float(metrics["moe_aux_loss"]) >= 1.0 - 1e-5  # its minimum: perfectly balanced
     assert float(metrics["router_z_loss"]) > 0
+
+
+def test_int8_experts_keep_their_scales_per_expert_and_the_logits_close():
+    cfg = tiny_config("model.family=qwen3_moe", "model.num_experts=4")
+    parts = build_on(cfg, {"fsdp": 2, "tensor": 2})
+    params = parts.init_state().params
+    _, abstract = abstract_model(parts.model, parts.layout)
+    q = quantize_params(params, parts.layout, family("qwen3_moe").quantized_weights, abstract)
+    gate, down = (q["blocks"]["mlp"][n][...] for n in ("expert_gate", "expert_down"))
+    L, E, F, D = cfg.model.num_layers, 4, parts.model.expert_size, parts.model.embed_dim
+    assert isinstance(gate, Int8Weight) and gate.values.dtype == jnp.int8
+    assert gate.scale.shape == (L, E, F) and down.scale.shape == (L, E, D)
+    assert not isinstance(q["blocks"]["mlp"]["router"][...], Int8Weight)
+    tokens = jnp.asarray(random_rows(cfg, n_rows=8)["tokens"])
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    forward = jax.jit(lambda p: nnx.merge(parts.graphdef, p)(tokens, jnp.ones_like(tokens),
+                                                             positions).astype(jnp.float32))
+    exact, quantized = np.asarray(forward(params)), np.asarray(forward(q))
+    assert 0 < np.abs(quantized - exact).max() < 0.02 * np.abs(exact).max()
 
 
 def test_pipeline_stages_are_refused_for_experts():

@@ -21,6 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from pjit_llm.models.layers import ACTIVATIONS, param
 from pjit_llm.models.moe_config import MoEConfig
+from pjit_llm.models.quantize import Int8Weight
 from pjit_llm.parallel.layout import Layout
 
 # The per-token statistics the layer sows, summed over real tokens by the decoder:
@@ -48,15 +49,24 @@ def grouped_experts(x_TD, experts_TK, weights_TK, gate_EDF, up_EDF, down_EFD, ac
     expert, one grouped product per weight over the groups' sizes, the outputs put back in
     token order and summed with the routing weights (in float32). (T, D) in `dtype`."""
     T, k = experts_TK.shape
-    E = gate_EDF.shape[0]
+    E = (gate_EDF.values if isinstance(gate_EDF, Int8Weight) else gate_EDF).shape[0]
     experts_S = experts_TK.reshape(T * k)
     order_S = jnp.argsort(experts_S, stable=True)  # assignment at each sorted place
     sizes_E = jnp.bincount(experts_S, length=E).astype(jnp.int32)
     x_SD = jnp.take(x_TD.astype(dtype), order_S // k, axis=0)
-    gate_SF = checkpoint_name(jax.lax.ragged_dot(x_SD, gate_EDF.astype(dtype), sizes_E), "mlp_gate")
-    up_SF = checkpoint_name(jax.lax.ragged_dot(x_SD, up_EDF.astype(dtype), sizes_E), "mlp_up")
+
+    def grouped(name, a_SX, w_EXY):
+        """A grouped product; an int8 weight's per-expert, per-output-channel scales applied
+        to the (smaller) product, each sorted assignment taking its expert's."""
+        if not isinstance(w_EXY, Int8Weight):
+            return checkpoint_name(jax.lax.ragged_dot(a_SX, w_EXY.astype(dtype), sizes_E), name)
+        out_SY = jax.lax.ragged_dot(a_SX, w_EXY.values.astype(dtype), sizes_E)
+        scale_SY = jnp.take(w_EXY.scale, experts_S[order_S], axis=0)
+        return checkpoint_name((out_SY.astype(jnp.float32) * scale_SY).astype(dtype), name)
+
+    gate_SF, up_SF = grouped("mlp_gate", x_SD, gate_EDF), grouped("mlp_up", x_SD, up_EDF)
     h_SF = ACTIVATIONS[activation](gate_SF) * up_SF
-    out_SD = checkpoint_name(jax.lax.ragged_dot(h_SF, down_EFD.astype(dtype), sizes_E), "mlp_down")
+    out_SD = grouped("mlp_down", h_SF, down_EFD)
     place_S = jnp.zeros_like(order_S).at[order_S].set(jnp.arange(T * k, dtype=order_S.dtype))
     out_TKD = jnp.take(out_SD, place_S, axis=0).reshape(T, k, -1)
     return jnp.einsum("TKD,TK->TD", out_TKD.astype(jnp.float32), weights_TK).astype(dtype)

@@ -13,10 +13,12 @@ from pjit_llm.models.moe import MoEMLP
 from pjit_llm.parallel.layout import Layout
 from pjit_llm.parallel.stages import Pipeline
 
-# int8 quantization scales attention and the embeddings as Llama's; the router and the
-# experts' stacked weights stay in the parameter dtype (their grouped products take no int8).
+# int8 quantization scales attention and the embeddings as Llama's, and each expert's weights
+# per expert and output channel (models/moe.py applies the scales after the grouped products);
+# the router stays in the parameter dtype, its logits in float32.
 QUANTIZED_WEIGHTS: dict[str, Axes] = {
-    name: axes for name, axes in LLAMA_QUANTIZED.items() if not name.startswith("w_")}
+    **{name: axes for name, axes in LLAMA_QUANTIZED.items() if not name.startswith("w_")},
+    "expert_gate": ("embed",), "expert_up": ("embed",), "expert_down": ("mlp",)}
 
 
 class MoEBlock(Block):
