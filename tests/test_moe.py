@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from conftest import build_on, tiny_config
 from hf_models import TOKENS, WORDS, hf_logits, hf_mixtral, hf_qwen3_moe, our_logits
@@ -207,6 +208,26 @@ def test_moe_trains_on_a_mesh_as_on_one_device():
     ref_losses, ref_params = run_steps(cfg, None)
     assert ref_losses[-1] < ref_losses[0]
     losses, params = run_steps(cfg, {"fsdp": 2, "tensor": 2})
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_experts_shard_over_the_expert_axis_and_train_as_on_one_device():
+    """mesh.expert splits the stacked experts (parameters and optimizer moments) and, like
+    data, the batch rows; the result is one device's."""
+    cfg = tiny_config("model.family=mixtral", "model.num_experts=4")
+    parts = build_on(cfg, {"expert": 2, "fsdp": 2, "tensor": 2})
+    state = parts.init_state()
+    gate = state.params["blocks"]["mlp"]["expert_gate"][...]
+    assert gate.sharding.spec == P(None, "expert", "fsdp", "tensor")
+    L, E, D, F = gate.shape
+    assert {s.data.shape for s in gate.addressable_shards} == {(L, E // 2, D // 2, F // 2)}
+    moments = [m for m in jax.tree.leaves(state.opt_state) if getattr(m, "shape", ()) == gate.shape]
+    assert moments and all(m.sharding.spec == gate.sharding.spec for m in moments)
+    assert parts.batch_sharding.spec == P(("fsdp", "expert"), None)
+    ref_losses, ref_params = run_steps(cfg, None)
+    losses, params = run_steps(cfg, {"expert": 2, "fsdp": 2})
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -28,6 +28,9 @@ from pjit_llm.parallel.layout import Layout
 # each expert's router probability, whether the token was routed to it (0 or 1), and the
 # squared log-sum-exp of the router logits.
 ROUTER_STATS = ("router_probs", "expert_tokens", "router_z")
+# What the train step reports of the router (`router_metrics`), logged averaged over the
+# steps of a log interval.
+ROUTER_METRICS = ("moe_aux_loss", "router_z_loss", "expert_tokens_max", "expert_tokens_mean")
 
 
 def route(x_TD: jax.Array, router_DE: jax.Array, k: int, renormalise: bool):
