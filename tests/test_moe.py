@@ -213,6 +213,26 @@ def test_moe_trains_on_a_mesh_as_on_one_device():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("overrides", [("model.scan_layers=false", "model.remat=proj"),
+                                       ("model.remat=full", "model.loss_chunk=8")],
+                         ids=["unrolled, proj", "full remat, chunked loss"])
+def test_unrolled_layers_and_remat_give_the_scanned_result(overrides):
+    cfg = tiny_config("model.family=mixtral", "model.num_experts=4")
+    ref_losses, ref_params = run_steps(cfg, None, steps=2)
+    losses, params = run_steps(tiny_config("model.family=mixtral", "model.num_experts=4",
+                                           *overrides), {"data": 2}, steps=2)
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_experts_train():
+    losses, _ = run_steps(tiny_config("model.family=qwen3_moe", "model.num_experts=4",
+                                      "model.dtype=bfloat16", "model.param_dtype=bfloat16"),
+                          {"fsdp": 2}, steps=3)
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
 def test_experts_shard_over_the_expert_axis_and_train_as_on_one_device():
     """mesh.expert splits the stacked experts (parameters and optimizer moments) and, like
     data, the batch rows; the result is one device's."""
