@@ -50,8 +50,9 @@ def test_config_json_gives_the_experts(imported):
             cfg.router_aux_loss_coef) == expected
 
 
-@pytest.mark.parametrize("mesh", [None, {"fsdp": 2, "tensor": 2}, {"data": 2, "context": 2}],
-                         ids=["one device", "fsdp x tensor", "data x context"])
+@pytest.mark.parametrize("mesh", [None, {"fsdp": 2, "tensor": 2}, {"data": 2, "context": 2},
+                                  {"expert": 4, "tensor": 2}],
+                         ids=["one device", "fsdp x tensor", "data x context", "expert x tensor"])
 def test_imported_models_give_the_logits_of_transformers(imported, mesh):
     _, model, run = imported
     expected, got = hf_logits(model, TOKENS), our_logits(run, TOKENS, mesh)
@@ -251,6 +252,13 @@ def test_experts_shard_over_the_expert_axis_and_train_as_on_one_device():
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_experts_the_expert_axis_does_not_divide_are_refused_in_one_line():
+    with pytest.raises(UserError, match=r"^parameter blocks\.mlp\.expert_\w+ dimension 1 "
+                                        r"\(expert=6\) is not divisible by mesh axes expert=4; "
+                                        r"change the model size, the mesh, or mesh\.rules\.expert$"):
+        build_on(tiny_config("model.family=mixtral", "model.num_experts=6"), {"expert": 4})
 
 
 def test_accumulated_micro_batches_log_their_token_weighted_router_metrics():
