@@ -6,6 +6,7 @@ a mesh equals one device and logs the router's metrics."""
 
 import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -189,6 +190,19 @@ def test_no_token_is_dropped_however_unbalanced_the_routing():
     per_expert = np.asarray(counted)[:, :E] / (F * float(ACTIVATIONS["silu"](D * 1.0)) * D)
     np.testing.assert_allclose(per_expert.sum(1), k, rtol=1e-5)
     np.testing.assert_allclose(per_expert, np.asarray(jax.nn.one_hot(experts_TK, E).sum(1)), atol=1e-5)
+
+
+def test_each_batch_shard_sorts_only_its_own_tokens():
+    """On data=4, each device routes its quarter of the batch: the sort of assignments runs
+    over (B / 4) x L x k of them, not over the global batch's (which would gather every
+    token to every device and compute all of them there)."""
+    parts = build_on(tiny_config("model.family=mixtral", "model.num_experts=4"), {"data": 4})
+    B, L, k = 8, 32, parts.model.experts_per_token
+    tokens = jnp.zeros((B, L), jnp.int32)
+    forward = jax.jit(lambda p, t: nnx.merge(parts.graphdef, p)(t, jnp.ones_like(t), t))
+    text = forward.lower(parts.init_state().params, tokens).as_text()
+    sorted_sizes = re.findall(r"call @argsort\w*\(%\w+\) : \(tensor<(\d+)xi32>", text)
+    assert sorted_sizes and set(sorted_sizes) == {str(B // 4 * L * k)}
 
 
 def test_the_router_statistics_count_every_real_token_in_every_layer():

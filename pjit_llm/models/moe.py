@@ -5,7 +5,8 @@ experts; each expert is a gated MLP, their weights stacked (E, D, F) and (E, F, 
 assignments of every token are sorted by expert and each expert multiplies its contiguous
 group (`jax.lax.ragged_dot`, a grouped matrix product): no capacity, no token dropped,
 however unbalanced the routing. The results are put back in token order and summed with the
-routing weights.
+routing weights. On a mesh each batch shard sorts and computes its own tokens (a shard_map
+over the batch's mesh axes).
 
 The layer reports per-token router statistics as NNX intermediates; the decoder sums them
 over real tokens for each layer (models/decoder.py) and `router_metrics` turns them into the
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
 from pjit_llm.models.layers import ACTIVATIONS, param
 from pjit_llm.models.moe_config import MoEConfig
@@ -90,19 +92,42 @@ class MoEMLP(nnx.Module):
         self.cfg, self.layout = cfg, layout
 
     def __call__(self, x_BLD):
+        weights = (self.router[...], self.expert_gate[...], self.expert_up[...],
+                   self.expert_down[...])
+        compute = self._experts
+        rows = () if self.layout is None else self.layout.mesh_axes("batch")
+        if rows and x_BLD.shape[0] % self.layout.shards("batch") == 0:
+            # Each batch shard sorts and multiplies its own tokens, the weights gathered as
+            # FSDP gathers every weight; a sort over the global batch would gather every token
+            # to every device and compute them all there. The other axes (tensor, context)
+            # stay with the partitioner.
+            compute = jax.shard_map(compute, mesh=self.layout.mesh, axis_names=set(rows),
+                                    in_specs=(P(rows), P()), out_specs=P(rows), check_vma=False)
+            if jax.default_backend() == "cpu":
+                # XLA:CPU (jaxlib 0.10.2) aborts compiling the step when bfloat16 weights
+                # cross the shard_map ("Invalid binary instruction opcode copy" in the
+                # gradients' all-reduce): they cross it in float32 there.
+                weights = jax.tree.map(
+                    lambda w: w.astype(jnp.float32) if w.dtype == jnp.bfloat16 else w, weights)
+        y_BLD, stats = compute(x_BLD, weights)
+        for name, value in zip(ROUTER_STATS, stats):
+            self.sow(nnx.Intermediate, name, value)
+        return y_BLD
+
+    def _experts(self, x_BLD, weights):
+        """(output (B, L, D), the per-token router statistics of ROUTER_STATS)."""
         cfg = self.cfg
+        router_DE, gate_EDF, up_EDF, down_EFD = weights
         B, L, D = x_BLD.shape
         x_TD = x_BLD.reshape(B * L, D)
         logits_TE, probs_TE, weights_TK, experts_TK = route(
-            x_TD, self.router[...], cfg.experts_per_token, cfg.norm_topk_prob)
-        y_TD = grouped_experts(x_TD, experts_TK, weights_TK, self.expert_gate[...],
-                               self.expert_up[...], self.expert_down[...], cfg.mlp_activation,
-                               cfg.dtype)
+            x_TD, router_DE, cfg.experts_per_token, cfg.norm_topk_prob)
+        y_TD = grouped_experts(x_TD, experts_TK, weights_TK, gate_EDF, up_EDF, down_EFD,
+                               cfg.mlp_activation, cfg.dtype)
         chosen_TE = jnp.sum(jax.nn.one_hot(experts_TK, cfg.num_experts, dtype=jnp.float32), axis=1)
         z_T = jnp.square(jax.nn.logsumexp(logits_TE, axis=-1))
-        for name, value in zip(ROUTER_STATS, (probs_TE, chosen_TE, z_T)):
-            self.sow(nnx.Intermediate, name, value.reshape(B, L, *value.shape[1:]))
-        return y_TD.reshape(B, L, D)
+        stats = tuple(v.reshape(B, L, *v.shape[1:]) for v in (probs_TE, chosen_TE, z_T))
+        return y_TD.reshape(B, L, D), stats
 
 
 def router_metrics(cfg, stats: dict, tokens: jax.Array) -> dict:
