@@ -59,6 +59,28 @@ def hf_gemma3(directory: Path, seed=0, dtype=None, **overrides):
     return hf_random("Gemma3", directory, {**settings, **overrides}, seed, dtype)
 
 
+def hf_mixtral(directory: Path, seed=0, dtype=None, **overrides):
+    """A small random MixtralForCausalLM: 4 experts, 2 per token, grouped-query heads, an odd
+    vocabulary, untied embeddings."""
+    settings = dict(vocab_size=303, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                    initializer_range=0.1, rms_norm_eps=1e-5, num_local_experts=4,
+                    num_experts_per_tok=2, router_aux_loss_coef=0.02)
+    return hf_random("Mixtral", directory, {**settings, **overrides}, seed, dtype)
+
+
+def hf_qwen3_moe(directory: Path, seed=0, dtype=None, **overrides):
+    """A small random Qwen3MoeForCausalLM: 8 experts of width 48 (not intermediate_size), 3
+    per token, their probabilities not renormalised, a head size (32) other than width / heads."""
+    settings = dict(vocab_size=303, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                    max_position_embeddings=256, initializer_range=0.1, rms_norm_eps=1e-6,
+                    rope_theta=1000000.0, tie_word_embeddings=True, num_experts=8,
+                    num_experts_per_tok=3, moe_intermediate_size=48, norm_topk_prob=False,
+                    decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=0.01)
+    return hf_random("Qwen3Moe", directory, {**settings, **overrides}, seed, dtype)
+
+
 def hf_random(kind: str, directory: Path, settings: dict, seed=0, dtype=None):
     """transformers' `<kind>ForCausalLM` with random weights from `seed`, saved with a
     word-level tokenizer.json beside it."""

@@ -48,6 +48,22 @@ def test_metrics_are_read_only_when_asked_and_averaged_over_the_interval(tmp_pat
     assert reader.last == record
 
 
+def test_a_mixture_of_experts_logs_its_router_metrics_over_the_interval(tmp_path):
+    log = MetricsLog(tmp_path)
+    reader = MetricsReader(tiny_config("model.family=mixtral"), log, 1e9, 512, 0,
+                           _checkpoints(tmp_path))
+    for step, aux, most in ((1, 1.5, 30.0), (2, 1.1, 20.0)):
+        reader.add(step, {**_metrics(3.0), "moe_aux_loss": jnp.float32(aux),
+                          "router_z_loss": jnp.float32(4.0),
+                          "expert_tokens_max": jnp.float32(most),
+                          "expert_tokens_mean": jnp.float32(16.0)})
+    reader.read(log_it=True)
+    log.close()
+    [record] = _records(tmp_path)
+    assert (record["moe_aux_loss"], record["router_z_loss"], record["expert_tokens_max"],
+            record["expert_tokens_mean"]) == pytest.approx((1.3, 4.0, 25.0, 16.0))
+
+
 def test_a_non_finite_loss_stops_the_run_with_one_line(tmp_path):
     log = MetricsLog(tmp_path)
     reader = MetricsReader(tiny_config(), log, 1e9, 512, 0, _checkpoints(tmp_path))

@@ -15,5 +15,5 @@ def test_config_and_mesh_follow_the_list_of_axes():
         assert fields[axis.name] == axis.default and fields[f"dcn_{axis.name}"] == 1
     assert MeshConfig().shape == tuple(a.default for a in MESH_AXES)
     assert make_mesh(MeshConfig()).axis_names == AXIS_NAMES == (
-        "data", "stage", "fsdp", "context", "tensor")
+        "data", "stage", "fsdp", "context", "tensor", "expert")
     assert dict(make_mesh(MeshConfig()).shape)["data"] == jax.device_count()  # -1 fills

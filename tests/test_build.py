@@ -55,7 +55,7 @@ def test_conversion_places_fsdp_over_the_devices_the_width_divides(width, heads,
                       f"model.num_kv_heads={kv_heads}", "data.batch_size=3")  # no batch is fed
     parts = place_for_conversion(cfg)
     assert dict(parts.mesh.shape) == {"data": 1, "stage": 1, "fsdp": fsdp, "context": 1,
-                                      "tensor": 1}
+                                      "tensor": 1, "expert": 1}
     assert list(parts.mesh.devices.flat) == jax.devices()[:fsdp]
     assert parts.model.attention == "xla"
     embed = parts.param_shardings["embed"]

@@ -83,7 +83,7 @@ def test_round_trip_through_dict(tmp_path):
     (["model.num_heads=5"], "model.num_heads=5 does not divide model.embed_dim=256"),
     (["model.num_kv_heads=3"], "model.num_kv_heads=3 must divide model.num_heads=8"),
     (["model.num_layers=0"], "model.num_layers=0 must be positive"),
-    (["mesh.data=-1", "mesh.fsdp=-1"], "only one of mesh.data, mesh.stage, mesh.fsdp, mesh.context, mesh.tensor may be -1"),
+    (["mesh.data=-1", "mesh.fsdp=-1"], "only one of mesh.data, mesh.stage, mesh.fsdp, mesh.context, mesh.tensor, mesh.expert may be -1"),
     (["mesh.tensor=0"], "mesh.tensor=0 is not a size"),
     (["mesh.rules.embed=model"], "mesh.rules.embed: unknown mesh axis 'model'"),
     (["mesh.rules.rows=data"], "unknown config key mesh.rules.rows"),
@@ -152,4 +152,4 @@ def test_config_is_frozen():
     cfg = Config()
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.model.num_layers = 3  # type: ignore[misc]
-    assert Rules().batch == ("data", "stage", "fsdp")
+    assert Rules().batch == ("data", "stage", "fsdp", "expert")

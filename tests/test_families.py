@@ -119,7 +119,7 @@ def test_an_unsupported_model_type_is_refused_naming_those_read():
     with pytest.raises(UserError) as e:
         hf_family({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "config.json")
     assert str(e.value) == ("config.json: model_type gpt2 is not supported; the model types "
-                            "read are: gemma3_text, llama, mistral, qwen3")
+                            "read are: gemma3_text, llama, mistral, mixtral, qwen3, qwen3_moe")
     assert hf_family({"model_type": "qwen3"}, "x").name == "qwen3"
     assert hf_family({"architectures": ["MistralForCausalLM"]}, "x").name == "llama"
     with pytest.raises(UserError, match="sliding-window attention"):

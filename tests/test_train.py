@@ -12,7 +12,7 @@ CONFIG_ERRORS = [
     (["model.num_layers=four"], "model.num_layers must be an integer, got 'four'"),
     (["model.num_heads=5"], "model.num_heads=5 does not divide model.embed_dim=256"),
     (["--emulate-devices", "8", "mesh.data=3"],
-     "mesh (data=3, stage=1, fsdp=1, context=1, tensor=1) needs 3 devices but 8"),
+     "mesh (data=3, stage=1, fsdp=1, context=1, tensor=1, expert=1) needs 3 devices but 8"),
     (["--emulate-devices", "8", "mesh.data=1", "mesh.tensor=8", "model.num_heads=4"],
      "model.num_heads=4 query heads (model.num_kv_heads=4) do not split over mesh axes tensor=8"),
     (["--emulate-devices", "8", "data.batch_size=12"], "is not divisible by the 8 batch shards"),

@@ -95,13 +95,15 @@ def import_hf(hf_dir: Path, out: Path, dtype: str | None = None) -> Path:
             return var.replace(jax.make_array_from_callback(
                 shape, sharding, lambda index: np.asarray(zero_padded(
                     to_ours(tensors[name], unpadded, in_dims), shape, index), np_dtype)))
-        # Stacked layers: written into the sharded array one layer at a time, so the host never
-        # holds more than one layer (a callback would build all layers of a shard at once).
-        layer_sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
+        # Stacked layers (and experts): written into the sharded array one HF tensor at a
+        # time, so the host never holds more than one layer (a callback would build all
+        # layers of a shard at once).
         stacked = _zeros(shape, np_dtype, sharding)
-        for i, (name, in_dims, _) in enumerate(sources):
-            layer = np.asarray(to_ours(tensors[name], shape[1:], in_dims), np_dtype)
-            stacked = _set_layer(stacked, jax.device_put(layer, layer_sharding), i)
+        for name, in_dims, index in sources:
+            piece_sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[len(index):]))
+            piece = np.asarray(to_ours(tensors[name], shape[len(index):], in_dims), np_dtype)
+            stacked = _set_layer(stacked, jax.device_put(piece, piece_sharding),
+                                 tuple(np.int32(i) for i in index))
         return var.replace(stacked)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -149,9 +151,12 @@ def _zeros(shape, dtype, sharding):
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _set_layer(stacked, layer, i):
-    """stacked[i] = layer, in place (the stacked buffer is donated)."""
-    return jax.lax.dynamic_update_index_in_dim(stacked, layer[None], i, 0)
+def _set_layer(stacked, piece, index):
+    """stacked[index] = piece for an index of leading dims (layer, or layer and expert), in
+    place (the stacked buffer is donated)."""
+    start = (*index, *(np.int32(0),) * piece.ndim)
+    return jax.lax.dynamic_update_slice(stacked, piece.reshape((1,) * len(index) + piece.shape),
+                                        start)
 
 
 def _check_tensors(tensors, wanted, tied: bool, hf_dir: Path) -> None:
@@ -244,7 +249,8 @@ def return_freed_memory() -> None:
 
 
 def hf_tensors(model: DecoderConfig) -> list[tuple[str, tuple, int, int | None, tuple[int, ...]]]:
-    """Every HF tensor of a model config, in HF's order (models/hf_format.py: hf_tensors)."""
+    """Every HF tensor of a model config, in HF's order (models/hf_format.py: hf_tensors):
+    (name, our path, in_dims, index in our stacked parameter or None, HF shape)."""
     family = family_of(model)
     return tensors_of(model, abstract_model(model, None)[1], family.hf_layer_weights,
                       family.hf_top_weights)

@@ -36,6 +36,9 @@ class LayerInputs(NamedTuple):
     local_sin: jax.Array | None = None
     local_cos: jax.Array | None = None
     local_mask: jax.Array | None = None
+    # (B, L) float32: 1 for the real tokens (segment > 0), over which the layers' per-token
+    # statistics (a mixture of experts' router) are summed; None: every token.
+    real: jax.Array | None = None
 
     def pick(self, local):
         """(sin, cos, mask) of a local layer where `local` (a bool, or traced in a scan)."""
@@ -93,17 +96,27 @@ class Transformer(nnx.Module):
         vocabulary. Tokens attend only within their segment unless model.segment_mask is off.
         `slots_BL`: each token's place in its row when the rows come reordered (context load
         balance); causality then follows the slots, not the array order."""
+        return self.hidden_and_stats(tokens_BL, segment_ids_BL, positions_BL, slots_BL)[0]
+
+    def hidden_and_stats(self, tokens_BL, segment_ids_BL, positions_BL, slots_BL=None):
+        """(`hidden`, the statistics the layers sow as NNX intermediates, each summed over the
+        real tokens: {name: (layers, ...)}, empty for a model whose layers sow none)."""
         x_BLD = self._embed(tokens_BL)
         if self.pipeline is None:
             inputs = self._inputs(segment_ids_BL, positions_BL, slots_BL, self.layout)
-            x_BLD = self._run_blocks(x_BLD, inputs, causal=slots_BL is None)
+            x_BLD, stats = self._run_blocks(x_BLD, inputs, causal=slots_BL is None)
         else:
-            x_BLD = self._run_pipeline(x_BLD, segment_ids_BL, positions_BL, slots_BL)
-        return self.final_norm(x_BLD)
+            x_BLD, stats = self._run_pipeline(x_BLD, segment_ids_BL, positions_BL, slots_BL), {}
+        return self.final_norm(x_BLD), stats
 
     def _inputs(self, segment_ids_BL, positions_BL, slots_BL, layout: Layout | None) -> LayerInputs:
         """Rotary angles and masks for the layers of this batch (a window measured by each
-        token's place in its row, the slots where rows are reordered)."""
+        token's place in its row, the slots where rows are reordered), and which tokens are
+        real (segment > 0), for the router statistics a mixture of experts sums."""
+        inputs = self._attention_inputs(segment_ids_BL, positions_BL, slots_BL, layout)
+        return inputs._replace(real=(segment_ids_BL > 0).astype(jnp.float32))
+
+    def _attention_inputs(self, segment_ids_BL, positions_BL, slots_BL, layout: Layout | None):
         cfg = self.cfg
         sin, cos = rope_angles(positions_BL, cfg.head_size, cfg.rope_theta, cfg)
         mask_B1LS = self._mask(segment_ids_BL, slots_BL, layout)
@@ -174,7 +187,9 @@ class Transformer(nnx.Module):
         for i, (layer_cache, local) in enumerate(zip(cache, cfg.local_layers())):
             k, v = (constrain(layout, layer_cache[n], axes) for n in ("k", "v"))
             sin_i, cos_i, mask_i = inputs.pick(local)
-            x_BLD, (k, v) = self._layer(i)(x_BLD, sin_i, cos_i, mask_i, (k, v, positions_BL[:, 0]))
+            # what a layer sows (router statistics) serves training only: captured, dropped
+            (x_BLD, (k, v)), _ = nnx.capture(self._layer(i), nnx.Intermediate)(
+                x_BLD, sin_i, cos_i, mask_i, (k, v, positions_BL[:, 0]))
             written.append({"k": k, "v": v})
         return self.logits(self.final_norm(x_BLD)), tuple(written)
 
@@ -195,7 +210,8 @@ class Transformer(nnx.Module):
 
     def _run_blocks(self, x_BLD, inputs: LayerInputs, stacked=None, local_K=None, causal=True):
         """The stacked layers (all, or the block `stacked` with its flags `local_K`), scanned
-        or unrolled; each attends with the inputs of its kind (`LayerInputs.pick`)."""
+        or unrolled; each attends with the inputs of its kind (`LayerInputs.pick`). Returns
+        (output, what each layer sowed summed over the real tokens, stacked over layers)."""
         graphdef, all_layers = nnx.split(self.blocks)
         if stacked is None:
             stacked, local_K = all_layers, np.array(self.cfg.local_layers())
@@ -203,16 +219,20 @@ class Transformer(nnx.Module):
         def apply(x, layer):
             layer_state, local = layer
             block = nnx.merge(graphdef, layer_state)
-            return block(x, *inputs.pick(local), causal=causal)[0], None
+            (y, _), sown = nnx.capture(block, nnx.Intermediate)(x, *inputs.pick(local),
+                                                               causal=causal)
+            return y, _token_sums(sown, inputs.real)
 
         if self.cfg.remat != "none":
             apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.cfg.remat],
                                    prevent_cse=not self.cfg.scan_layers)
         if self.cfg.scan_layers:
-            return jax.lax.scan(apply, x_BLD, (stacked, jnp.asarray(local_K)))[0]
+            return jax.lax.scan(apply, x_BLD, (stacked, jnp.asarray(local_K)))
+        per_layer = []
         for i in range(len(local_K)):
-            x_BLD = apply(x_BLD, (jax.tree.map(partial(_index, i=i), stacked), local_K[i]))[0]
-        return x_BLD
+            x_BLD, sums = apply(x_BLD, (jax.tree.map(partial(_index, i=i), stacked), local_K[i]))
+            per_layer.append(sums)
+        return x_BLD, jax.tree.map(lambda *s: jnp.stack(s), *per_layer)
 
     def _run_pipeline(self, x_BLD, segment_ids_BL, positions_BL, slots_BL=None):
         """The layers as pipeline stages over micro-batches of the batch."""
@@ -227,7 +247,7 @@ class Transformer(nnx.Module):
             segment_ids_bL, positions_bL, slots_bL = extras
             inputs = self._inputs(segment_ids_bL, positions_bL, slots_bL, self.block_layout)
             return self._run_blocks(x_bLD, inputs, stacked=layer_states, local_K=local_K,
-                                    causal=slots_bL is None)
+                                    causal=slots_bL is None)[0]
 
         extras = (split_microbatches(segment_ids_BL, M), split_microbatches(positions_BL, M),
                   None if slots_BL is None else split_microbatches(slots_BL, M))
@@ -245,6 +265,19 @@ class Transformer(nnx.Module):
 
 def _index(a: jax.Array, i: int) -> jax.Array:
     return a[i]
+
+
+def _token_sums(sown: nnx.State, real_BL: jax.Array | None) -> dict[str, jax.Array]:
+    """{name: value summed over the real tokens} of a layer's intermediates, each sown once
+    with (B, L) leading dimensions."""
+    sums = {}
+    for path, value in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(sown)):
+        name = str(getattr(path[-2], "key", path[-2]))  # sow keeps a tuple of values
+        if real_BL is None:
+            sums[name] = jnp.sum(value, axis=(0, 1))
+        else:
+            sums[name] = jnp.einsum("BL...,BL->...", value, real_BL)
+    return sums
 
 
 def _constrain_table(layout: Layout | None, w_VD):

@@ -5,7 +5,7 @@ models/ that builds a `Family` record (models/family.py) and one line in `FAMILI
 from flax import nnx
 
 from pjit_llm.errors import UserError
-from pjit_llm.models import gemma3, llama, qwen3
+from pjit_llm.models import gemma3, llama, mixtral, qwen3, qwen3_moe
 from pjit_llm.models.decoder import Transformer
 from pjit_llm.models.decoder_config import DecoderConfig
 from pjit_llm.models.family import Family
@@ -16,6 +16,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     llama.FAMILY,
     qwen3.FAMILY,
     gemma3.FAMILY,
+    mixtral.FAMILY,
+    qwen3_moe.FAMILY,
 )}
 
 

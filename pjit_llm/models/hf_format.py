@@ -4,7 +4,9 @@ them, the parameter dtype of an import, and tensor layouts: HF Linear weights ar
 ours keep heads and head dims apart, and our vocabulary is padded.
 
 A family's `hf.py` gives its config conversion and its tables of weights: (our path, HF name,
-leading dims of ours that form HF's input axis), "{i}" standing for the layer.
+leading dims of ours that form HF's input axis), "{i}" standing for the layer and, in a
+mixture of experts' stacked (layers, experts, ...) weights, "{j}" for the expert: one HF tensor
+per layer and expert.
 """
 
 import math
@@ -120,10 +122,11 @@ def param_path(keys) -> tuple[str, ...]:
 
 
 def hf_tensors(model: DecoderConfig, abstract_params, layer_weights: WeightTable,
-               top_weights: WeightTable) -> list[tuple[str, tuple, int, int | None, tuple[int, ...]]]:
-    """Every HF tensor of a model, in HF's order: (name, our path, in_dims, layer or None, HF
-    shape), from its abstract parameters and the family's tables (a weight the model lacks,
-    such as an untied unembedding, is left out)."""
+               top_weights: WeightTable) -> list[tuple[str, tuple, int, tuple | None, tuple[int, ...]]]:
+    """Every HF tensor of a model, in HF's order: (name, our path, in_dims, its index in our
+    stacked parameter ((layer,) or (layer, expert)) or None, HF shape), from its abstract
+    parameters and the family's tables (a weight the model lacks, such as an untied
+    unembedding, is left out)."""
     shapes = {param_path(p): unpadded_shape(model, param_path(p), v.shape)
               for p, v in jax.tree_util.tree_leaves_with_path(
                   abstract_params, is_leaf=is_variable)}
@@ -133,9 +136,17 @@ def hf_tensors(model: DecoderConfig, abstract_params, layer_weights: WeightTable
 
     embed, *rest = [(name, path, in_dims, None, hf_shape(shapes[path], in_dims))
                     for path, name, in_dims in top_weights if path in shapes]
-    layers = [(name.format(i=i), path, in_dims, i, hf_shape(shapes[path][1:], in_dims))
-              for i in range(model.num_layers) for path, name, in_dims in layer_weights
-              if path in shapes]
+    layers = []
+    for i in range(model.num_layers):
+        for path, name, in_dims in layer_weights:
+            if path not in shapes:
+                continue
+            if "{j}" not in name:
+                layers.append((name.format(i=i), path, in_dims, (i,),
+                               hf_shape(shapes[path][1:], in_dims)))
+                continue
+            layers += [(name.format(i=i, j=j), path, in_dims, (i, j),
+                        hf_shape(shapes[path][2:], in_dims)) for j in range(shapes[path][1])]
     return [embed, *layers, *rest]
 
 

@@ -1,7 +1,8 @@
 """The training objective: next-token cross-entropy in float32 over the tokens whose
 successor belongs to the same segment (padding and document ends are masked out) and, when
 the batch carries a `loss_mask` (chat and prompt/completion data), is a target the mask keeps.
-The train step differentiates it; the eval step (held-out loss) sums it.
+The train step differentiates it, plus a mixture of experts' router losses
+(`objective_terms`); the eval step (held-out loss) sums it.
 """
 
 from collections.abc import Callable
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pjit_llm.models.moe import router_loss, router_metrics
 from pjit_llm.parallel.context import balanced_order
 from pjit_llm.parallel.layout import constrain
 
@@ -17,7 +19,23 @@ Batch = dict[str, jax.Array]
 
 
 def loss_terms(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, balance: int = 0):
-    """(sum of token losses, number of predicted tokens), both float32.
+    """(sum of token losses, number of predicted tokens), both float32."""
+    return _terms(graphdef, params, batch, balance)[:2]
+
+
+def objective_terms(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, balance: int = 0):
+    """What the train step differentiates: (sum of token losses plus, for a mixture of
+    experts, the router losses (coefficients from the config) times the number of predicted
+    tokens, so that the step's division by that number adds them once; (number of predicted
+    tokens, sum of token losses, the router's metrics: models/moe.py `router_metrics`))."""
+    loss_sum, count, stats, cfg, real = _terms(graphdef, params, batch, balance)
+    metrics = router_metrics(cfg, stats, real)
+    return loss_sum + count * router_loss(cfg, metrics), (count, loss_sum, metrics)
+
+
+def _terms(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, balance: int = 0):
+    """(sum of token losses, number of predicted tokens, the layers' statistics, the model
+    config, number of real tokens).
 
     Position i predicts token i+1 when both lie in the same segment and, with a `loss_mask`,
     the mask keeps token i+1. With model.loss_chunk the
@@ -41,7 +59,9 @@ def loss_terms(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, balance:
             constrain(model.layout, x[:, order_L], ("batch", "length"))
             for x in (tokens, seg, positions, targets_BL, weights_BL))
         slots_BL = constrain(model.layout, slots_BL, ("batch", "length"))
-    x_BLD = model.hidden(tokens, seg, positions, slots_BL)
+    x_BLD, stats = model.hidden_and_stats(tokens, seg, positions, slots_BL)
+    real = jnp.sum(seg > 0).astype(jnp.float32)
+    cfg = model.cfg
 
     w_VD = model.output_weights()
 
@@ -53,7 +73,7 @@ def loss_terms(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, balance:
     B, L, D = x_BLD.shape
     chunk = model.cfg.loss_chunk
     if not chunk or chunk >= L:
-        return chunk_loss(x_BLD, targets_BL, weights_BL), jnp.sum(weights_BL)
+        return chunk_loss(x_BLD, targets_BL, weights_BL), jnp.sum(weights_BL), stats, cfg, real
 
     def to_chunks(x, axes):  # (B, L, ...) -> (L/chunk, B, chunk, ...), chunks leading
         x = jnp.swapaxes(x.reshape(B, L // chunk, chunk, *x.shape[2:]), 0, 1)
@@ -65,7 +85,7 @@ def loss_terms(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, balance:
     loss_sum, _ = jax.lax.scan(body, jnp.float32(0), (
         to_chunks(x_BLD, ("batch", "length", "embed")), to_chunks(targets_BL, ("batch", "length")),
         to_chunks(weights_BL, ("batch", "length"))))
-    return loss_sum, jnp.sum(weights_BL)
+    return loss_sum, jnp.sum(weights_BL), stats, cfg, real
 
 
 def make_eval_step(graphdef, balance: int = 0) -> Callable:

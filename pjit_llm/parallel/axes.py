@@ -22,5 +22,6 @@ MESH_AXES: tuple[MeshAxis, ...] = (
     MeshAxis("fsdp", 1, "batch rows, and parameters with optimizer state"),
     MeshAxis("context", 1, "each sequence's positions in every activation (not parameters)"),
     MeshAxis("tensor", 1, "attention heads, MLP and vocabulary dimensions"),
+    MeshAxis("expert", 1, "a mixture of experts' experts (parameters, optimizer state), and batch rows"),
 )
 AXIS_NAMES: tuple[str, ...] = tuple(a.name for a in MESH_AXES)

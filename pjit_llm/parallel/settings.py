@@ -20,7 +20,7 @@ class Rules:
     activations whose batch already uses `fsdp`.
     """
 
-    batch: tuple[str, ...] = ("data", "stage", "fsdp")
+    batch: tuple[str, ...] = ("data", "stage", "fsdp", "expert")
     length: tuple[str, ...] = ("context",)  # activations only: no parameter has a length
     embed: tuple[str, ...] = ("fsdp",)
     heads: tuple[str, ...] = ("tensor",)
@@ -29,6 +29,7 @@ class Rules:
     mlp: tuple[str, ...] = ("tensor",)
     vocab: tuple[str, ...] = ("tensor",)
     layers: tuple[str, ...] = ("stage",)
+    expert: tuple[str, ...] = ("expert",)  # a mixture of experts' stacked experts
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):

@@ -18,6 +18,7 @@ from pjit_llm.errors import UserError
 from pjit_llm.inference.evaluation import evaluate
 from pjit_llm.inference.generator import Generator, Sampling
 from pjit_llm.metrics import MetricsLog, info
+from pjit_llm.models.moe import ROUTER_METRICS
 from pjit_llm.parallel.layout import Layout
 from pjit_llm.training.preemption import MAX_IN_FLIGHT
 
@@ -82,6 +83,9 @@ class MetricsReader:
                   "tflops_per_device": rates["tflops_per_device"], "elapsed_s": now - self.start}
         if rates["mfu"] is not None:
             record["mfu"] = rates["mfu"]
+        for name in ROUTER_METRICS:  # a mixture of experts' router, over the interval
+            if name in host[-1]:
+                record[name] = sum(float(m[name]) for m in good) / len(good)
         in_use = perf.device_memory_in_use(jax.local_devices()[0])
         if in_use is not None:
             record["memory_gib"] = in_use / 2**30

@@ -12,7 +12,7 @@ import optax
 from flax import nnx
 
 from pjit_llm.models.fp8_state import split_histories
-from pjit_llm.models.loss import Batch, loss_terms
+from pjit_llm.models.loss import Batch, objective_terms
 from pjit_llm.parallel.layout import Layout, is_variable, param_shardings
 from pjit_llm.parallel.stages import split_microbatches
 
@@ -70,35 +70,44 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
     The optimizer sees the parameters alone. fp8 amax histories (model.fp8_scaling=delayed)
     are differentiated too: their gradients are their next values, combined by max over
     every use in the step (pipeline and accumulation micro-batches), and replace them; they
-    take no part in clipping, weight decay or the gradient norm (models/fp8_state.py)."""
+    take no part in clipping, weight decay or the gradient norm (models/fp8_state.py).
+
+    A mixture of experts adds its router losses to the objective; `loss` stays the
+    cross-entropy, and the router's metrics (moe_aux_loss, router_z_loss, expert_tokens_max,
+    expert_tokens_mean: models/moe.py) are logged beside it, averaged over accumulated
+    micro-batches by their token counts."""
     def loss(weights, histories, batch):
-        return loss_terms(graphdef, nnx.merge_state(weights, histories), batch, balance)
+        return objective_terms(graphdef, nnx.merge_state(weights, histories), batch, balance)
 
     grad_fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
 
     def train_step(state: TrainState, batch: Batch):
         weights, histories = split_histories(state.params)
         if grad_accum == 1:
-            (loss_sum, count), (grads, histories) = grad_fn(weights, histories, batch)
+            (_, (count, loss_sum, router)), (grads, histories) = grad_fn(weights, histories, batch)
         else:
             def accumulate(carry, micro):
-                (l, c), (g, h) = grad_fn(weights, histories, micro)
-                acc_l, acc_c, acc_g, acc_h = carry
-                return (acc_l + l, acc_c + c,
+                (_, (c, l, r)), (g, h) = grad_fn(weights, histories, micro)
+                acc_l, acc_c, acc_r, acc_g, acc_h = carry
+                return (acc_l + l, acc_c + c, jax.tree.map(lambda a, b: a + b * c, acc_r, r),
                         jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc_g, g),
                         jax.tree.map(jnp.maximum, acc_h, h)), None  # amaxes: max, not sum
 
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), (weights, histories))
-            (loss_sum, count, grads, histories), _ = jax.lax.scan(
-                accumulate, (jnp.float32(0), jnp.float32(0), *zeros),
+            first = jax.tree.map(lambda x: x[0], _micro_batches(batch, grad_accum, layout))
+            router_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32),
+                                        jax.eval_shape(loss, weights, histories, first)[1][2])
+            (loss_sum, count, router, grads, histories), _ = jax.lax.scan(
+                accumulate, (jnp.float32(0), jnp.float32(0), router_zeros, *zeros),
                 _micro_batches(batch, grad_accum, layout))
+            router = jax.tree.map(lambda r: r / jnp.maximum(count, 1.0), router)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, weights)
         updates, opt_state = tx.update(grads, state.opt_state, weights)
         params = nnx.merge_state(optax.apply_updates(weights, updates), histories)
         grad_norm = optax.tree.norm(grads)
         metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm,
-                   "lr": schedule(state.step), "tokens": count}
+                   "lr": schedule(state.step), "tokens": count, **router}
         if "truncated" in batch:  # records in the batch, and those cut at the row length
             metrics["records"] = jnp.sum((batch["positions"] == 0) & (batch["segment_ids"] > 0))
             metrics["truncated"] = jnp.sum(batch["truncated"])

@@ -17,7 +17,7 @@ def test_evaluate_cli_matches_the_in_training_evaluation_on_another_mesh(trained
     result = run_module("pjit_llm.evaluate", "--run", str(run), "--emulate-devices", "4",
                         "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=1")
     assert result.returncode == 0, result.stderr
-    assert "mesh data=1 x stage=1 x fsdp=4 x context=1 x tensor=1 over 4 cpu device(s)" in result.stdout
+    assert "mesh data=1 x stage=1 x fsdp=4 x context=1 x tensor=1 x expert=1 over 4 cpu device(s)" in result.stdout
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["step"] == 6
     assert report["eval_loss"] == pytest.approx(at[6]["eval_loss"], rel=1e-5)

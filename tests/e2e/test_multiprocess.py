@@ -51,7 +51,7 @@ def test_two_processes_through_the_launcher_match_one_process_and_stop_together(
             launcher.communicate(timeout=60)
     assert launcher.returncode == 0, err[-3000:]
     assert "process 0 of 2 (from environment" in out
-    assert "mesh data=2 x stage=1 x fsdp=2 x context=1 x tensor=2 over 8 cpu device(s)" in out
+    assert "mesh data=2 x stage=1 x fsdp=2 x context=1 x tensor=2 x expert=1 over 8 cpu device(s)" in out
     saved = [p for p in (tmp_path / "multi" / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(saved) == 1, saved
     assert f"after step {saved[0].name}; checkpoint saved" in out

@@ -17,7 +17,7 @@ STAGED = ["--emulate-devices", "8", *TINY, "model.num_layers=8", "mesh.stage=4",
 def test_a_staged_run_continues_on_meshes_without_stages(tmp_path):
     result = run_cli(*STAGED, "train.run_dir=run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "mesh data=2 x stage=4 x fsdp=1 x context=1 x tensor=1" in result.stdout
+    assert "mesh data=2 x stage=4 x fsdp=1 x context=1 x tensor=1 x expert=1" in result.stdout
     assert "pipeline circular x2: 4 stages, 4 micro-batches, 11 iterations, bubble 27.3%" \
         in result.stdout
     assert "sample 0 at step 4: 'def " in result.stdout  # the generator takes model order

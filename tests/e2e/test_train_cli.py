@@ -15,7 +15,7 @@ from conftest import TINY, assert_refused, run_cli
 @pytest.mark.parametrize("args, message", [
     (["model.num_layer=3"], "unknown config key model.num_layer; did you mean model.num_layers?"),
     (["--emulate-devices", "8", "mesh.data=3"],
-     "mesh (data=3, stage=1, fsdp=1, context=1, tensor=1) needs 3 devices but 8"),
+     "mesh (data=3, stage=1, fsdp=1, context=1, tensor=1, expert=1) needs 3 devices but 8"),
 ])
 def test_config_errors_exit_2_with_one_line(tmp_path, args, message):
     result = run_cli(*args, f"train.run_dir={tmp_path / 'run'}", f"data.data_dir={tmp_path / 'data'}",
@@ -52,7 +52,7 @@ def test_local_jsonl_run_skips_bad_records_and_says_where(tmp_path):
 
 def test_short_run_on_a_hybrid_mesh_writes_its_run_directory(trained_run):
     run, result = trained_run.directory, trained_run.result
-    assert "mesh data=2 x stage=1 x fsdp=2 x context=1 x tensor=2 over 8 cpu device(s)" in result.stdout
+    assert "mesh data=2 x stage=1 x fsdp=2 x context=1 x tensor=2 x expert=1 over 8 cpu device(s)" in result.stdout
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["mesh"]["data"] == 2 and config["model"]["vocab_size"] == 384
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

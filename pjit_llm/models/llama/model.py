@@ -20,11 +20,13 @@ QUANTIZED_WEIGHTS: dict[str, Axes] = {
 
 
 class Block(nnx.Module):
+    mlp_class: type[nnx.Module] = MLP  # a mixture of experts' block swaps in its MLP
+
     def __init__(self, cfg: DecoderConfig, layout: Layout | None, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, cfg.param_dtype)
         self.attn = Attention(cfg, layout, rngs)
         self.mlp_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, cfg.param_dtype)
-        self.mlp = MLP(cfg, layout, rngs)
+        self.mlp = self.mlp_class(cfg, layout, rngs)
         self.layout = layout
 
     def __call__(self, x_BLD, sin, cos, mask_B1LS, kv=None, causal=True):

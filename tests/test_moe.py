@@ -1,0 +1,348 @@
+"""Mixtures of experts (models/moe.py; families mixtral and qwen3_moe) against transformers:
+logits of imported random models on one device and on meshes, the load-balancing loss and the
+whole training objective, greedy generation, exports transformers loads, both spellings of
+config.json; the grouped products drop no token however unbalanced the routing; training on
+a mesh equals one device and logs the router's metrics."""
+
+import dataclasses
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from conftest import build_on, tiny_config
+from hf_models import TOKENS, WORDS, hf_logits, hf_mixtral, hf_qwen3_moe, our_logits
+from pjit_llm.checkpoint.exports import write_export
+from pjit_llm.checkpoint.run_dir import run_config
+from pjit_llm.checkpoint.runs import restore_params
+from pjit_llm.errors import UserError
+from pjit_llm.interop import hf as convert
+from pjit_llm.models.families import abstract_model, family, make_model
+from pjit_llm.models.loss import objective_terms
+from pjit_llm.models.mixtral import hf as mixtral_hf
+from pjit_llm.models.moe import ACTIVATIONS, grouped_experts, route
+from pjit_llm.models.quantize import Int8Weight, quantize_params
+from pjit_llm.models.qwen3_moe import hf as qwen3_moe_hf
+from test_step import random_rows, run_steps
+
+MAKERS = {"mixtral": hf_mixtral, "qwen3_moe": hf_qwen3_moe}
+MAPPINGS = {"mixtral": mixtral_hf, "qwen3_moe": qwen3_moe_hf}
+
+
+@pytest.fixture(scope="module", params=list(MAKERS))
+def imported(request, tmp_path_factory):
+    """(family, transformers' model, our run directory imported from it)."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    model = MAKERS[request.param](tmp / "hf")
+    return request.param, model, convert.import_hf(tmp / "hf", tmp / "run")
+
+
+def test_config_json_gives_the_experts(imported):
+    name, _, run = imported
+    cfg = run_config(run).model
+    assert cfg.family == name
+    expected = {"mixtral": (4, 2, 96, True, 0.02), "qwen3_moe": (8, 3, 48, False, 0.01)}[name]
+    assert (cfg.num_experts, cfg.experts_per_token, cfg.expert_size, cfg.norm_topk_prob,
+            cfg.router_aux_loss_coef) == expected
+
+
+@pytest.mark.parametrize("mesh", [None, {"fsdp": 2, "tensor": 2}, {"data": 2, "context": 2},
+                                  {"expert": 4, "tensor": 2}],
+                         ids=["one device", "fsdp x tensor", "data x context", "expert x tensor"])
+def test_imported_models_give_the_logits_of_transformers(imported, mesh):
+    _, model, run = imported
+    expected, got = hf_logits(model, TOKENS), our_logits(run, TOKENS, mesh)
+    print(f"max |logit difference| {np.abs(got - expected).max():.2e} of {np.abs(expected).max():.2f}")
+    assert np.abs(expected).max() > 1.0
+    assert np.abs(got - expected).max() < 1e-4
+
+
+def test_the_objective_is_transformers_loss_with_its_load_balancing_term(imported):
+    """transformers' aux_loss (output_router_logits) is our moe_aux_loss for the same batch,
+    and its training loss (cross-entropy + router_aux_loss_coef x aux_loss) our objective."""
+    import torch
+    _, model, run = imported
+    with torch.no_grad():
+        out = model(torch.tensor(TOKENS, dtype=torch.long), labels=torch.tensor(
+            TOKENS, dtype=torch.long), output_router_logits=True)
+    parts = build_on(run_config(run))
+    params, _ = restore_params(parts.cfg, parts.layout, None)
+    batch = {"tokens": jnp.asarray(TOKENS), "segment_ids": jnp.ones_like(TOKENS),
+             "positions": jnp.broadcast_to(jnp.arange(TOKENS.shape[1]), TOKENS.shape)}
+    objective, (count, loss_sum, metrics) = jax.jit(
+        lambda p, b: objective_terms(parts.graphdef, p, b))(params, batch)
+    assert abs(float(metrics["moe_aux_loss"]) - float(out.aux_loss)) < 1e-5
+    assert float(metrics["moe_aux_loss"]) > 1.0  # about 1 when balanced: it is not zero
+    assert abs(float(objective / count) - float(out.loss)) < 1e-5
+    assert float(objective - loss_sum) > 0
+
+
+def test_they_generate_what_transformers_generates(imported):
+    import torch
+    from tokenizers import Tokenizer
+
+    from pjit_llm.inference.generator import Sampling, generate_texts
+    _, model, run = imported
+    tok = Tokenizer.from_file(str(run / "tokenizer.json"))
+    prompt = "the cat sat on"
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    model.generation_config.eos_token_id = None
+    out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                         attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    expected = tok.decode(out[0, len(ids):].tolist())
+    assert generate_texts(run, [prompt], 12, Sampling()) == [expected]
+    assert len(expected.split()) == 12 and set(expected.split()) <= set(WORDS)
+
+
+def test_an_int8_export_generates(imported, tmp_path):
+    """The experts quantized to int8 (with the attention) reach generation's decode loop."""
+    from pjit_llm.inference.generator import Sampling, generate_texts
+    _, _, run = imported
+    parts = build_on(run_config(run))
+    out, _ = write_export(run_config(run), parts.layout, tmp_path / "int8", None, "float32", "int8")
+    assert run_config(out).model.quantize == "int8"
+    exact, = generate_texts(run, ["the cat sat on"], 8, Sampling())
+    quantized, = generate_texts(out, ["the cat sat on"], 8, Sampling())
+    assert len(quantized.split()) == 8 and set(quantized.split()) <= set(WORDS)
+    print(f"greedy: {exact!r}; int8: {quantized!r}")
+
+
+def test_an_export_loads_in_transformers_with_the_same_logits(imported, tmp_path):
+    import transformers
+    name, _, run = imported
+    out, _ = convert.export_hf(run, tmp_path / "out", None, None, shard_bytes=10**9)
+    assert json.loads((out / "config.json").read_text())["model_type"] == name
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert type(model).__name__ == {"mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe"}[name] + "ForCausalLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert np.abs(hf_logits(model.eval(), TOKENS) - our_logits(run, TOKENS)).max() < 1e-4
+
+
+def test_both_spellings_of_config_json_read_alike(imported):
+    name, model, _ = imported
+    mapping = MAPPINGS[name]
+    v5 = model.config.to_dict()  # transformers 5: rope_parameters, num_local_experts
+    ours, _ = mapping.model_config(v5, "v5")
+    v4 = {k: v for k, v in v5.items() if k not in ("rope_parameters", "num_local_experts")}
+    v4.update(rope_theta=v5["rope_parameters"]["rope_theta"], torch_dtype="float32")
+    v4["num_experts" if name == "qwen3_moe" else "num_local_experts"] = ours.num_experts
+    assert mapping.model_config(v4, "v4")[0] == ours
+    assert mapping.model_config(mapping.hf_config(ours, "float32"), "ours")[0] == ours
+
+
+@pytest.mark.parametrize("mapping, change, message", [
+    (qwen3_moe_hf, {"decoder_sparse_step": 2}, r"dense layers between the sparse ones \(decoder_sparse_step=2\)"),
+    (qwen3_moe_hf, {"mlp_only_layers": [1]}, r"dense layers \(mlp_only_layers=\[1\]\) is not supported"),
+    (mixtral_hf, {"sliding_window": 4096}, "sliding-window attention"),
+    (mixtral_hf, {"router_jitter_noise": 0.1}, "router_jitter_noise=0.1 is not supported"),
+    (mixtral_hf, {"num_local_experts": 2, "num_experts_per_tok": 3}, "experts_per_token=3 exceeds"),
+])
+def test_configs_it_does_not_compute_are_refused(mapping, change, message):
+    config = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "moe_intermediate_size": 32, "num_local_experts": 4, **change}
+    with pytest.raises(UserError, match=message):
+        mapping.model_config(config, "config.json")
+
+
+def dense_reference(x_TD, experts_TK, weights_TK, gate_EDF, up_EDF, down_EFD):
+    """Each token through each of its experts one by one, in numpy."""
+    out = np.zeros_like(x_TD)
+    for t in range(x_TD.shape[0]):
+        for e, w in zip(experts_TK[t], weights_TK[t]):
+            h = np.asarray(jax.nn.silu(x_TD[t] @ gate_EDF[e])) * (x_TD[t] @ up_EDF[e])
+            out[t] += w * (h @ down_EFD[e])
+    return out
+
+
+def test_no_token_is_dropped_however_unbalanced_the_routing():
+    """A router that sends every token to experts 0 and 1 (of 8): with a capacity of 1.25 x
+    the even share, three quarters of their assignments would be dropped; here every token's
+    two contributions are present, as one expert at a time computes them."""
+    T, D, E, F, k = 40, 16, 8, 24, 2
+    rng = np.random.default_rng(0)
+    x_TD = rng.standard_normal((T, D)).astype(np.float32)
+    x_TD[:, 0] = 5.0
+    router_DE = rng.standard_normal((D, E)).astype(np.float32) * 0.1
+    router_DE[0, :2] = 10.0  # experts 0 and 1 win everywhere
+    gate, up = (rng.standard_normal((E, D, F)).astype(np.float32) * 0.3 for _ in range(2))
+    down = rng.standard_normal((E, F, D)).astype(np.float32) * 0.3
+    _, _, weights_TK, experts_TK = route(jnp.asarray(x_TD), jnp.asarray(router_DE), k, True)
+    assert set(np.asarray(experts_TK).ravel()) == {0, 1}
+    got = grouped_experts(jnp.asarray(x_TD), experts_TK, weights_TK, gate, up, down, "silu",
+                          jnp.float32)
+    expected = dense_reference(x_TD, np.asarray(experts_TK), np.asarray(weights_TK), gate, up, down)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
+    # Counting: with unit routing weights, inputs and gate/up weights, and each expert's down
+    # projection writing only coordinate e, a token's output holds one unit
+    # (F x silu(D) x D) at each of its k experts' coordinates.
+    onehot_down = np.zeros((E, F, D), np.float32)
+    for e in range(E):
+        onehot_down[e, :, e] = 1.0
+    ones = np.ones((E, D, F), np.float32)
+    counted = grouped_experts(jnp.ones((T, D)), experts_TK, jnp.ones((T, k)), ones, ones,
+                              onehot_down, "silu", jnp.float32)
+    per_expert = np.asarray(counted)[:, :E] / (F * float(ACTIVATIONS["silu"](D * 1.0)) * D)
+    np.testing.assert_allclose(per_expert.sum(1), k, rtol=1e-5)
+    np.testing.assert_allclose(per_expert, np.asarray(jax.nn.one_hot(experts_TK, E).sum(1)), atol=1e-5)
+
+
+def test_each_batch_shard_sorts_only_its_own_tokens():
+    """On data=4, each device routes its quarter of the batch: the sort of assignments runs
+    over (B / 4) x L x k of them, not over the global batch's (which would gather every
+    token to every device and compute all of them there)."""
+    parts = build_on(tiny_config("model.family=mixtral", "model.num_experts=4"), {"data": 4})
+    B, L, k = 8, 32, parts.model.experts_per_token
+    tokens = jnp.zeros((B, L), jnp.int32)
+    forward = jax.jit(lambda p, t: nnx.merge(parts.graphdef, p)(t, jnp.ones_like(t), t))
+    text = forward.lower(parts.init_state().params, tokens).as_text()
+    sorted_sizes = re.findall(r"call @argsort\w*\(%\w+\) : \(tensor<(\d+)xi32>", text)
+    assert sorted_sizes and set(sorted_sizes) == {str(B // 4 * L * k)}
+
+
+def test_the_router_statistics_count_every_real_token_in_every_layer():
+    cfg = dataclasses.replace(tiny_config("model.family=mixtral").model, vocab_size=128,
+                              num_experts=4, experts_per_token=2)
+    model = make_model(cfg, None, nnx.Rngs(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 16)), jnp.int32)
+    segments = jnp.asarray(np.repeat([[1] * 12 + [0] * 4], 2, 0), jnp.int32)  # 8 padding
+    _, stats = model.hidden_and_stats(tokens, segments, jnp.broadcast_to(jnp.arange(16), (2, 16)))
+    assert stats["expert_tokens"].shape == (cfg.num_layers, 4)
+    np.testing.assert_allclose(stats["expert_tokens"].sum(1), 24 * 2)
+    np.testing.assert_allclose(stats["router_probs"].sum(1), 24, rtol=1e-5)
+
+
+def test_moe_trains_on_a_mesh_as_on_one_device():
+    cfg = tiny_config("model.family=mixtral", "model.num_experts=4",
+                      "model.router_z_loss_coef=0.001")
+    ref_losses, ref_params = run_steps(cfg, None)
+    assert ref_losses[-1] < ref_losses[0]
+    losses, params = run_steps(cfg, {"fsdp": 2, "tensor": 2})
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [("model.scan_layers=false", "model.remat=proj"),
+                                       ("model.remat=full", "model.loss_chunk=8")],
+                         ids=["unrolled, proj", "full remat, chunked loss"])
+def test_unrolled_layers_and_remat_give_the_scanned_result(overrides):
+    cfg = tiny_config("model.family=mixtral", "model.num_experts=4")
+    ref_losses, ref_params = run_steps(cfg, None, steps=2)
+    losses, params = run_steps(tiny_config("model.family=mixtral", "model.num_experts=4",
+                                           *overrides), {"data": 2}, steps=2)
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_experts_train():
+    losses, _ = run_steps(tiny_config("model.family=qwen3_moe", "model.num_experts=4",
+                                      "model.dtype=bfloat16", "model.param_dtype=bfloat16"),
+                          {"fsdp": 2}, steps=3)
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_experts_shard_over_the_expert_axis_and_train_as_on_one_device():
+    """mesh.expert splits the stacked experts (parameters and optimizer moments) and, like
+    data, the batch rows; the result is one device's."""
+    cfg = tiny_config("model.family=mixtral", "model.num_experts=4")
+    parts = build_on(cfg, {"expert": 2, "fsdp": 2, "tensor": 2})
+    state = parts.init_state()
+    gate = state.params["blocks"]["mlp"]["expert_gate"][...]
+    assert gate.sharding.spec == P(None, "expert", "fsdp", "tensor")
+    L, E, D, F = gate.shape
+    assert {s.data.shape for s in gate.addressable_shards} == {(L, E // 2, D // 2, F // 2)}
+    moments = [m for m in jax.tree.leaves(state.opt_state) if getattr(m, "shape", ()) == gate.shape]
+    assert moments and all(m.sharding.spec == gate.sharding.spec for m in moments)
+    assert parts.batch_sharding.spec == P(("fsdp", "expert"), None)
+    ref_losses, ref_params = run_steps(cfg, None)
+    losses, params = run_steps(cfg, {"expert": 2, "fsdp": 2})
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_experts_the_expert_axis_does_not_divide_are_refused_in_one_line():
+    with pytest.raises(UserError, match=r"^parameter blocks\.mlp\.expert_\w+ dimension 1 "
+                                        r"\(expert=6\) is not divisible by mesh axes expert=4; "
+                                        r"change the model size, the mesh, or mesh\.rules\.expert$"):
+        build_on(tiny_config("model.family=mixtral", "model.num_experts=6"), {"expert": 4})
+
+
+def test_accumulated_micro_batches_log_their_token_weighted_router_metrics():
+    """With train.grad_accum=2 each micro-batch (rows j, j+2, ...) has its own router losses;
+    the step logs their means weighted by the micro-batches' predicted tokens."""
+    cfg = tiny_config("model.family=mixtral", "model.num_experts=4", "train.grad_accum=2",
+                      "model.router_z_loss_coef=0.001")
+    parts = build_on(cfg, {"data": 2, "tensor": 2})
+    rows = random_rows(cfg, n_rows=cfg.data.batch_size)
+    rows["segment_ids"][0, 10:] = 0  # the micro-batches predict different numbers of tokens
+    state = parts.init_state()
+    params = jax.device_get(state.params)
+    batch = {k: jax.device_put(v, parts.batch_sharding) for k, v in rows.items()}
+    _, metrics = parts.train_step(state, batch)
+    terms = jax.jit(lambda p, b: objective_terms(parts.graphdef, p, b))
+    micro = [terms(params, {k: jnp.asarray(v[j::2]) for k, v in rows.items()})[1]
+             for j in range(2)]
+    counts = [float(c) for c, _, _ in micro]
+    assert counts[0] != counts[1]
+    for name in ("moe_aux_loss", "router_z_loss", "expert_tokens_max"):
+        expected = sum(c * float(m[name]) for c, (_, _, m) in zip(counts, micro)) / sum(counts)
+        assert abs(float(metrics[name]) - expected) < 1e-4 * abs(expected), name
+    assert abs(float(metrics["loss"]) - sum(float(l) for _, l, _ in micro) / sum(counts)) < 1e-5
+
+
+def test_the_step_logs_the_router_metrics():
+    cfg = tiny_config("model.family=qwen3_moe", "model.num_experts=4", "model.experts_per_token=2")
+    parts = build_on(cfg, {"data": 2})
+    rows = random_rows(cfg, n_rows=cfg.data.batch_size)
+    batch = {k: jax.device_put(v, parts.batch_sharding) for k, v in rows.items()}
+    _, metrics = parts.train_step(parts.init_state(), batch)
+    tokens = float(np.sum(rows["segment_ids"] > 0))
+    assert float(metrics["expert_tokens_mean"]) == tokens * 2 / 4
+    assert tokens * 2 / 4 <= float(metrics["expert_tokens_max"]) <= tokens
+    assert float(metrics["moe_aux_loss"]) >= 1.0 - 1e-5  # its minimum: perfectly balanced
+    assert float(metrics["router_z_loss"]) > 0
+
+
+def test_int8_experts_keep_their_scales_per_expert_and_the_logits_close():
+    cfg = tiny_config("model.family=qwen3_moe", "model.num_experts=4")
+    parts = build_on(cfg, {"fsdp": 2, "tensor": 2})
+    params = parts.init_state().params
+    _, abstract = abstract_model(parts.model, parts.layout)
+    q = quantize_params(params, parts.layout, family("qwen3_moe").quantized_weights, abstract)
+    gate, down = (q["blocks"]["mlp"][n][...] for n in ("expert_gate", "expert_down"))
+    L, E, F, D = cfg.model.num_layers, 4, parts.model.expert_size, parts.model.embed_dim
+    assert isinstance(gate, Int8Weight) and gate.values.dtype == jnp.int8
+    assert gate.scale.shape == (L, E, F) and down.scale.shape == (L, E, D)
+    assert not isinstance(q["blocks"]["mlp"]["router"][...], Int8Weight)
+    tokens = jnp.asarray(random_rows(cfg, n_rows=8)["tokens"])
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    forward = jax.jit(lambda p: nnx.merge(parts.graphdef, p)(tokens, jnp.ones_like(tokens),
+                                                             positions).astype(jnp.float32))
+    exact, quantized = np.asarray(forward(params)), np.asarray(forward(q))
+    assert 0 < np.abs(quantized - exact).max() < 0.02 * np.abs(exact).max()
+
+
+def test_pipeline_stages_are_refused_for_experts():
+    cfg = tiny_config("model.family=mixtral")
+    with pytest.raises(UserError, match="pipeline stages"):
+        build_on(cfg, {"stage": 2})
+
+
+def test_flops_count_the_active_experts_only():
+    cfg = dataclasses.replace(tiny_config("model.family=mixtral").model, vocab_size=384,
+                              num_experts=8, experts_per_token=2)
+    flops = family("mixtral").train_flops_per_token
+    D, F, L = cfg.embed_dim, cfg.mlp_dim, cfg.num_layers
+    attention = D * cfg.num_heads * cfg.head_size * 2 + D * cfg.num_kv_heads * cfg.head_size * 2
+    active = L * (attention + D * 8 + 2 * 3 * D * F) + D * 384
+    assert flops(cfg, 32) == 6 * active + 6 * L * cfg.num_heads * cfg.head_size * 32
+    more = dataclasses.replace(cfg, num_experts=64)  # more experts, same active ones
+    assert flops(more, 32) - flops(cfg, 32) == 6 * L * D * 56
