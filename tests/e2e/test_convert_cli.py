@@ -18,7 +18,7 @@ def test_cli_refuses_an_unsupported_architecture_in_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'hf/config.json'}: architecture Qwen2ForCausalLM is not supported; "
-        "the model types read are: gemma3_text, llama, mistral, qwen3"]
+        "the model types read are: gemma3_text, llama, mistral, mixtral, qwen3, qwen3_moe"]
     assert not (tmp_path / "run").exists()
 
 
