@@ -101,6 +101,22 @@ def hf_random(kind: str, directory: Path, settings: dict, seed=0, dtype=None):
     return model
 
 
+def greedy_texts(model, run: Path, new_tokens: int, prompt: str = "the cat sat on"):
+    """(transformers' greedy continuation of `prompt`, ours from the run directory), as text
+    decoded by the run's tokenizer."""
+    import torch
+    from tokenizers import Tokenizer
+
+    from pjit_llm.inference.generator import Sampling, generate_texts
+    tok = Tokenizer.from_file(str(run / "tokenizer.json"))
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    model.generation_config.eos_token_id = None
+    out = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False,
+                         attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    ours, = generate_texts(run, [prompt], new_tokens, Sampling())
+    return tok.decode(out[0, len(ids):].tolist()), ours
+
+
 def hf_logits(model, tokens):
     import torch
     with torch.no_grad():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from hf_models import TOKENS, WORDS, hf_gemma3, hf_logits, hf_qwen3, our_logits
+from hf_models import TOKENS, WORDS, greedy_texts, hf_gemma3, hf_logits, hf_qwen3, our_logits
 from pjit_llm.checkpoint.run_dir import run_config
 from pjit_llm.errors import UserError
 from pjit_llm.interop import hf as convert
@@ -56,19 +56,9 @@ def test_imported_models_give_the_logits_of_transformers(imported, mesh):
 
 def test_they_generate_what_transformers_generates(imported):
     """12 new tokens after a 4-word prompt: past Gemma's window of 8."""
-    import torch
-    from tokenizers import Tokenizer
-
-    from pjit_llm.inference.generator import Sampling, generate_texts
     _, model, run = imported
-    tok = Tokenizer.from_file(str(run / "tokenizer.json"))
-    prompt = "the cat sat on"
-    ids = tok.encode(prompt, add_special_tokens=False).ids
-    model.generation_config.eos_token_id = None
-    out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
-                         attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    expected = tok.decode(out[0, len(ids):].tolist())
-    assert generate_texts(run, [prompt], 12, Sampling()) == [expected]
+    expected, ours = greedy_texts(model, run, 12)
+    assert ours == expected
     assert len(expected.split()) == 12 and set(expected.split()) <= set(WORDS)
 
 

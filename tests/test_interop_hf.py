@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import build_on
-from hf_models import LLAMA, LLAMA3_ROPE, TOKENS, WORDS, hf_llama, hf_logits, our_logits, write_hf
+from hf_models import (LLAMA, LLAMA3_ROPE, TOKENS, WORDS, greedy_texts, hf_llama, hf_logits,
+                       our_logits, write_hf)
 from pjit_llm.checkpoint.exports import write_export
 from pjit_llm.checkpoint.run_dir import run_config
 from pjit_llm.checkpoint.runs import restore_params
@@ -83,19 +84,10 @@ def test_float16_checkpoint_imports_exactly_in_float32_and_says_so(tmp_path, cap
 
 
 def test_converted_model_generates_what_transformers_generates(tmp_path):
-    from pjit_llm.inference.generator import Sampling, generate_texts
     model = hf_llama(tmp_path / "hf", seed=1)
     run = convert.import_hf(tmp_path / "hf", tmp_path / "run")
-    prompt = "the cat sat on"
-    from tokenizers import Tokenizer
-    tok = Tokenizer.from_file(str(run / "tokenizer.json"))
-    ids = tok.encode(prompt, add_special_tokens=False).ids
-    model.generation_config.eos_token_id = None
-    import torch
-    out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
-                         attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    expected = tok.decode(out[0, len(ids):].tolist())
-    assert generate_texts(run, [prompt], 8, Sampling()) == [expected]
+    expected, ours = greedy_texts(model, run, 8)
+    assert [ours] == [expected]
     assert len(expected.split()) == 8 and set(expected.split()) <= set(WORDS)  # words, not ids
 
 

@@ -16,7 +16,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from conftest import build_on, tiny_config
-from hf_models import TOKENS, WORDS, hf_logits, hf_mixtral, hf_qwen3_moe, our_logits
+from hf_models import (TOKENS, WORDS, greedy_texts, hf_logits, hf_mixtral, hf_qwen3_moe,
+                       our_logits)
 from pjit_llm.checkpoint.exports import write_export
 from pjit_llm.checkpoint.run_dir import run_config
 from pjit_llm.checkpoint.runs import restore_params
@@ -83,19 +84,9 @@ def test_the_objective_is_transformers_loss_with_its_load_balancing_term(importe
 
 
 def test_they_generate_what_transformers_generates(imported):
-    import torch
-    from tokenizers import Tokenizer
-
-    from pjit_llm.inference.generator import Sampling, generate_texts
     _, model, run = imported
-    tok = Tokenizer.from_file(str(run / "tokenizer.json"))
-    prompt = "the cat sat on"
-    ids = tok.encode(prompt, add_special_tokens=False).ids
-    model.generation_config.eos_token_id = None
-    out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
-                         attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    expected = tok.decode(out[0, len(ids):].tolist())
-    assert generate_texts(run, [prompt], 12, Sampling()) == [expected]
+    expected, ours = greedy_texts(model, run, 12)
+    assert ours == expected
     assert len(expected.split()) == 12 and set(expected.split()) <= set(WORDS)
 
 

@@ -9,6 +9,7 @@ mixture of experts' stacked (layers, experts, ...) weights, "{j}" for the expert
 per layer and expert.
 """
 
+import dataclasses
 import math
 import typing
 
@@ -175,6 +176,15 @@ def decoder_fields(hf: dict, source: str, refuse, theta_default: float = 10000.0
 
 def declared_dtype(hf: dict) -> str:
     return str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
+
+
+def with_param_dtype(cfg: DecoderConfig, hf: dict, param_dtype: str | None):
+    """(`cfg` with its parameters in `param_dtype`, by default the dtype config.json declares
+    when it is one of ours, else float32; validated, the declared dtype)."""
+    dtype = declared_dtype(hf)
+    cfg = dataclasses.replace(cfg, param_dtype=param_dtype or import_dtype([dtype], None)[0])
+    cfg.validate()
+    return cfg, dtype
 
 
 def decoder_json(cfg: DecoderConfig, dtype: str, eos_id: int | None) -> dict:

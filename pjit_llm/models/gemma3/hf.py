@@ -4,12 +4,10 @@ global layers, `rope_local_base_freq`, `sliding_window_pattern`) and as 5 writes
 (`rope_parameters` per layer type, `layer_types`), and the tensors, with the norms before and
 after attention and the MLP. Soft-capping and bidirectional attention are refused."""
 
-import dataclasses
-
 from pjit_llm.errors import UserError
 from pjit_llm.models.gemma3.config import Gemma3Config
-from pjit_llm.models.hf_format import (declared_dtype, decoder_fields, decoder_json,
-                                       import_dtype, number, rope_json)
+from pjit_llm.models.hf_format import (decoder_fields, decoder_json, number, rope_json,
+                                       with_param_dtype)
 from pjit_llm.models.llama import hf as llama_hf
 
 ARCHITECTURES = {"Gemma3ForCausalLM": "gemma3_text"}
@@ -47,10 +45,7 @@ def model_config(hf: dict, source: str, param_dtype: str | None = None) -> tuple
         sliding_window=number(hf, "sliding_window", int, source, 512), global_every=every,
         rope_local_theta=local_theta,
         query_pre_attn_scalar=number(hf, "query_pre_attn_scalar", float, source, 256.0))
-    dtype = declared_dtype(hf)
-    cfg = dataclasses.replace(cfg, param_dtype=param_dtype or import_dtype([dtype], None)[0])
-    cfg.validate()
-    return cfg, dtype
+    return with_param_dtype(cfg, hf, param_dtype)
 
 
 def _global_every(hf: dict, layers: int, refuse, source: str) -> int:

@@ -7,11 +7,8 @@ biases). Everything else is refused by name rather than converted into a model t
 computes something different.
 """
 
-import dataclasses
-
 from pjit_llm.errors import UserError
-from pjit_llm.models.hf_format import (declared_dtype, decoder_fields, decoder_json,
-                                       import_dtype)
+from pjit_llm.models.hf_format import decoder_fields, decoder_json, with_param_dtype
 from pjit_llm.models.llama.config import LlamaConfig
 
 # The architectures read, with their model_type; Mistral computes the same function as Llama
@@ -39,10 +36,7 @@ def model_config(hf: dict, source: str, param_dtype: str | None = None) -> tuple
     if head_dim is not None and int(head_dim) != cfg.embed_dim // cfg.num_heads:
         raise refuse(f"head_dim={head_dim} different from hidden_size/num_attention_heads="
                      f"{cfg.embed_dim // cfg.num_heads}")
-    dtype = declared_dtype(hf)
-    cfg = dataclasses.replace(cfg, param_dtype=param_dtype or import_dtype([dtype], None)[0])
-    cfg.validate()
-    return cfg, dtype
+    return with_param_dtype(cfg, hf, param_dtype)
 
 
 def hf_config(cfg: LlamaConfig, dtype: str, eos_id: int | None = None) -> dict:

@@ -5,11 +5,8 @@ tensors: Llama's attention, each layer's router (`block_sparse_moe.gate`) and it
 w1 (gate), w3 (up) and w2 (down), one tensor per expert. Sliding windows and router jitter
 are refused."""
 
-import dataclasses
-
 from pjit_llm.errors import UserError
-from pjit_llm.models.hf_format import (declared_dtype, decoder_fields, decoder_json,
-                                       import_dtype, number)
+from pjit_llm.models.hf_format import decoder_fields, decoder_json, number, with_param_dtype
 from pjit_llm.models.llama import hf as llama_hf
 from pjit_llm.models.mixtral.config import MixtralConfig
 
@@ -32,10 +29,7 @@ def model_config(hf: dict, source: str, param_dtype: str | None = None) -> tuple
         **fields, head_dim=number(hf, "head_dim", int, source,
                                   fields["embed_dim"] // fields["num_heads"]),
         **expert_fields(hf, source, 8))
-    dtype = declared_dtype(hf)
-    cfg = dataclasses.replace(cfg, param_dtype=param_dtype or import_dtype([dtype], None)[0])
-    cfg.validate()
-    return cfg, dtype
+    return with_param_dtype(cfg, hf, param_dtype)
 
 
 def expert_fields(hf: dict, source: str, experts_default: int) -> dict:

@@ -2,11 +2,8 @@
 norms, config.json with `head_dim` and the sliding-window keys (which no released dense
 Qwen3 uses: a checkpoint that does is refused)."""
 
-import dataclasses
-
 from pjit_llm.errors import UserError
-from pjit_llm.models.hf_format import (declared_dtype, decoder_fields, decoder_json,
-                                       import_dtype, number)
+from pjit_llm.models.hf_format import decoder_fields, decoder_json, number, with_param_dtype
 from pjit_llm.models.llama import hf as llama_hf
 from pjit_llm.models.qwen3.config import Qwen3Config
 
@@ -26,10 +23,7 @@ def model_config(hf: dict, source: str, param_dtype: str | None = None) -> tuple
     fields = decoder_fields(hf, source, refuse, theta_default=1000000.0)
     head_dim = number(hf, "head_dim", int, source, fields["embed_dim"] // fields["num_heads"])
     cfg = Qwen3Config(**fields, head_dim=head_dim)
-    dtype = declared_dtype(hf)
-    cfg = dataclasses.replace(cfg, param_dtype=param_dtype or import_dtype([dtype], None)[0])
-    cfg.validate()
-    return cfg, dtype
+    return with_param_dtype(cfg, hf, param_dtype)
 
 
 def hf_config(cfg: Qwen3Config, dtype: str, eos_id: int | None = None) -> dict:

@@ -5,11 +5,8 @@ transformers 4 (`num_experts`) and 5 (`num_local_experts`) write it, `moe_interm
 and `norm_topk_prob`. Only models whose every layer is a mixture of experts are read
 (decoder_sparse_step 1, no mlp_only_layers), as every released Qwen3-MoE is."""
 
-import dataclasses
-
 from pjit_llm.errors import UserError
-from pjit_llm.models.hf_format import (declared_dtype, decoder_fields, decoder_json,
-                                       import_dtype, number)
+from pjit_llm.models.hf_format import decoder_fields, decoder_json, number, with_param_dtype
 from pjit_llm.models.mixtral.hf import expert_fields
 from pjit_llm.models.qwen3 import hf as qwen3_hf
 from pjit_llm.models.qwen3_moe.config import Qwen3MoeConfig
@@ -39,10 +36,7 @@ def model_config(hf: dict, source: str, param_dtype: str | None = None) -> tuple
         expert_mlp_dim=number(hf, "moe_intermediate_size", int, source),
         norm_topk_prob=number(hf, "norm_topk_prob", bool, source, False),
         **expert_fields(hf, source, 128))
-    dtype = declared_dtype(hf)
-    cfg = dataclasses.replace(cfg, param_dtype=param_dtype or import_dtype([dtype], None)[0])
-    cfg.validate()
-    return cfg, dtype
+    return with_param_dtype(cfg, hf, param_dtype)
 
 
 def hf_config(cfg: Qwen3MoeConfig, dtype: str, eos_id: int | None = None) -> dict:
