@@ -27,6 +27,7 @@ from pjit_llm.models.families import abstract_model, family, make_model
 from pjit_llm.models.loss import objective_terms
 from pjit_llm.models.mixtral import hf as mixtral_hf
 from pjit_llm.models.expert_dispatch import expert_outputs
+from pjit_llm.models.expert_products import grouped_mlp
 from pjit_llm.models.layers import ACTIVATIONS
 from pjit_llm.models.moe import route
 from pjit_llm.models.quantize import Int8Weight, quantize_params
@@ -206,6 +207,27 @@ def test_no_token_is_dropped_however_unbalanced_the_routing(matmul):
     np.testing.assert_allclose(per_expert, np.asarray(jax.nn.one_hot(experts_TK, E).sum(1)), atol=1e-5)
 
 
+def test_the_grouped_products_by_blocks_differentiate_as_ragged_dot():
+    """The blocks' hand-written backward pass (re-reading each expert's weights) gives the
+    gradients of jax.lax.ragged_dot's, an empty group and rows past the groups included."""
+    rng = np.random.default_rng(0)
+    R, D, E, F = 50, 16, 4, 24
+    x_RD = jnp.asarray(rng.standard_normal((R, D)), jnp.float32)
+    weights = [jnp.asarray(rng.standard_normal(s) * 0.3, jnp.float32)
+               for s in ((E, D, F), (E, D, F), (E, F, D))]
+    sizes_E = jnp.array([10, 0, 25, 5], jnp.int32)
+
+    def gradients(matmul):
+        loss = lambda x, *w: jnp.sum(jnp.sin(grouped_mlp(x, sizes_E, *w, "silu", jnp.float32,  # noqa: E731
+                                                          matmul)))
+        return jax.grad(loss, argnums=(0, 1, 2, 3))(x_RD, *weights)
+
+    by_blocks, by_ragged_dot = gradients("blocks"), gradients("ragged_dot")
+    assert np.abs(np.asarray(by_blocks[0][40:])).max() == 0  # rows past the groups
+    for a, b in zip(by_blocks, by_ragged_dot):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
 def test_capacity_mode_drops_what_exceeds_the_capacity_and_says_so():
     """factor 1.25: each expert takes ceil(1.25 x 40 x 2 / 8) = 13 assignments, first choices
     (in token order) before second ones; experts 0 and 1 get all 80, so 54 are dropped and
@@ -307,7 +329,7 @@ def test_unrolled_layers_and_remat_give_the_scanned_result(overrides):
 def test_bfloat16_experts_train():
     losses, _ = run_steps(tiny_config("model.family=qwen3_moe", "model.num_experts=4",
                                       "model.dtype=bfloat16", "model.param_dtype=bfloat16"),
-                          {"fsdp": 2}, steps=3)
+                          {"expert": 2, "fsdp": 2}, steps=3)
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 
