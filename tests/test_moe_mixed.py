@@ -63,7 +63,8 @@ def test_the_layers_are_dense_or_sparse_as_in_transformers(imported):
 def test_imported_mixed_models_give_the_logits_of_transformers(imported, mesh):
     model, run = imported
     expected, got = hf_logits(model, TOKENS), our_logits(run, TOKENS, mesh)
-    print(f"max |logit difference| {np.abs(got - expected).max():.2e} of {np.abs(expected).max():.2f}")
+    print(f"max |logit difference| {np.abs(got - expected).max():.2e} "
+          f"of {np.abs(expected).max():.2f}")
     assert np.abs(expected).max() > 1.0
     assert np.abs(got - expected).max() < 1e-4
 
@@ -117,10 +118,8 @@ def test_an_int8_export_of_a_mixed_model_generates(imported, tmp_path):
     params, _ = restore_params(run_config(out), build_on(run_config(out)).layout, None)
     assert isinstance(params["dense_blocks"]["mlp"]["w_gate"][...], Int8Weight)
     assert isinstance(params["blocks"]["mlp"]["expert_gate"][...], Int8Weight)
-    exact, = generate_texts(run, ["the cat sat on"], 8, Sampling())
     quantized, = generate_texts(out, ["the cat sat on"], 8, Sampling())
     assert len(quantized.split()) == 8 and set(quantized.split()) <= set(WORDS)
-    print(f"greedy: {exact!r}; int8: {quantized!r}")
 
 
 def test_int8_dense_layers_keep_their_scales_per_channel_and_the_logits_close():
@@ -144,17 +143,20 @@ def test_decode_walks_both_stacks_as_the_forward_pass_does():
     """A prompt decoded into the cache gives the forward pass's logits, with stacked layers
     (each sliced from its stack) and with a layer list (`unstack_layers`)."""
     cfg = dataclasses.replace(tiny_config(*MIXED).model, vocab_size=128)
-    model = make_model(cfg, None, nnx.Rngs(0))
+    graphdef, params = nnx.split(make_model(cfg, None, nnx.Rngs(0)))
+    listed_graphdef, _ = abstract_model(cfg, None, layer_list=True)
+    listed_params = unstack_layers(params)
+    assert set(listed_params["dense_blocks"]) == {0, 1} and set(listed_params["blocks"]) == {0, 1}
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 12)), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
-    expected = np.asarray(model(tokens, jnp.ones_like(tokens), positions))
-    stacked, _ = model.decode(tokens, positions, init_cache(cfg, None, 2, 16))
-    graphdef, _ = abstract_model(cfg, None, layer_list=True)
-    listed = nnx.merge(graphdef, unstack_layers(nnx.state(model)))
-    assert set(nnx.state(listed)["dense_blocks"]) == {0, 1}
-    unstacked, _ = listed.decode(tokens, positions, init_cache(cfg, None, 2, 16))
-    np.testing.assert_allclose(np.asarray(stacked), expected, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(unstacked), expected, atol=1e-5)
+    forward = jax.jit(lambda p: nnx.merge(graphdef, p)(tokens, jnp.ones_like(tokens), positions))
+    decode = jax.jit(lambda g, p: nnx.merge(g, p).decode(tokens, positions,
+                                                         init_cache(cfg, None, 2, 16))[0],
+                     static_argnums=0)
+    expected = np.asarray(forward(params))
+    np.testing.assert_allclose(np.asarray(decode(graphdef, params)), expected, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(decode(listed_graphdef, listed_params)), expected,
+                               atol=1e-5)
 
 
 def test_the_router_statistics_come_from_the_sparse_layers():

@@ -236,7 +236,7 @@ class Transformer(nnx.Module):
             per_run.append(sums)
         if len(per_run) == 1:
             return x_BLD, per_run[0]
-        names = {name for sums in per_run for name in sums}
+        names = dict.fromkeys(name for sums in per_run for name in sums)
         return x_BLD, {name: jnp.concatenate([s[name] for s in per_run if name in s])
                        for name in names}
 
