@@ -136,8 +136,6 @@ def test_both_spellings_of_config_json_read_alike(imported):
 
 
 @pytest.mark.parametrize("mapping, change, message", [
-    (qwen3_moe_hf, {"decoder_sparse_step": 2}, r"dense layers between the sparse ones \(decoder_sparse_step=2\)"),
-    (qwen3_moe_hf, {"mlp_only_layers": [1]}, r"dense layers \(mlp_only_layers=\[1\]\) is not supported"),
     (mixtral_hf, {"sliding_window": 4096}, "sliding-window attention"),
     (mixtral_hf, {"router_jitter_noise": 0.1}, "router_jitter_noise=0.1 is not supported"),
     (mixtral_hf, {"num_local_experts": 2, "num_experts_per_tok": 3}, "experts_per_token=3 exceeds"),
