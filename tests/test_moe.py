@@ -7,6 +7,7 @@ a mesh equals one device and logs the router's metrics."""
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,17 +22,19 @@ from hf_models import (TOKENS, WORDS, greedy_texts, hf_logits, hf_mixtral, hf_qw
 from pjit_llm.checkpoint.exports import write_export
 from pjit_llm.checkpoint.run_dir import run_config
 from pjit_llm.checkpoint.runs import restore_params
+from pjit_llm.config import load_config
 from pjit_llm.errors import UserError
 from pjit_llm.interop import hf as convert
-from pjit_llm.models.families import abstract_model, family, make_model
-from pjit_llm.models.loss import objective_terms
-from pjit_llm.models.mixtral import hf as mixtral_hf
 from pjit_llm.models.expert_dispatch import expert_outputs
 from pjit_llm.models.expert_products import grouped_mlp
+from pjit_llm.models.families import abstract_model, family, make_model
 from pjit_llm.models.layers import ACTIVATIONS
+from pjit_llm.models.loss import objective_terms
+from pjit_llm.models.mixtral import hf as mixtral_hf
 from pjit_llm.models.moe import route
 from pjit_llm.models.quantize import Int8Weight, quantize_params
 from pjit_llm.models.qwen3_moe import hf as qwen3_moe_hf
+from pjit_llm.training.measure import step_memory
 from test_step import random_rows, run_steps
 
 MAKERS = {"mixtral": hf_mixtral, "qwen3_moe": hf_qwen3_moe}
@@ -440,3 +443,14 @@ def test_flops_count_the_active_experts_only():
     assert flops(cfg, 32) == 6 * active + 6 * L * cfg.num_heads * cfg.head_size * 32
     more = dataclasses.replace(cfg, num_experts=64)  # more experts, same active ones
     assert flops(more, 32) - flops(cfg, 32) == 6 * L * D * 56
+
+
+@pytest.mark.parametrize("name", ["mixtral-8x7b", "qwen3-30b-a3b"])
+def test_the_released_shapes_plan_to_fit_a_node_of_eight_80_gib_gpus(name):
+    """The shipped configs as they are: XLA's plan of the step per device, compiled for 8
+    devices (abstract arrays: nothing is allocated), fits 80 GiB."""
+    cfg = load_config(str(Path(__file__).parents[1] / "configs" / f"{name}.yaml"))
+    plan = step_memory(cfg)
+    print(f"{name}: {plan['mesh']}, peak {plan['peak'] / 2**30:.1f} GiB")
+    assert plan["devices"] == 8 and "expert=8" in plan["mesh"]
+    assert 40 * 2**30 < plan["peak"] < 80 * 2**30
