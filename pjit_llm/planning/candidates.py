@@ -1,0 +1,266 @@
+"""The candidates a plan chooses from, and what arithmetic rules out before anything compiles.
+
+A candidate is a mesh (a size per mesh axis, and how many pieces of each lie across hosts), a
+remat policy, gradient accumulation, pipeline micro-batches and repeats, and loss chunking.
+`enumerate_candidates` walks them all and drops, with the reason counted, those the model or
+batch cannot be cut into (divisibility, heads per tensor shard, layers per stage, batch rows
+per shard), those that cross hosts with the axes that talk every layer (tensor, context), and
+those whose analytic memory is far over the budget. `analytic_memory` is a floor-plan count
+of the state and the activations kept per layer; `analytic_time` the same roofline as
+estimate.py on formula collectives: both only rank and prune, the compiled program decides.
+"""
+
+import dataclasses
+import itertools
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+from pjit_llm import perf
+from pjit_llm.config import Config
+from pjit_llm.parallel.axes import AXIS_NAMES
+from pjit_llm.planning.devices import Cluster
+
+REMATS = ("none", "proj", "full")
+# How many forward passes each remat policy runs in all (the backward pass is two).
+RECOMPUTE = {"none": 3.0, "dots": 3.1, "proj": 3.2, "proj_attn": 3.1, "proj_offload": 3.2,
+             "full": 4.0}
+# Bytes kept per token and layer for the backward pass, in units of (embed, mlp) widths times
+# the compute dtype's bytes: none keeps every intermediate, proj the projections' outputs,
+# full only the layer's input.
+KEPT = {"none": (14, 4), "dots": (8, 3), "proj": (7, 3), "proj_attn": (8, 3),
+        "proj_offload": (1, 0), "full": (1, 0)}
+FAR_OVER = 2.0  # an analytic estimate this many times the budget is pruned without compiling
+
+
+@dataclass(frozen=True)
+class Candidate:
+    sizes: tuple[int, ...]  # per mesh axis, in AXIS_NAMES order
+    dcn: tuple[int, ...]  # pieces of each across hosts
+    remat: str
+    grad_accum: int
+    microbatches: int = 0
+    repeats: int = 1
+    loss_chunk: int = 0
+
+    @property
+    def mesh(self) -> dict[str, int]:
+        return dict(zip(AXIS_NAMES, self.sizes))
+
+    def overrides(self) -> list[str]:
+        """The config keys this candidate sets."""
+        keys = [f"mesh.{a}={n}" for a, n in zip(AXIS_NAMES, self.sizes)]
+        keys += [f"mesh.dcn_{a}={n}" for a, n in zip(AXIS_NAMES, self.dcn)]
+        return keys + [f"model.remat={self.remat}", f"model.loss_chunk={self.loss_chunk}",
+                       f"train.grad_accum={self.grad_accum}",
+                       f"train.microbatches={self.microbatches}",
+                       f"train.pipeline_repeats={self.repeats}"]
+
+    def describe_mesh(self) -> str:
+        parts = []
+        for a, n, d in zip(AXIS_NAMES, self.sizes, self.dcn):
+            if n > 1:
+                parts.append(f"{a}={n}" + (f"({d} hosts)" if d > 1 else ""))
+        return " ".join(parts) or "1 device"
+
+    def describe_schedule(self) -> str:
+        s = self.mesh["stage"]
+        pipe = f" M={self.microbatches} R={self.repeats}" if s > 1 else ""
+        return f"ga={self.grad_accum}{pipe}"
+
+
+def apply(cfg: Config, cand: Candidate) -> Config:
+    """`cfg` with the candidate's settings (validated like a loaded config)."""
+    mesh = dataclasses.replace(cfg.mesh, **cand.mesh,
+                               **{f"dcn_{a}": n for a, n in zip(AXIS_NAMES, cand.dcn)})
+    model = dataclasses.replace(cfg.model, remat=cand.remat, loss_chunk=cand.loss_chunk)
+    train = dataclasses.replace(cfg.train, grad_accum=cand.grad_accum,
+                                microbatches=cand.microbatches, pipeline_repeats=cand.repeats)
+    out = dataclasses.replace(cfg, mesh=mesh, model=model, train=train)
+    out.validate()
+    return out
+
+
+def _factorizations(n: int, parts: int):
+    """Every ordered tuple of `parts` positive integers whose product is n."""
+    if parts == 1:
+        yield (n,)
+        return
+    for d in range(1, n + 1):
+        if n % d == 0:
+            for rest in _factorizations(n // d, parts - 1):
+                yield (d, *rest)
+
+
+def _dcn_splits(sizes: tuple[int, ...], hosts: int, may_cross: set[str]):
+    """Every way of putting `hosts` pieces on the axes allowed to cross hosts."""
+    options = [[d for d in range(1, n + 1) if n % d == 0 and hosts % d == 0]
+               if a in may_cross else [1] for a, n in zip(AXIS_NAMES, sizes)]
+    for dcn in itertools.product(*options):
+        if math.prod(dcn) == hosts:
+            yield tuple(dcn)
+
+
+@dataclass
+class ParamLeaf:
+    shape: tuple[int, ...]
+    logical: tuple[str | None, ...]
+    bytes_per_element: int
+
+
+def shards_of(leaf: ParamLeaf, sizes: dict[str, int], rules, kv_split: bool) -> int:
+    """How many pieces the layout cuts a parameter into (parallel/layout.py's rule: a mesh
+    axis of size 1 is skipped, each mesh axis used once per array, first dimension first)."""
+    taken, total = set(), 1
+    for logical in leaf.logical:
+        if logical is None or (logical == "kv_heads" and not kv_split):
+            continue
+        for a in getattr(rules, logical):
+            if sizes[a] > 1 and a not in taken:
+                taken.add(a)
+                total *= sizes[a]
+    return total
+
+
+def _kv_split(cfg: Config, sizes: dict[str, int]) -> bool:
+    heads = math.prod(sizes[a] for a in cfg.mesh.rules.heads)
+    return math.lcm(cfg.model.num_kv_heads, heads) == cfg.model.num_kv_heads
+
+
+def state_bytes(cfg: Config, leaves: list[ParamLeaf], sizes: dict[str, int]) -> float:
+    """Parameters, gradients and two AdamW moments per device, in the parameters' dtype."""
+    kv = _kv_split(cfg, sizes)
+    return sum(4 * math.prod(l.shape) * l.bytes_per_element / shards_of(l, sizes, cfg.mesh.rules, kv)
+               for l in leaves)
+
+
+def _active_mlp(model) -> int:
+    k = getattr(model, "experts_per_token", 0)
+    return k * model.expert_size if k else model.mlp_dim
+
+
+def analytic_memory(cfg: Config, leaves: list[ParamLeaf], cand: Candidate) -> float:
+    """A floor-plan estimate of the step's bytes per device: the state, what every layer keeps
+    for the backward pass, one layer's working set and the logits."""
+    m, s = cfg.model, cand.mesh
+    dt = 2 if m.dtype == "bfloat16" else 4
+    batch_shards = s["data"] * s["stage"] * s["fsdp"] * s["expert"]
+    tokens = cfg.data.batch_size / cand.grad_accum / batch_shards * cfg.data.seq_len / s["context"]
+    if s["stage"] > 1:  # each stage holds its layers for every micro-batch in flight
+        tokens *= s["stage"]
+    d_units, f_units = KEPT[cand.remat]
+    per_layer = tokens * dt * (d_units * m.embed_dim + f_units * _active_mlp(m) / s["tensor"])
+    working = tokens * dt * (14 * m.embed_dim + 4 * _active_mlp(m) / s["tensor"])
+    layers = m.num_layers / s["stage"]
+    chunk = cand.loss_chunk or cfg.data.seq_len
+    logits = 3 * 4 * tokens * chunk / cfg.data.seq_len * m.vocab_size / s["tensor"]
+    return state_bytes(cfg, leaves, s) + layers * per_layer + working + logits
+
+
+def analytic_time(cfg: Config, leaves: list[ParamLeaf], cand: Candidate,
+                  cluster: Cluster) -> float:
+    """Seconds per step by formula: compute at the calibrated share of peak with the remat's
+    recomputation, the parameters' gathers and the gradients' reductions (overlapped),
+    tensor-parallel reductions, context gathers and expert exchanges of every layer, and the
+    pipeline bubble."""
+    m, s, k = cfg.model, cand.mesh, cluster.kind
+    n = cluster.devices
+    dt = 2 if m.dtype == "bfloat16" else 4
+    flops = perf.flops_per_step(m, cfg.data.batch_size, cfg.data.seq_len) * RECOMPUTE[cand.remat] / 3
+    compute = flops / n / (k.compute_share * k.peak_flops)
+
+    def link(axis):
+        return k.network_link if cand.dcn[AXIS_NAMES.index(axis)] > 1 else k.host_link
+
+    params = sum(math.prod(l.shape) for l in leaves)
+    shard = params / (s["tensor"] * s["stage"] * s["expert"])
+    share = lambda a: (s[a] - 1) / s[a]  # noqa: E731
+    hidden = (cand.grad_accum * 2 * dt * shard * share("fsdp") / link("fsdp")
+              + 2 * 4 * shard / s["fsdp"] * share("data") / link("data"))
+    tokens = cfg.data.batch_size * cfg.data.seq_len / n * s["tensor"]
+    layers = m.num_layers / s["stage"]
+    passes = RECOMPUTE[cand.remat]
+    blocking = layers * passes * (
+        2 * 2 * tokens * m.embed_dim * dt * share("tensor") / link("tensor")
+        + 2 * tokens * m.embed_dim * dt * share("context") / link("context")
+        + 2 * tokens * m.embed_dim * dt * getattr(m, "experts_per_token", 0)
+        * share("expert") / link("expert"))
+    exposed = max(0.0, hidden - compute) if k.overlap else hidden
+    bubble = 0.0
+    if s["stage"] > 1:
+        bubble = (s["stage"] - 1) / (cand.microbatches * cand.repeats + s["stage"] - 1)
+    return (compute + exposed + blocking) / (1 - bubble)
+
+
+def enumerate_candidates(cfg: Config, leaves: list[ParamLeaf], cluster: Cluster,
+                         budget: float, remats=REMATS) -> tuple[list[Candidate], Counter]:
+    """The candidates arithmetic allows, and how many were pruned for each reason."""
+    m, B, L = cfg.model, cfg.data.batch_size, cfg.data.seq_len
+    moe = hasattr(m, "num_experts")
+    pruned: Counter = Counter()
+    out = []
+    chunks = sorted({0, cfg.model.loss_chunk or min(1024, L // 2)} - {L})
+    accums = [g for g in (1, 2, 4, 8, 16, 32, 64) if B % g == 0]
+    may_cross = {"data", "stage", "fsdp", "expert"}
+    for sizes in _factorizations(cluster.devices, len(AXIS_NAMES)):
+        s = dict(zip(AXIS_NAMES, sizes))
+        reason = _mesh_reason(cfg, s, cluster, moe)
+        if reason:
+            pruned[reason] += 1
+            continue
+        dcns = list(_dcn_splits(sizes, cluster.hosts, may_cross))
+        if not dcns:
+            pruned["tensor or context would cross hosts"] += 1
+            continue
+        for dcn, remat, g, chunk in itertools.product(dcns, remats, accums, chunks):
+            rows = B // g
+            shards = s["data"] * s["stage"] * s["fsdp"] * s["expert"]
+            if rows % shards:
+                pruned["batch rows do not split over the batch shards"] += 1
+                continue
+            if chunk and chunk % s["context"]:
+                pruned["loss chunk not divisible by context"] += 1
+                continue
+            for micro, repeats in _schedules(m.num_layers, s["stage"], rows,
+                                             shards // s["stage"]):
+                cand = Candidate(sizes, dcn, remat, g, micro, repeats, chunk)
+                if analytic_memory(cfg, leaves, cand) > FAR_OVER * budget:
+                    pruned["analytic memory far over budget"] += 1
+                    continue
+                out.append(cand)
+    return out, pruned
+
+
+def _schedules(layers: int, stages: int, rows: int, shards: int):
+    if stages == 1:
+        yield 0, 1
+        return
+    for micro in (stages, 2 * stages, 4 * stages):
+        if rows % micro or (rows // micro) % shards:
+            continue
+        for repeats in (1, 2):
+            if layers % (stages * repeats) == 0:
+                yield micro, repeats
+
+
+def _mesh_reason(cfg: Config, s: dict[str, int], cluster: Cluster, moe: bool) -> str | None:
+    m, L = cfg.model, cfg.data.seq_len
+    if s["expert"] > 1 and (not moe or m.num_experts % s["expert"]):
+        return "expert axis without experts to split"
+    if s["tensor"] > cluster.per_host or s["context"] > cluster.per_host:
+        return "tensor or context would cross hosts"
+    heads = math.lcm(m.num_kv_heads, s["tensor"])
+    if m.num_heads % heads or m.num_heads % s["tensor"]:
+        return "tensor does not divide the heads"
+    width = _active_mlp(m) // max(1, getattr(m, "experts_per_token", 1)) if moe else m.mlp_dim
+    if width % s["tensor"] or (m.vocab_size and m.vocab_size % s["tensor"]):
+        return "tensor does not divide the MLP or vocabulary"
+    if m.num_layers % s["stage"]:
+        return "stage does not divide the layers"
+    if s["context"] > 1 and L % (2 * s["context"]):
+        return "context does not divide the sequence"
+    if m.embed_dim % s["fsdp"]:
+        return "fsdp does not divide the width"
+    if cfg.data.batch_size % (s["data"] * s["stage"] * s["fsdp"] * s["expert"]):
+        return "batch rows do not split over the batch shards"
+    return None

@@ -1,0 +1,116 @@
+"""One candidate compiled ahead of time for abstract state and batch on the emulated devices
+(nothing is allocated or run): XLA's per-device memory plan, the program's FLOPs and bytes,
+and each collective with its bytes, the mesh axes its device groups span and whether those
+groups reach across hosts. Results are cached on disk, keyed by the candidate's config, the
+jax version and the device count, so a second plan of the same shape compiles nothing.
+
+The program is compiled on one process's emulated devices, so its mesh has no host
+boundaries; which collectives cross hosts follows from the candidate's mesh.dcn_* sizes (the
+pieces across hosts are the outer part of each axis, as parallel/mesh.py lays them out).
+"""
+
+import dataclasses
+import gc
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from pjit_llm import __version__, perf
+from pjit_llm.config import Config
+from pjit_llm.errors import UserError
+from pjit_llm.parallel.axes import AXIS_NAMES
+from pjit_llm.planning.hlo import program_cost
+from pjit_llm.training.build import build
+from pjit_llm.training.measure import abstract_batch
+
+# Settings that change nothing in the compiled step.
+_IRRELEVANT = ("data.source", "data.paths", "data.name", "data.tokenizer_path", "data.num_workers",
+               "data.data_dir", "train.run_dir", "train.steps", "train.log_every",
+               "train.eval_every", "checkpoint", "distributed", "mesh.emulate_devices")
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(os.environ.get("PJIT_LLM_PLAN_CACHE") or Path(root) / "pjit_llm" / "plans")
+
+
+def cache_key(cfg: Config, devices: int) -> str:
+    raw = cfg.to_dict()
+    for key in _IRRELEVANT:
+        section, _, name = key.partition(".")
+        if name:
+            raw[section].pop(name, None)
+        else:
+            raw.pop(section, None)
+    text = json.dumps([raw, jax.__version__, __version__, devices, jax.default_backend()],
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def crossed_axes(group: list[int], sizes: tuple[int, ...], dcn: tuple[int, ...]):
+    """The mesh axes a device group spans, and whether it spans hosts."""
+    coords = np.array(np.unravel_index(np.array(group), sizes)).T  # (members, axes)
+    varies = [a for i, a in enumerate(AXIS_NAMES) if len(set(coords[:, i])) > 1]
+    inner = np.array(sizes) // np.array(dcn)
+    hosts = {tuple(c // inner) for c in coords}
+    return varies, len(hosts) > 1
+
+
+def analyse(cfg: Config, devices: int) -> dict:
+    """Compile `cfg`'s train step on the first `devices` devices and read what it costs.
+    A config the builder refuses comes back as {"refused": its message}."""
+    sizes = tuple(cfg.mesh.shape)
+    dcn = tuple(cfg.mesh.dcn_shape)
+    one_process = dataclasses.replace(cfg.mesh, **{f"dcn_{a}": 1 for a in AXIS_NAMES})
+    try:
+        parts = build(dataclasses.replace(cfg, mesh=one_process),
+                      devices=jax.devices()[:devices], announce=False)
+    except UserError as e:
+        return {"refused": str(e)}
+    start = time.perf_counter()
+    lowered = parts.train_step.lower(parts.abstract_state, abstract_batch(parts))
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    memory = perf.compiled_memory(compiled) or {}
+    cost = program_cost(compiled.as_text(), devices)
+    collectives = []
+    for c in cost.collectives:
+        axes, across = (crossed_axes(c.groups[0], sizes, dcn) if c.groups
+                        else ([a for a, n in zip(AXIS_NAMES, sizes) if n > 1], math.prod(dcn) > 1))
+        if c.groups and not across:  # any group reaching across hosts puts it on the network
+            across = any(crossed_axes(g, sizes, dcn)[1] for g in c.groups[1:])
+        collectives.append({"op": c.op, "bytes": c.bytes, "link_bytes": c.link_bytes,
+                            "count": c.count, "group": c.group_size, "axes": axes,
+                            "across_hosts": bool(across)})
+    pipeline = parts.pipeline
+    out = {"memory": memory, "flops": cost.flops, "bytes": cost.bytes,
+           "xla_flops": perf.compiled_flops(compiled), "collectives": collectives,
+           "bubble": pipeline.bubble if pipeline else 0.0, "compile_s": compile_s,
+           "attention": parts.model.attention}
+    del compiled, lowered, parts
+    gc.collect()
+    return out
+
+
+def cached_analysis(cfg: Config, devices: int, cache_dir: Path | None) -> tuple[dict, bool]:
+    """`analyse`, read from the cache when it holds this config; (result, whether cached)."""
+    if cache_dir is None:
+        return analyse(cfg, devices), False
+    path = Path(cache_dir) / f"{cache_key(cfg, devices)}.json"
+    if path.exists():
+        try:
+            return json.loads(path.read_text()), True
+        except (OSError, ValueError):
+            pass  # a damaged entry is compiled again
+    result = analyse(cfg, devices)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(path)
+    return result, False

@@ -1,0 +1,57 @@
+"""The step-time model: one screen, on purpose.
+
+    compute     = the program's matrix-product FLOPs / (compute_share x peak)
+    memory      = the bytes its kernels read and write / HBM bandwidth
+    collectives = sum over collectives of count x (latency + link bytes / link bandwidth),
+                  the link being the host's (NVLink) or the network's when its groups
+                  reach across hosts
+    hidden      = the collectives of parameters and gradients: all-gathers, reduce-scatters
+                  and all-reduces over data and fsdp only, which the latency-hiding
+                  scheduler and pipelined collectives of xla_flags.py overlap with compute
+    step        = max(compute, memory, hidden) + the other collectives
+                  (no overlap on devices whose kind says so: the sum of all)
+    bubble      = compute x (S-1)/(M.R+S-1), shown apart: the pipeline's idle stages compute
+                  on zeros, so the compiled FLOPs already hold it
+
+It ignores: kernel launch and host overheads, attention kernels other than matrix products
+(counted as bytes only), collectives contending for one link, the network's topology above
+one link per device, stragglers, the input pipeline and checkpoints.
+"""
+
+from dataclasses import dataclass
+
+from pjit_llm.planning.devices import DeviceKind
+
+HIDDEN_OPS = ("all-gather", "reduce-scatter", "all-reduce")
+HIDDEN_AXES = {"data", "fsdp"}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    step_s: float
+    terms: dict[str, float]  # seconds: compute, memory, hidden comm, blocking comm, bubble
+    dominant: str
+
+
+def collective_seconds(c: dict, kind: DeviceKind) -> float:
+    link = kind.network_link if c["across_hosts"] else kind.host_link
+    return c["count"] * (kind.link_latency + c["link_bytes"] / link)
+
+
+def hidden(c: dict) -> bool:
+    return c["op"] in HIDDEN_OPS and set(c["axes"]) <= HIDDEN_AXES
+
+
+def estimate(analysis: dict, kind: DeviceKind) -> Estimate:
+    compute = analysis["flops"] / (kind.compute_share * kind.peak_flops)
+    memory = analysis["bytes"] / kind.hbm_bandwidth
+    hide = sum(collective_seconds(c, kind) for c in analysis["collectives"] if hidden(c))
+    block = sum(collective_seconds(c, kind) for c in analysis["collectives"] if not hidden(c))
+    if kind.overlap:
+        step = max(compute, memory, hide) + block
+    else:
+        step = max(compute, memory) + hide + block
+    bubble = compute * analysis.get("bubble", 0.0)
+    terms = {"compute": compute - bubble, "memory": memory, "collectives (hidden)": hide,
+             "collectives (blocking)": block, "bubble": bubble}
+    return Estimate(step, terms, max(terms, key=terms.get))
