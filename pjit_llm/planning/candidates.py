@@ -257,6 +257,8 @@ def _mesh_reason(cfg: Config, s: dict[str, int], cluster: Cluster, moe: bool) ->
         return "tensor does not divide the MLP or vocabulary"
     if m.num_layers % s["stage"]:
         return "stage does not divide the layers"
+    if s["stage"] > 1 and s["context"] > 1:  # XLA's SPMD partitioner aborts on the pair
+        return "pipeline stages with context parallelism"
     if s["context"] > 1 and L % (2 * s["context"]):
         return "context does not divide the sequence"
     if m.embed_dim % s["fsdp"]:

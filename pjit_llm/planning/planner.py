@@ -1,0 +1,128 @@
+"""From a config and a cluster to ranked candidates: enumerate and prune by arithmetic
+(candidates.py), compile the most promising by the formula estimate (compiled.py, cached),
+drop those whose memory plan is over budget, and rank the rest by the step-time model
+(estimate.py). A request nothing fits is refused naming the smallest cluster that would."""
+
+import dataclasses
+import math
+import sys
+from pathlib import Path
+
+import jax
+
+from pjit_llm import perf
+from pjit_llm.config import Config
+from pjit_llm.errors import UserError
+from pjit_llm.metrics import human_bytes
+from pjit_llm.models.layers import padded_vocab
+from pjit_llm.parallel.axes import AXIS_NAMES
+from pjit_llm.placement import BYTE_VOCAB, place
+from pjit_llm.parallel.layout import is_variable
+from pjit_llm.parallel.settings import MeshConfig
+from pjit_llm.planning import candidates as cands
+from pjit_llm.planning.compiled import cached_analysis
+from pjit_llm.planning.devices import Cluster
+from pjit_llm.planning.estimate import estimate
+
+
+def concrete_vocab(cfg: Config) -> Config:
+    if cfg.model.vocab_size:
+        return cfg
+    model = dataclasses.replace(cfg.model, vocab_size=padded_vocab(BYTE_VOCAB),
+                                real_vocab_size=BYTE_VOCAB)
+    return dataclasses.replace(cfg, model=model)
+
+
+def param_leaves(cfg: Config) -> list[cands.ParamLeaf]:
+    """The parameters' shapes, logical axes and element sizes (abstract, on one device)."""
+    one = dataclasses.replace(cfg, mesh=MeshConfig(data=1, rules=cfg.mesh.rules))
+    placed = place(one, devices=jax.devices()[:1], batches=False, announce=False)
+    leaves = jax.tree.leaves(placed.abstract_params, is_leaf=is_variable)
+    return [cands.ParamLeaf(tuple(v.shape), tuple(v.logical_axes), v.dtype.itemsize)
+            for v in leaves]
+
+
+def _progress(i: int, n: int, what: str) -> None:
+    width = 24
+    done = width * i // max(n, 1)
+    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{n} {what[:60]:<60}")
+    if i == n:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def _diverse(ranked: list[cands.Candidate], top: int) -> list[cands.Candidate]:
+    """The `top` first of `ranked`, taking the best of each mesh before a mesh's second."""
+    firsts, seen = [], set()
+    for c in ranked:
+        if (c.sizes, c.dcn) not in seen:
+            seen.add((c.sizes, c.dcn))
+            firsts.append(c)
+    rest = [c for c in ranked if c not in firsts]
+    return (firsts + rest)[:top]
+
+
+def smallest_cluster(cfg: Config, leaves, cluster: Cluster, budget: float) -> int | None:
+    """The fewest devices (whole hosts, doubling) on which some candidate's analytic memory
+    fits the budget: what a refusal names."""
+    n = cluster.devices
+    for _ in range(16):
+        n *= 2
+        bigger = dataclasses.replace(cluster, devices=n)
+        found, _ = cands.enumerate_candidates(cfg, leaves, bigger, budget)
+        if any(cands.analytic_memory(cfg, leaves, c) <= budget for c in found):
+            return n
+    return None
+
+
+def refuse(cfg: Config, leaves, cluster: Cluster, budget: float, why: str) -> None:
+    n = smallest_cluster(cfg, leaves, cluster, budget)
+    where = (f"the smallest cluster that would fit is {n} x {cluster.kind.name} "
+             f"(--devices {n})") if n else "no cluster up to 65,536 devices fits it"
+    raise UserError(f"{why} of {cluster.describe()} within {human_bytes(budget)} a device; "
+                    f"{where}, or shorten data.seq_len / data.batch_size")
+
+
+def plan(cfg: Config, cluster: Cluster, kind_for_estimate, budget: float, top: int,
+         cache_dir: Path | None, remats=cands.REMATS, progress=_progress) -> tuple[list[dict], dict]:
+    """Ranked rows (fitting first, by predicted step time) and what pruning removed."""
+    cfg = concrete_vocab(cfg)
+    leaves = param_leaves(cfg)
+    found, pruned = cands.enumerate_candidates(cfg, leaves, cluster, budget, remats)
+    if not found:
+        refuse(cfg, leaves, cluster, budget, "no candidate mesh, remat and batch split fits the "
+               "model")
+    ranked = sorted(found, key=lambda c: (cands.analytic_memory(cfg, leaves, c) > budget,
+                                          cands.analytic_time(cfg, leaves, c, cluster)))
+    chosen = _diverse(ranked, top)
+    rows, cached = [], 0
+    flops = perf.flops_per_step(cfg.model, cfg.data.batch_size, cfg.data.seq_len)
+    tokens = cfg.data.batch_size * cfg.data.seq_len
+    for i, cand in enumerate(chosen):
+        progress(i, len(chosen), f"compiling {cand.describe_mesh()} {cand.remat} "
+                 f"{cand.describe_schedule()}")
+        try:
+            run_cfg = cands.apply(cfg, cand)
+        except UserError as e:
+            pruned[str(e)[:60]] += 1
+            continue
+        analysis, hit = cached_analysis(run_cfg, cluster.devices, cache_dir)
+        cached += hit
+        if "refused" in analysis:
+            pruned["refused by the builder: " + analysis["refused"][:60]] += 1
+            continue
+        est = estimate(analysis, kind_for_estimate)
+        memory = analysis["memory"].get("peak") or cands.analytic_memory(cfg, leaves, cand)
+        rows.append({"candidate": cand, "config": run_cfg, "analysis": analysis,
+                     "estimate": est, "memory": memory, "fits": memory <= budget,
+                     "tokens_per_s": tokens / est.step_s,
+                     "mfu": flops / est.step_s / cluster.devices / kind_for_estimate.peak_flops})
+    progress(len(chosen), len(chosen), f"done ({cached} of {len(chosen)} from the cache)")
+    rows.sort(key=lambda r: (not r["fits"], r["estimate"].step_s))
+    if not rows or not rows[0]["fits"]:
+        refuse(cfg, leaves, cluster, budget, "no compiled candidate's memory plan fits "
+               if rows else "no candidate compiles for")
+    info = {"enumerated": len(found), "compiled": len(chosen), "cached": cached,
+            "pruned": dict(pruned), "devices_per_candidate": math.prod(rows[0]["candidate"].sizes),
+            "axes": AXIS_NAMES}
+    return rows, info
