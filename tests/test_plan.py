@@ -1,0 +1,177 @@
+"""The planner: pruning arithmetic, collectives read from a real compiled program, the step-time
+model's dominant term, the chosen config trains, refusals, and calibration."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+from conftest import E2E, assert_refused, build_on, run_module, tiny_config
+from pjit_llm.parallel.axes import AXIS_NAMES
+from pjit_llm.planning import candidates as cands
+from pjit_llm.planning.compiled import analyse
+from pjit_llm.planning.devices import KINDS, Cluster, DeviceKind, make_cluster
+from pjit_llm.planning.estimate import estimate
+from pjit_llm.planning.hlo import replica_groups
+from pjit_llm.planning.planner import concrete_vocab, param_leaves, plan
+from pjit_llm.planning.report import spearman
+
+H100 = KINDS["h100"]
+
+
+def _sizes(**named):
+    return tuple(named.get(a, 1) for a in AXIS_NAMES)
+
+
+def _found(cfg, devices=8, per_host=8, budget=80e9):
+    cfg = concrete_vocab(cfg)
+    leaves = param_leaves(cfg)
+    return cands.enumerate_candidates(cfg, leaves, make_cluster(H100, devices, per_host), budget)
+
+
+def test_pruning_keeps_only_meshes_the_model_divides():
+    cfg = tiny_config("model.num_heads=4", "model.num_kv_heads=2", "model.embed_dim=64")
+    found, pruned = _found(cfg)
+    assert found
+    for c in found:
+        s = c.mesh
+        assert 4 % s["tensor"] == 0  # tensor divides the heads
+        assert cfg.model.num_layers % s["stage"] == 0
+        assert s["expert"] == 1  # a dense model has no experts to split
+        assert (cfg.data.batch_size // c.grad_accum) % (s["data"] * s["stage"] * s["fsdp"]) == 0
+    assert pruned["tensor does not divide the heads"] > 0
+    assert pruned["expert axis without experts to split"] > 0
+
+
+def test_tensor_and_context_stay_inside_hosts():
+    found, _ = _found(tiny_config("data.batch_size=64"), devices=16, per_host=4)
+    assert found
+    for c in found:
+        assert c.mesh["tensor"] <= 4 and c.mesh["context"] <= 4
+        assert c.dcn[AXIS_NAMES.index("tensor")] == 1 and c.dcn[AXIS_NAMES.index("context")] == 1
+        assert math.prod(c.dcn) == 4  # the hosts' pieces
+
+
+def test_a_model_far_over_budget_is_pruned_before_compiling():
+    _, pruned = _found(tiny_config(), budget=1e5)  # 100 kB a device
+    assert pruned["analytic memory far over budget"] > 0
+    found, _ = _found(tiny_config(), budget=1e5)
+    assert not found
+
+
+@pytest.mark.parametrize("text, groups", [
+    ("replica_groups={{0,1},{2,3}}, dimensions={0}", [[0, 1], [2, 3]]),
+    ("replica_groups=[2,2]<=[2,2]T(1,0), use_global", [[0, 2], [1, 3]]),
+    ("replica_groups=mesh['axis_0'=2,'axis_1'=2] {'axis_0'}, dim", [[0, 2], [1, 3]]),
+    ("replica_groups=mesh['axis_0'=2,'axis_1'=2], device_ids=([2,2]T(1,0)) {'axis_1'}, x",
+     [[0, 2], [1, 3]]),
+    ("source_target_pairs={{0,1},{1,0}}, x", [[0, 1], [1, 0]]),
+])
+def test_replica_group_spellings(text, groups):
+    assert replica_groups(text) == groups
+
+
+def test_an_fsdp_step_gathers_parameters_over_fsdp():
+    cfg = build_on(tiny_config(), fsdp=8).cfg
+    result = analyse(cfg, 8)
+    gathers = [c for c in result["collectives"] if c["op"] == "all-gather"]
+    assert gathers and all(c["axes"] == ["fsdp"] for c in gathers)
+    assert not any(c["across_hosts"] for c in result["collectives"])
+    # The scanned layers' gathers run once per layer (the loop's trip count), forward and back.
+    assert max(c["count"] for c in gathers) >= 2 * cfg.model.num_layers
+    assert result["flops"] > 0 and result["memory"]["peak"] > 0
+
+
+def test_collectives_over_a_host_split_axis_cross_hosts():
+    cfg = build_on(tiny_config(), data=2, fsdp=4).cfg
+    cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, dcn_data=2))
+    result = analyse(cfg, 8)
+    over_data = [c for c in result["collectives"] if "data" in c["axes"]]
+    only_fsdp = [c for c in result["collectives"] if c["axes"] == ["fsdp"]]
+    assert over_data and all(c["across_hosts"] for c in over_data)
+    assert only_fsdp and not any(c["across_hosts"] for c in only_fsdp)
+
+
+def _synthetic(flops=0.0, bytes_=0.0, collectives=()):
+    return {"flops": flops, "bytes": bytes_, "collectives": list(collectives), "bubble": 0.0}
+
+
+def test_the_dominant_term():
+    kind = H100
+    assert estimate(_synthetic(flops=1e15, bytes_=1e9), kind).dominant == "compute"
+    assert estimate(_synthetic(flops=1e12, bytes_=1e13), kind).dominant == "memory"
+    across = {"op": "all-to-all", "link_bytes": 1e11, "count": 1, "axes": ["expert"],
+              "across_hosts": True}
+    est = estimate(_synthetic(flops=1e14, collectives=[across]), kind)
+    assert est.dominant == "collectives (blocking)"
+    # The same bytes inside a host (NVLink, 9 times the network) no longer dominate.
+    inside = estimate(_synthetic(flops=1e14, collectives=[{**across, "across_hosts": False}]), kind)
+    assert inside.step_s < est.step_s
+    # A gradient reduction over data hides behind compute when the kind overlaps.
+    grads = {"op": "all-reduce", "link_bytes": 1e9, "count": 1, "axes": ["data"],
+             "across_hosts": False}
+    hidden = estimate(_synthetic(flops=1e15, collectives=[grads]), kind)
+    assert hidden.step_s == pytest.approx(1e15 / (kind.compute_share * kind.peak_flops))
+    serial = dataclasses.replace(kind, overlap=False)
+    assert estimate(_synthetic(flops=1e15, collectives=[grads]), serial).step_s > hidden.step_s
+
+
+def test_spearman():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+
+
+def test_a_candidate_over_budget_is_never_chosen(tmp_path):
+    cfg = tiny_config()
+    small = DeviceKind("small", 1e12, 1.0, 1e11, 1e10, 1e9)
+    cluster = Cluster(small, 8, 8)
+    # A budget between the compiled plans' smallest and largest peak memory.
+    rows, _ = plan(cfg, dataclasses.replace(cluster), small, 1e12, 6, tmp_path)
+    peaks = sorted(r["memory"] for r in rows)
+    budget = (peaks[0] + peaks[-1]) / 2
+    rows, _ = plan(cfg, cluster, small, budget, 6, tmp_path)
+    assert rows[0]["fits"] and rows[0]["memory"] <= budget
+    assert any(not r["fits"] for r in rows)
+    assert all(r["fits"] for r in rows[:sum(r["fits"] for r in rows)])
+
+
+def test_plan_writes_a_config_that_trains(tmp_path):
+    out = tmp_path / "plan.yaml"
+    result = run_module("pjit_llm.plan", "--devices", "8", "--top", "3", "--out", str(out),
+                        "--cache", str(tmp_path / "cache"), *TINY_PLAN, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "dominates" in result.stdout and out.exists()
+    again = run_module("pjit_llm.plan", "--devices", "8", "--top", "3",
+                       "--cache", str(tmp_path / "cache"), *TINY_PLAN, cwd=tmp_path)
+    assert "(3 cached)" in again.stdout  # the second plan compiles nothing
+    trained = run_module("pjit_llm.train", "--config", str(out), "train.steps=2",
+                         "train.run_dir=run", "data.num_workers=0", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+TINY_PLAN = ["model.num_layers=2", "model.embed_dim=64", "model.num_heads=8",
+             "model.num_kv_heads=4", "model.mlp_dim=128", "model.vocab_size=384",
+             "data.seq_len=32", "data.batch_size=16", "optimizer.warmup_steps=1",
+             "train.steps=10"]
+
+
+def test_an_impossible_request_is_refused_naming_the_smallest_cluster(tmp_path):
+    result = run_module("pjit_llm.plan", "--config", "configs/llama-8b.yaml", "--devices", "1",
+                        "--device", "h100", "--top", "1", "--no-cache",
+                        cwd=E2E.parent.parent)
+    assert_refused(result, "the smallest cluster that would fit is")
+    assert "--devices" in result.stderr
+
+
+def test_calibrate_reports_predicted_against_measured(tmp_path):
+    result = run_module("pjit_llm.plan", "--devices", "8", "--top", "3", "--calibrate", "2",
+                        "--steps", "2", "--cache", str(tmp_path / "cache"), *TINY_PLAN,
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "measured s" in result.stdout and "Spearman rank correlation" in result.stdout
+    line = next(l for l in result.stdout.splitlines() if l.startswith("Spearman"))
+    rho = float(line.split(":")[1].split(";")[0])
+    assert -1 <= rho <= 1
+    json.dumps(rho)
