@@ -35,6 +35,9 @@ _IRRELEVANT = ("data.source", "data.paths", "data.name", "data.tokenizer_path", 
                "train.eval_every", "checkpoint", "distributed", "mesh.emulate_devices")
 
 
+ANALYSIS_VERSION = 2  # what an entry holds; a change makes old entries unreadable by key
+
+
 def default_cache_dir() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(os.environ.get("PJIT_LLM_PLAN_CACHE") or Path(root) / "pjit_llm" / "plans")
@@ -48,7 +51,8 @@ def cache_key(cfg: Config, devices: int) -> str:
             raw[section].pop(name, None)
         else:
             raw.pop(section, None)
-    text = json.dumps([raw, jax.__version__, __version__, devices, jax.default_backend()],
+    text = json.dumps([raw, jax.__version__, __version__, devices, jax.default_backend(),
+                       ANALYSIS_VERSION],
                       sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
@@ -78,7 +82,7 @@ def analyse(cfg: Config, devices: int) -> dict:
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
     memory = perf.compiled_memory(compiled) or {}
-    cost = program_cost(compiled.as_text(), devices)
+    cost = program_cost(compiled.as_text(), devices, cfg.data.seq_len)
     collectives = []
     for c in cost.collectives:
         axes, across = (crossed_axes(c.groups[0], sizes, dcn) if c.groups
@@ -92,7 +96,8 @@ def analyse(cfg: Config, devices: int) -> dict:
     out = {"memory": memory, "flops": cost.flops, "bytes": cost.bytes,
            "xla_flops": perf.compiled_flops(compiled), "collectives": collectives,
            "bubble": pipeline.bubble if pipeline else 0.0, "compile_s": compile_s,
-           "attention": parts.model.attention}
+           "attention": parts.model.attention, "score_bytes": cost.score_bytes,
+           "context": cfg.mesh.context}
     del compiled, lowered, parts
     gc.collect()
     return out

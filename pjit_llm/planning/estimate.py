@@ -1,7 +1,8 @@
 """The step-time model: one screen, on purpose.
 
     compute     = the program's matrix-product FLOPs / (compute_share x peak)
-    memory      = the bytes its kernels read and write / HBM bandwidth
+    memory      = the bytes its kernels read and write / HBM bandwidth (less the (seq, seq)
+                  attention scores on a device whose flash kernel keeps them on chip)
     collectives = sum over collectives of count x (latency + link bytes / link bandwidth),
                   the link being the host's (NVLink) or the network's when its groups
                   reach across hosts
@@ -42,9 +43,18 @@ def hidden(c: dict) -> bool:
     return c["op"] in HIDDEN_OPS and set(c["axes"]) <= HIDDEN_AXES
 
 
+def flash(analysis: dict, kind: DeviceKind) -> bool:
+    """Whether the target runs attention as a flash kernel where the compile ran XLA's: on a
+    GPU kind, without context parallelism (models/attention.py picks cuDNN then)."""
+    return kind.flash_attention and analysis.get("context", 1) == 1
+
+
 def estimate(analysis: dict, kind: DeviceKind) -> Estimate:
     compute = analysis["flops"] / (kind.compute_share * kind.peak_flops)
-    memory = analysis["bytes"] / kind.hbm_bandwidth
+    traffic = analysis["bytes"]
+    if flash(analysis, kind):
+        traffic -= analysis.get("score_bytes", 0.0)
+    memory = traffic / kind.hbm_bandwidth
     hide = sum(collective_seconds(c, kind) for c in analysis["collectives"] if hidden(c))
     block = sum(collective_seconds(c, kind) for c in analysis["collectives"] if not hidden(c))
     if kind.overlap:

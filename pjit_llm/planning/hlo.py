@@ -247,9 +247,10 @@ class ProgramCost:
     flops: float  # of the matrix products, per device per step
     bytes: float  # read and written by the kernels, per device per step
     collectives: list[Collective]
+    score_bytes: float = 0.0  # of those, arrays ending in (seq, seq): attention's scores
 
 
-def program_cost(text: str, num_devices: int) -> ProgramCost:
+def program_cost(text: str, num_devices: int, seq_len: int = 0) -> ProgramCost:
     comps, entry = parse_computations(text)
     times: dict[str, float] = defaultdict(float)
     fused: set[str] = set()
@@ -262,7 +263,7 @@ def program_cost(text: str, num_devices: int) -> ProgramCost:
                 times[callee] += times[name] * n
                 if is_fusion:
                     fused.add(callee)
-    flops = traffic = 0.0
+    flops = traffic = scores = 0.0
     found: dict[tuple, Collective] = {}
     for name, instrs in comps.items():
         t = times.get(name, 0)
@@ -273,7 +274,10 @@ def program_cost(text: str, num_devices: int) -> ProgramCost:
             flops += t * _dot_flops(instr, shapes)
             base = instr.op.removesuffix("-start")
             if name not in fused and instr.op not in _FREE and not instr.op.endswith("-done"):
-                traffic += t * _traffic(instr, shapes, comps)
+                moved = t * _traffic(instr, shapes, comps)
+                traffic += moved
+                if seq_len and _dims(instr.type)[-2:] == [seq_len, seq_len]:
+                    scores += moved
             if base in COLLECTIVES and not instr.op.endswith("-done"):
                 size = shape_bytes(instr.type)
                 if instr.op.endswith("-start") and instr.type.startswith("("):
@@ -289,4 +293,4 @@ def program_cost(text: str, num_devices: int) -> ProgramCost:
                     found[key] = Collective(base, size, 0.0, n, groups, int(t))
     for c in found.values():
         c.link_bytes = _link_bytes(c.op, c.bytes, c.group_size)
-    return ProgramCost(flops, traffic, list(found.values()))
+    return ProgramCost(flops, traffic, list(found.values()), scores)

@@ -22,7 +22,7 @@ from pjit_llm.parallel.settings import MeshConfig
 from pjit_llm.planning import candidates as cands
 from pjit_llm.planning.compiled import cached_analysis
 from pjit_llm.planning.devices import Cluster
-from pjit_llm.planning.estimate import estimate
+from pjit_llm.planning.estimate import estimate, flash
 
 
 def concrete_vocab(cfg: Config) -> Config:
@@ -40,6 +40,22 @@ def param_leaves(cfg: Config) -> list[cands.ParamLeaf]:
     leaves = jax.tree.leaves(placed.abstract_params, is_leaf=is_variable)
     return [cands.ParamLeaf(tuple(v.shape), tuple(v.logical_axes), v.dtype.itemsize)
             for v in leaves]
+
+
+# XLA:CPU's attention holds about this many float32 (batch, heads, seq, seq) arrays of one
+# layer at once (scores, probabilities and their copies); a flash kernel holds none.
+SCORE_COPIES = 4
+
+
+def score_allowance(cfg: Config, cand: cands.Candidate) -> float:
+    """The bytes of attention scores in the emulated compile's memory plan that a GPU's
+    flash attention does not allocate: taken off the plan for GPU kinds."""
+    s = cand.mesh
+    rows = cfg.data.batch_size / cand.grad_accum / (s["data"] * s["stage"] * s["fsdp"] * s["expert"])
+    if s["stage"] > 1:
+        rows = rows * s["stage"] / max(cand.microbatches, 1)
+    heads = cfg.model.num_heads / s["tensor"]
+    return SCORE_COPIES * 4 * rows * heads * cfg.data.seq_len ** 2
 
 
 def _progress(i: int, n: int, what: str) -> None:
@@ -113,6 +129,8 @@ def plan(cfg: Config, cluster: Cluster, kind_for_estimate, budget: float, top: i
             continue
         est = estimate(analysis, kind_for_estimate)
         memory = analysis["memory"].get("peak") or cands.analytic_memory(cfg, leaves, cand)
+        if flash(analysis, kind_for_estimate):
+            memory -= score_allowance(run_cfg, cand)
         rows.append({"candidate": cand, "config": run_cfg, "analysis": analysis,
                      "estimate": est, "memory": memory, "fits": memory <= budget,
                      "tokens_per_s": tokens / est.step_s,

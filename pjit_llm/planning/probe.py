@@ -47,4 +47,5 @@ def measure_kind(devices: list, memory_bytes: float, name: str = "cpu") -> Devic
     piece = big.nbytes / n
     link = piece * (n - 1) / max(_seconds(gather, big) - latency, 1e-6)
     return DeviceKind(name, flops, memory_bytes, bandwidth, link, link, compute_share=1.0,
-                      link_latency=latency, overlap=False)
+                      link_latency=latency, overlap=False,
+                      flash_attention=False)
