@@ -28,7 +28,7 @@ RECOMPUTE = {"none": 3.0, "dots": 3.1, "proj": 3.2, "proj_attn": 3.1, "proj_offl
 # Bytes kept per token and layer for the backward pass, in units of (embed, mlp) widths times
 # the compute dtype's bytes: none keeps every intermediate, proj the projections' outputs,
 # full only the layer's input.
-KEPT = {"none": (14, 4), "dots": (8, 3), "proj": (7, 3), "proj_attn": (8, 3),
+KEPT = {"none": (17, 4), "dots": (8, 3), "proj": (8, 3), "proj_attn": (8, 3),
         "proj_offload": (1, 0), "full": (1, 0)}
 FAR_OVER = 2.0  # an analytic estimate this many times the budget is pruned without compiling
 

@@ -59,6 +59,9 @@ def score_allowance(cfg: Config, cand: cands.Candidate) -> float:
 
 
 def _progress(i: int, n: int, what: str) -> None:
+    """A progress bar on a terminal (nothing when stderr is a file or a pipe)."""
+    if not sys.stderr.isatty():
+        return
     width = 24
     done = width * i // max(n, 1)
     sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{n} {what[:60]:<60}")
@@ -68,14 +71,16 @@ def _progress(i: int, n: int, what: str) -> None:
 
 
 def _diverse(ranked: list[cands.Candidate], top: int) -> list[cands.Candidate]:
-    """The `top` first of `ranked`, taking the best of each mesh before a mesh's second."""
-    firsts, seen = [], set()
-    for c in ranked:
-        if (c.sizes, c.dcn) not in seen:
-            seen.add((c.sizes, c.dcn))
-            firsts.append(c)
-    rest = [c for c in ranked if c not in firsts]
-    return (firsts + rest)[:top]
+    """The `top` first of `ranked`, taking the best of each remat policy, then the best of each
+    (mesh, remat), before any second of a kind: the formula ranks, the compile decides."""
+    picked: list[cands.Candidate] = []
+    for key in (lambda c: c.remat, lambda c: (c.sizes, c.dcn, c.remat), lambda c: c):
+        seen = {key(c) for c in picked}
+        for c in ranked:
+            if key(c) not in seen and c not in picked:
+                seen.add(key(c))
+                picked.append(c)
+    return picked[:top]
 
 
 def smallest_cluster(cfg: Config, leaves, cluster: Cluster, budget: float) -> int | None:
@@ -95,7 +100,7 @@ def refuse(cfg: Config, leaves, cluster: Cluster, budget: float, why: str) -> No
     n = smallest_cluster(cfg, leaves, cluster, budget)
     where = (f"the smallest cluster that would fit is {n} x {cluster.kind.name} "
              f"(--devices {n})") if n else "no cluster up to 65,536 devices fits it"
-    raise UserError(f"{why} of {cluster.describe()} within {human_bytes(budget)} a device; "
+    raise UserError(f"{why} on {cluster.describe()} within {human_bytes(budget)} a device; "
                     f"{where}, or shorten data.seq_len / data.batch_size")
 
 
@@ -107,7 +112,7 @@ def plan(cfg: Config, cluster: Cluster, kind_for_estimate, budget: float, top: i
     found, pruned = cands.enumerate_candidates(cfg, leaves, cluster, budget, remats)
     if not found:
         refuse(cfg, leaves, cluster, budget, "no candidate mesh, remat and batch split fits the "
-               "model")
+               "model")  # noqa
     ranked = sorted(found, key=lambda c: (cands.analytic_memory(cfg, leaves, c) > budget,
                                           cands.analytic_time(cfg, leaves, c, cluster)))
     chosen = _diverse(ranked, top)
@@ -138,8 +143,8 @@ def plan(cfg: Config, cluster: Cluster, kind_for_estimate, budget: float, top: i
     progress(len(chosen), len(chosen), f"done ({cached} of {len(chosen)} from the cache)")
     rows.sort(key=lambda r: (not r["fits"], r["estimate"].step_s))
     if not rows or not rows[0]["fits"]:
-        refuse(cfg, leaves, cluster, budget, "no compiled candidate's memory plan fits "
-               if rows else "no candidate compiles for")
+        refuse(cfg, leaves, cluster, budget, "no compiled candidate's memory plan fits"
+               if rows else "no candidate compiles")
     info = {"enumerated": len(found), "compiled": len(chosen), "cached": cached,
             "pruned": dict(pruned), "devices_per_candidate": math.prod(rows[0]["candidate"].sizes),
             "axes": AXIS_NAMES}
