@@ -101,7 +101,10 @@ class MoEMLP(nnx.Module):
             # FSDP gathers every weight; a sort over the global batch would gather every token
             # to every device and compute them all there. The other axes (tensor, context)
             # stay with the partitioner.
-            compute = jax.shard_map(compute, mesh=self.layout.mesh, axis_names=set(rows),
+            # An axis the layout leaves to an enclosing transform (the pipeline's vmap over
+            # `stage`, whose spmd_axis_name adds it to these specs) is manual here too.
+            owned = {a for a in self.layout.excluded if self.layout.mesh.shape[a] > 1}
+            compute = jax.shard_map(compute, mesh=self.layout.mesh, axis_names={*rows, *owned},
                                     in_specs=(P(rows), P()), out_specs=P(rows), check_vma=False)
             if jax.default_backend() == "cpu":
                 # XLA:CPU (jaxlib 0.10.2) aborts compiling the step when bfloat16 weights

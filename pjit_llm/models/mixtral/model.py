@@ -2,16 +2,11 @@
 place of the dense one, in every layer. Mixtral computes this; so does Qwen3-MoE, whose
 attention normalises each query and key head first (a trait of its config)."""
 
-from flax import nnx
-
-from pjit_llm.errors import UserError
 from pjit_llm.models.decoder import Transformer
 from pjit_llm.models.layers import Axes
 from pjit_llm.models.llama.model import QUANTIZED_WEIGHTS as LLAMA_QUANTIZED
 from pjit_llm.models.llama.model import Block
 from pjit_llm.models.moe import MoEMLP
-from pjit_llm.parallel.layout import Layout
-from pjit_llm.parallel.stages import Pipeline
 
 # int8 quantization scales attention and the embeddings as Llama's, and each expert's weights
 # per expert and output channel (models/moe.py applies the scales after the grouped products);
@@ -27,11 +22,3 @@ class MoEBlock(Block):
 
 class MoETransformer(Transformer):
     block_class = MoEBlock
-
-    def __init__(self, cfg, layout: Layout | None, rngs: nnx.Rngs,
-                 pipeline: Pipeline | None = None, layer_list: bool = False):
-        if pipeline is not None:
-            raise UserError(f"model.family={cfg.family}: pipeline stages (mesh.stage > 1) do "
-                            "not carry the router's load-balancing statistics; use "
-                            "mesh.stage=1 with a mixture of experts")
-        super().__init__(cfg, layout, rngs, pipeline, layer_list)
