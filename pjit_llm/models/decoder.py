@@ -114,8 +114,7 @@ class Transformer(nnx.Module):
         token's place in its row, the slots where rows are reordered), and which tokens are
         real (segment > 0), for the router statistics a mixture of experts sums."""
         inputs = self._attention_inputs(segment_ids_BL, positions_BL, slots_BL, layout)
-        real_BL = (segment_ids_BL > 0).astype(jnp.float32)
-        return inputs._replace(real=constrain(layout, real_BL, ("batch", "length")))
+        return inputs._replace(real=(segment_ids_BL > 0).astype(jnp.float32))
 
     def _attention_inputs(self, segment_ids_BL, positions_BL, slots_BL, layout: Layout | None):
         cfg = self.cfg
