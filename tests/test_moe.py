@@ -28,7 +28,9 @@ from pjit_llm.interop import hf as convert
 from pjit_llm.models.families import abstract_model, family, make_model
 from pjit_llm.models.loss import objective_terms
 from pjit_llm.models.mixtral import hf as mixtral_hf
-from pjit_llm.models.moe import ACTIVATIONS, grouped_experts, route
+from pjit_llm.models.expert_dispatch import expert_outputs
+from pjit_llm.models.layers import ACTIVATIONS
+from pjit_llm.models.moe import route
 from pjit_llm.models.quantize import Int8Weight, quantize_params
 from pjit_llm.models.qwen3_moe import hf as qwen3_moe_hf
 from pjit_llm.parallel.stages import Pipeline
@@ -55,12 +57,18 @@ def test_config_json_gives_the_experts(imported):
             cfg.router_aux_loss_coef) == expected
 
 
-@pytest.mark.parametrize("mesh", [None, {"fsdp": 2, "tensor": 2}, {"data": 2, "context": 2},
-                                  {"expert": 4, "tensor": 2}],
-                         ids=["one device", "fsdp x tensor", "data x context", "expert x tensor"])
+# Four rows, so that each of up to four batch shards routes its own (and sends them to the
+# experts' devices).
+ROWS = np.concatenate([TOKENS, (TOKENS[::-1] * 7 + 3) % 300]).astype(np.int32)
+
+
+@pytest.mark.parametrize("mesh", [None, {"expert": 2}, {"expert": 4, "tensor": 2},
+                                  {"fsdp": 2, "tensor": 2}, {"data": 2, "context": 2}],
+                         ids=["one device", "expert", "expert x tensor", "fsdp x tensor",
+                              "data x context"])
 def test_imported_models_give_the_logits_of_transformers(imported, mesh):
     _, model, run = imported
-    expected, got = hf_logits(model, TOKENS), our_logits(run, TOKENS, mesh)
+    expected, got = hf_logits(model, ROWS), our_logits(run, ROWS, mesh)
     print(f"max |logit difference| {np.abs(got - expected).max():.2e} of {np.abs(expected).max():.2f}")
     assert np.abs(expected).max() > 1.0
     assert np.abs(got - expected).max() < 1e-4
@@ -154,11 +162,9 @@ def dense_reference(x_TD, experts_TK, weights_TK, gate_EDF, up_EDF, down_EFD):
     return out
 
 
-def test_no_token_is_dropped_however_unbalanced_the_routing():
-    """A router that sends every token to experts 0 and 1 (of 8): with a capacity of 1.25 x
-    the even share, three quarters of their assignments would be dropped; here every token's
-    two contributions are present, as one expert at a time computes them."""
-    T, D, E, F, k = 40, 16, 8, 24, 2
+def unbalanced(T=40, D=16, E=8, F=24, k=2):
+    """A router that sends every token to experts 0 and 1 (of 8), and random experts:
+    (x, experts chosen, routing weights, (gate, up, down))."""
     rng = np.random.default_rng(0)
     x_TD = rng.standard_normal((T, D)).astype(np.float32)
     x_TD[:, 0] = 5.0
@@ -168,10 +174,27 @@ def test_no_token_is_dropped_however_unbalanced_the_routing():
     down = rng.standard_normal((E, F, D)).astype(np.float32) * 0.3
     _, _, weights_TK, experts_TK = route(jnp.asarray(x_TD), jnp.asarray(router_DE), k, True)
     assert set(np.asarray(experts_TK).ravel()) == {0, 1}
-    got = grouped_experts(jnp.asarray(x_TD), experts_TK, weights_TK, gate, up, down, "silu",
-                          jnp.float32)
-    expected = dense_reference(x_TD, np.asarray(experts_TK), np.asarray(weights_TK), gate, up, down)
+    return jnp.asarray(x_TD), experts_TK, weights_TK, tuple(map(jnp.asarray, (gate, up, down)))
+
+
+def moe_config(**changes):
+    model = tiny_config("model.family=mixtral", "model.num_experts=8").model
+    return dataclasses.replace(model, dtype=jnp.float32, **changes)
+
+
+@pytest.mark.parametrize("matmul", ["blocks", "ragged_dot"])
+def test_no_token_is_dropped_however_unbalanced_the_routing(matmul):
+    """With a capacity of 1.25 x the even share, three quarters of experts 0 and 1's
+    assignments would be dropped; dropless, every token's two contributions are present
+    (each grouped product against one expert at a time in numpy), and counted."""
+    x_TD, experts_TK, weights_TK, (gate, up, down) = unbalanced()
+    T, k, E, F, D = *experts_TK.shape, *gate.shape[:1], gate.shape[2], x_TD.shape[1]
+    cfg = moe_config(expert_matmul=matmul)
+    got, served_T = expert_outputs(x_TD, experts_TK, weights_TK, (gate, up, down), cfg, ())
+    expected = dense_reference(np.asarray(x_TD), np.asarray(experts_TK), np.asarray(weights_TK),
+                               *map(np.asarray, (gate, up, down)))
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(served_T) == k)
     # Counting: with unit routing weights, inputs and gate/up weights, and each expert's down
     # projection writing only coordinate e, a token's output holds one unit
     # (F x silu(D) x D) at each of its k experts' coordinates.
@@ -179,11 +202,49 @@ def test_no_token_is_dropped_however_unbalanced_the_routing():
     for e in range(E):
         onehot_down[e, :, e] = 1.0
     ones = np.ones((E, D, F), np.float32)
-    counted = grouped_experts(jnp.ones((T, D)), experts_TK, jnp.ones((T, k)), ones, ones,
-                              onehot_down, "silu", jnp.float32)
+    counted, _ = expert_outputs(jnp.ones((T, D)), experts_TK, jnp.ones((T, k)),
+                                tuple(map(jnp.asarray, (ones, ones, onehot_down))), cfg, ())
     per_expert = np.asarray(counted)[:, :E] / (F * float(ACTIVATIONS["silu"](D * 1.0)) * D)
     np.testing.assert_allclose(per_expert.sum(1), k, rtol=1e-5)
     np.testing.assert_allclose(per_expert, np.asarray(jax.nn.one_hot(experts_TK, E).sum(1)), atol=1e-5)
+
+
+def test_capacity_mode_drops_what_exceeds_the_capacity_and_says_so():
+    """factor 1.25: each expert takes ceil(1.25 x 40 x 2 / 8) = 13 assignments, first choices
+    (in token order) before second ones; experts 0 and 1 get all 80, so 54 are dropped and
+    each token keeps exactly the contributions of its kept assignments."""
+    x_TD, experts_TK, weights_TK, weights = unbalanced()
+    got, served_T = expert_outputs(x_TD, experts_TK, weights_TK, weights,
+                                   moe_config(expert_capacity_factor=1.25), ())
+    experts, routing = np.asarray(experts_TK), np.asarray(weights_TK)
+    taken, kept = {}, np.zeros(experts.shape, bool)
+    for j in range(experts.shape[1]):
+        for t in range(experts.shape[0]):
+            e = experts[t, j]
+            kept[t, j] = taken.get(e, 0) < 13
+            taken[e] = taken.get(e, 0) + 1
+    assert kept.sum() == 26
+    np.testing.assert_array_equal(np.asarray(served_T), kept.sum(1))
+    expected = dense_reference(np.asarray(x_TD), experts, routing * kept, *map(np.asarray, weights))
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("factor", [0.0, 100.0], ids=["dropless", "capacity"])
+def test_tokens_sent_to_the_experts_devices_come_back_as_on_one_device(factor):
+    """The experts split four ways (mesh.expert=4, each device holding two), the tokens
+    split four ways: gathered and reduce-scattered (dropless) or exchanged all-to-all
+    (capacity), each token's output is one device's."""
+    x_TD, experts_TK, weights_TK, weights = unbalanced(T=64)
+    cfg = moe_config(expert_capacity_factor=factor)
+    expected, _ = expert_outputs(x_TD, experts_TK, weights_TK, weights, cfg, ())
+    mesh = jax.make_mesh((4,), ("expert",))
+    split = jax.jit(jax.shard_map(lambda *a: expert_outputs(*a, cfg, ("expert",)), mesh=mesh,
+                                  in_specs=(P("expert"),) * 3 + (P("expert"),),
+                                  out_specs=P("expert")))
+    split_rows = jax.sharding.NamedSharding(mesh, P("expert"))
+    got, served_T = split(*jax.device_put((x_TD, experts_TK, weights_TK, weights), split_rows))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(served_T) == 2)
 
 
 def test_each_batch_shard_sorts_only_its_own_tokens():
@@ -211,12 +272,23 @@ def test_the_router_statistics_count_every_real_token_in_every_layer():
     np.testing.assert_allclose(stats["router_probs"].sum(1), 24, rtol=1e-5)
 
 
-def test_moe_trains_on_a_mesh_as_on_one_device():
-    cfg = tiny_config("model.family=mixtral", "model.num_experts=4",
-                      "model.router_z_loss_coef=0.001")
-    ref_losses, ref_params = run_steps(cfg, None)
+TRAINED = ("model.family=mixtral", "model.num_experts=4", "model.router_z_loss_coef=0.001")
+
+
+@pytest.fixture(scope="module")
+def trained_on_one_device():
+    return run_steps(tiny_config(*TRAINED), None)
+
+
+@pytest.mark.parametrize("mesh", [{"expert": 2}, {"expert": 4, "tensor": 2},
+                                  {"expert": 2, "fsdp": 2}, {"fsdp": 2, "tensor": 2}],
+                         ids=["expert", "expert x tensor", "expert x fsdp", "fsdp x tensor"])
+def test_moe_trains_on_a_mesh_as_on_one_device(trained_on_one_device, mesh):
+    """Three steps (the router's losses and the experts' gradients included; with `expert`,
+    tokens exchanged with the experts' devices) equal one device's."""
+    ref_losses, ref_params = trained_on_one_device
     assert ref_losses[-1] < ref_losses[0]
-    losses, params = run_steps(cfg, {"fsdp": 2, "tensor": 2})
+    losses, params = run_steps(tiny_config(*TRAINED), mesh)
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
@@ -242,9 +314,10 @@ def test_bfloat16_experts_train():
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 
-def test_experts_shard_over_the_expert_axis_and_train_as_on_one_device():
+def test_experts_shard_over_the_expert_axis_and_stay_there():
     """mesh.expert splits the stacked experts (parameters and optimizer moments) and, like
-    data, the batch rows; the result is one device's."""
+    data, the batch rows. The step moves tokens to the experts, not experts to the tokens: no
+    collective of the compiled step gathers a whole expert stack (E experts) onto a device."""
     cfg = tiny_config("model.family=mixtral", "model.num_experts=4")
     parts = build_on(cfg, {"expert": 2, "fsdp": 2, "tensor": 2})
     state = parts.init_state()
@@ -255,11 +328,15 @@ def test_experts_shard_over_the_expert_axis_and_train_as_on_one_device():
     moments = [m for m in jax.tree.leaves(state.opt_state) if getattr(m, "shape", ()) == gate.shape]
     assert moments and all(m.sharding.spec == gate.sharding.spec for m in moments)
     assert parts.batch_sharding.spec == P(("fsdp", "expert"), None)
-    ref_losses, ref_params = run_steps(cfg, None)
-    losses, params = run_steps(cfg, {"expert": 2, "fsdp": 2})
-    np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    batch = {k: jax.device_put(v, parts.batch_sharding)
+             for k, v in random_rows(cfg, n_rows=cfg.data.batch_size).items()}
+    hlo = parts.train_step.lower(state, batch).compile().as_text()
+    gathered = re.findall(r"= \w+\[([\d,]+)\]\S* all-gather\(", hlo)
+    assert gathered  # FSDP still gathers each expert's rows
+    d, f = f"({D}|{D // 2})", f"({F}|{F // 2})"
+    stacks = [g for g in gathered if re.fullmatch(rf"({L},)?{E},({d},{f}|{f},{d})", g)]
+    assert not stacks, stacks
+    assert re.search(r"reduce-scatter\(", hlo)  # the experts' outputs back to their tokens
 
 
 def test_experts_the_expert_axis_does_not_divide_are_refused_in_one_line():
@@ -292,9 +369,13 @@ def test_accumulated_micro_batches_log_their_token_weighted_router_metrics():
     assert abs(float(metrics["loss"]) - sum(float(l) for _, l, _ in micro) / sum(counts)) < 1e-5
 
 
-def test_the_step_logs_the_router_metrics():
-    cfg = tiny_config("model.family=qwen3_moe", "model.num_experts=4", "model.experts_per_token=2")
-    parts = build_on(cfg, {"data": 2})
+@pytest.mark.parametrize("factor", [0.0, 0.5], ids=["dropless", "capacity 0.5"])
+def test_the_step_logs_the_router_metrics(factor):
+    """Dropless drops nothing; with capacity for half the even share, at least half the
+    assignments are dropped (the tokens exchanged over mesh.expert), and the step says so."""
+    cfg = tiny_config("model.family=qwen3_moe", "model.num_experts=4", "model.experts_per_token=2",
+                      f"model.expert_capacity_factor={factor}")
+    parts = build_on(cfg, {"data": 2, "expert": 2})
     rows = random_rows(cfg, n_rows=cfg.data.batch_size)
     batch = {k: jax.device_put(v, parts.batch_sharding) for k, v in rows.items()}
     _, metrics = parts.train_step(parts.init_state(), batch)
@@ -303,6 +384,8 @@ def test_the_step_logs_the_router_metrics():
     assert tokens * 2 / 4 <= float(metrics["expert_tokens_max"]) <= tokens
     assert float(metrics["moe_aux_loss"]) >= 1.0 - 1e-5  # its minimum: perfectly balanced
     assert float(metrics["router_z_loss"]) > 0
+    dropped = float(metrics["expert_dropped_share"])
+    assert dropped == 0.0 if factor == 0 else 0.45 <= dropped < 1.0, dropped
 
 
 def test_int8_experts_keep_their_scales_per_expert_and_the_logits_close():

@@ -1,12 +1,12 @@
 """The mixture-of-experts MLP every MoE family shares, dropless, and its router losses.
 
 A router (a (D, E) weight, its logits and softmax in float32) sends each token to its top-k
-experts; each expert is a gated MLP, their weights stacked (E, D, F) and (E, F, D). The k
-assignments of every token are sorted by expert and each expert multiplies its contiguous
-group (`jax.lax.ragged_dot`, a grouped matrix product): no capacity, no token dropped,
-however unbalanced the routing. The results are put back in token order and summed with the
-routing weights. On a mesh each batch shard sorts and computes its own tokens (a shard_map
-over the batch's mesh axes).
+experts; each expert is a gated MLP, their weights stacked (E, D, F) and (E, F, D). How the
+assignments reach their experts, dropless or within a capacity, and come back is
+models/expert_dispatch.py. On a mesh each batch shard routes its own tokens (a shard_map over
+the batch's mesh axes); the experts are split over the `expert` axes, and where those also
+split the batch (the default rule table) the tokens travel to the devices holding their
+experts instead of the experts' weights being gathered.
 
 The layer reports per-token router statistics as NNX intermediates; the decoder sums them
 over real tokens for each layer (models/decoder.py) and `router_metrics` turns them into the
@@ -15,24 +15,27 @@ Shapes in names: T tokens (B x L), S assignments (T x k), E experts, K chosen (k
 F expert width.
 """
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-from pjit_llm.models.layers import ACTIVATIONS, param
+from pjit_llm.models.expert_dispatch import expert_outputs
+from pjit_llm.models.layers import param
 from pjit_llm.models.moe_config import MoEConfig
-from pjit_llm.models.quantize import Int8Weight
 from pjit_llm.parallel.layout import Layout
 
 # The per-token statistics the layer sows, summed over real tokens by the decoder:
 # each expert's router probability, whether the token was routed to it (0 or 1), and the
-# squared log-sum-exp of the router logits.
-ROUTER_STATS = ("router_probs", "expert_tokens", "router_z")
+# squared log-sum-exp of the router logits, and how many of its k assignments an expert
+# computed (k but in capacity mode).
+ROUTER_STATS = ("router_probs", "expert_tokens", "router_z", "expert_served")
 # What the train step reports of the router (`router_metrics`), logged averaged over the
 # steps of a log interval.
-ROUTER_METRICS = ("moe_aux_loss", "router_z_loss", "expert_tokens_max", "expert_tokens_mean")
+ROUTER_METRICS = ("moe_aux_loss", "router_z_loss", "expert_tokens_max", "expert_tokens_mean",
+                  "expert_dropped_share")
 
 
 def route(x_TD: jax.Array, router_DE: jax.Array, k: int, renormalise: bool):
@@ -46,35 +49,6 @@ def route(x_TD: jax.Array, router_DE: jax.Array, k: int, renormalise: bool):
     if renormalise:
         weights_TK = weights_TK / jnp.sum(weights_TK, axis=-1, keepdims=True)
     return logits_TE, probs_TE, weights_TK, experts_TK
-
-
-def grouped_experts(x_TD, experts_TK, weights_TK, gate_EDF, up_EDF, down_EFD, activation,
-                    dtype) -> jax.Array:
-    """Every token through each of its k experts, dropless: the T x k assignments sorted by
-    expert, one grouped product per weight over the groups' sizes, the outputs put back in
-    token order and summed with the routing weights (in float32). (T, D) in `dtype`."""
-    T, k = experts_TK.shape
-    E = (gate_EDF.values if isinstance(gate_EDF, Int8Weight) else gate_EDF).shape[0]
-    experts_S = experts_TK.reshape(T * k)
-    order_S = jnp.argsort(experts_S, stable=True)  # assignment at each sorted place
-    sizes_E = jnp.bincount(experts_S, length=E).astype(jnp.int32)
-    x_SD = jnp.take(x_TD.astype(dtype), order_S // k, axis=0)
-
-    def grouped(name, a_SX, w_EXY):
-        """A grouped product; an int8 weight's per-expert, per-output-channel scales applied
-        to the (smaller) product, each sorted assignment taking its expert's."""
-        if not isinstance(w_EXY, Int8Weight):
-            return checkpoint_name(jax.lax.ragged_dot(a_SX, w_EXY.astype(dtype), sizes_E), name)
-        out_SY = jax.lax.ragged_dot(a_SX, w_EXY.values.astype(dtype), sizes_E)
-        scale_SY = jnp.take(w_EXY.scale, experts_S[order_S], axis=0)
-        return checkpoint_name((out_SY.astype(jnp.float32) * scale_SY).astype(dtype), name)
-
-    gate_SF, up_SF = grouped("mlp_gate", x_SD, gate_EDF), grouped("mlp_up", x_SD, up_EDF)
-    h_SF = ACTIVATIONS[activation](gate_SF) * up_SF
-    out_SD = grouped("mlp_down", h_SF, down_EFD)
-    place_S = jnp.zeros_like(order_S).at[order_S].set(jnp.arange(T * k, dtype=order_S.dtype))
-    out_TKD = jnp.take(out_SD, place_S, axis=0).reshape(T, k, -1)
-    return jnp.einsum("TKD,TK->TD", out_TKD.astype(jnp.float32), weights_TK).astype(dtype)
 
 
 class MoEMLP(nnx.Module):
@@ -94,18 +68,21 @@ class MoEMLP(nnx.Module):
     def __call__(self, x_BLD):
         weights = (self.router[...], self.expert_gate[...], self.expert_up[...],
                    self.expert_down[...])
-        compute = self._experts
+        compute, group = self._experts, ()
         rows = () if self.layout is None else self.layout.mesh_axes("batch")
         if rows and x_BLD.shape[0] % self.layout.shards("batch") == 0:
-            # Each batch shard sorts and multiplies its own tokens, the weights gathered as
-            # FSDP gathers every weight; a sort over the global batch would gather every token
-            # to every device and compute them all there. The other axes (tensor, context)
-            # stay with the partitioner.
+            # Each batch shard routes its own tokens: a sort over the global batch would
+            # gather every token to every device. The experts stay split over the expert axes
+            # that also split the batch; the tokens travel to them (`expert_outputs`). Over
+            # the other axes (tensor, context) the partitioner works inside.
+            group = tuple(a for a in self.layout.mesh_axes("expert") if a in rows)
+            compute = partial(self._experts, group=group)
             # An axis the layout leaves to an enclosing transform (the pipeline's vmap over
             # `stage`, whose spmd_axis_name adds it to these specs) is manual here too.
             owned = {a for a in self.layout.excluded if self.layout.mesh.shape[a] > 1}
             compute = jax.shard_map(compute, mesh=self.layout.mesh, axis_names={*rows, *owned},
-                                    in_specs=(P(rows), P()), out_specs=P(rows), check_vma=False)
+                                    in_specs=(P(rows), (P(), *[P(group or None)] * 3)),
+                                    out_specs=P(rows), check_vma=False)
             if jax.default_backend() == "cpu":
                 # XLA:CPU (jaxlib 0.10.2) aborts compiling the step when bfloat16 weights
                 # cross the shard_map ("Invalid binary instruction opcode copy" in the
@@ -117,19 +94,18 @@ class MoEMLP(nnx.Module):
             self.sow(nnx.Intermediate, name, value)
         return y_BLD
 
-    def _experts(self, x_BLD, weights):
+    def _experts(self, x_BLD, weights, group=()):
         """(output (B, L, D), the per-token router statistics of ROUTER_STATS)."""
         cfg = self.cfg
-        router_DE, gate_EDF, up_EDF, down_EFD = weights
+        router_DE, *expert_weights = weights
         B, L, D = x_BLD.shape
         x_TD = x_BLD.reshape(B * L, D)
         logits_TE, probs_TE, weights_TK, experts_TK = route(
             x_TD, router_DE, cfg.experts_per_token, cfg.norm_topk_prob)
-        y_TD = grouped_experts(x_TD, experts_TK, weights_TK, gate_EDF, up_EDF, down_EFD,
-                               cfg.mlp_activation, cfg.dtype)
+        y_TD, served_T = expert_outputs(x_TD, experts_TK, weights_TK, expert_weights, cfg, group)
         chosen_TE = jnp.sum(jax.nn.one_hot(experts_TK, cfg.num_experts, dtype=jnp.float32), axis=1)
         z_T = jnp.square(jax.nn.logsumexp(logits_TE, axis=-1))
-        stats = tuple(v.reshape(B, L, *v.shape[1:]) for v in (probs_TE, chosen_TE, z_T))
+        stats = tuple(v.reshape(B, L, *v.shape[1:]) for v in (probs_TE, chosen_TE, z_T, served_T))
         return y_TD.reshape(B, L, D), stats
 
 
@@ -140,7 +116,8 @@ def router_metrics(cfg, stats: dict, tokens: jax.Array) -> dict:
     moe_aux_loss is transformers' `load_balancing_loss_func`: the fraction of assignments
     and the mean probability of each expert, each pooled over every layer, their product
     summed over experts, times the number of experts. expert_tokens_max is the most
-    assignments any expert got in any layer, against expert_tokens_mean = tokens x k / E."""
+    assignments any expert got in any layer, against expert_tokens_mean = tokens x k / E;
+    expert_dropped_share the share of assignments no expert computed (capacity mode)."""
     if not stats:
         return {}
     counts_NE, probs_NE, z_N = stats["expert_tokens"], stats["router_probs"], stats["router_z"]
@@ -150,7 +127,9 @@ def router_metrics(cfg, stats: dict, tokens: jax.Array) -> dict:
     return {"moe_aux_loss": cfg.num_experts * jnp.sum(fraction_E * probability_E),
             "router_z_loss": jnp.sum(z_N) / rows,
             "expert_tokens_max": jnp.max(counts_NE),
-            "expert_tokens_mean": tokens * cfg.experts_per_token / cfg.num_experts}
+            "expert_tokens_mean": tokens * cfg.experts_per_token / cfg.num_experts,
+            "expert_dropped_share": 1.0 - jnp.sum(stats["expert_served"]) / (
+                rows * cfg.experts_per_token)}
 
 
 def router_loss(cfg, metrics: dict) -> jax.Array:

@@ -1,11 +1,13 @@
 """The keys a mixture-of-experts family adds to the `model` section (Mixtral, Qwen3-MoE):
 how many experts, how many each token goes to, their width, whether the chosen experts'
-probabilities are renormalised, and the router losses' coefficients."""
+probabilities are renormalised, the router losses' coefficients, and how the experts compute
+(dropless or within a capacity, which grouped product)."""
 
 from dataclasses import dataclass
 
 from pjit_llm.errors import UserError, require_positive
 from pjit_llm.models.decoder_config import DecoderConfig
+from pjit_llm.models.expert_products import EXPERT_MATMULS
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,11 @@ class MoEConfig(DecoderConfig):
     # computes it; added to the training loss times this coefficient.
     router_aux_loss_coef: float = 0.001
     router_z_loss_coef: float = 0.0  # ST-MoE: mean squared log-sum-exp of the router logits
+    # 0: dropless. > 0: each expert takes at most factor x (a batch shard's tokens x k / E)
+    # assignments, the rest dropped (models/expert_dispatch.py); the share is logged.
+    expert_capacity_factor: float = 0.0
+    # The dropless grouped products (models/expert_products.py): auto, ragged_dot or blocks.
+    expert_matmul: str = "auto"
 
     @property
     def expert_size(self) -> int:
@@ -33,6 +40,10 @@ class MoEConfig(DecoderConfig):
             raise UserError(f"model.experts_per_token={self.experts_per_token} exceeds "
                             f"model.num_experts={self.num_experts}; each token goes to at most "
                             "every expert")
-        for name in ("expert_mlp_dim", "router_aux_loss_coef", "router_z_loss_coef"):
+        for name in ("expert_mlp_dim", "router_aux_loss_coef", "router_z_loss_coef",
+                     "expert_capacity_factor"):
             if getattr(self, name) < 0:
                 raise UserError(f"model.{name} must be >= 0")
+        if self.expert_matmul not in EXPERT_MATMULS:
+            raise UserError(f"model.expert_matmul={self.expert_matmul!r} is not one of "
+                            f"{', '.join(EXPERT_MATMULS)}")
