@@ -491,12 +491,15 @@ def test_pipeline_stages_load_balancing_loss_is_transformers(imported_4_layers):
     assert abs(float(metrics["moe_aux_loss"]) - float(out.aux_loss)) < 1e-5
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
-def test_moe_trains_through_pipeline_stages_as_on_one_device(schedule):
+@pytest.mark.parametrize("schedule, capacity", [("gpipe", 0), ("circular", 0), ("gpipe", 4)],
+                         ids=["gpipe", "circular", "gpipe, capacity (all-to-all)"])
+def test_moe_trains_through_pipeline_stages_as_on_one_device(schedule, capacity):
     """The router losses (weighted up, so that their gradient counts) train the routers
-    through the stages as on one device."""
+    through the stages as on one device; so do tokens sent to their experts' devices inside
+    the stages (a capacity that drops nothing here, so that one device drops nothing either)."""
     overrides = ("model.family=mixtral", "model.num_experts=4", "model.num_layers=4",
-                 "model.router_z_loss_coef=0.001", "model.router_aux_loss_coef=0.1")
+                 "model.router_z_loss_coef=0.001", "model.router_aux_loss_coef=0.1",
+                 f"model.expert_capacity_factor={capacity}")
     ref_losses, ref_params = run_steps(tiny_config(*overrides), None)
     assert ref_losses[-1] < ref_losses[0]
     cfg = tiny_config(*overrides, *SCHEDULES[schedule])
