@@ -193,7 +193,7 @@ def failed_row(command: str, error: str, config: str | None = None,
 # Kinds of device work, by kernel or op name (the first that matches).
 KINDS = (("attention", re.compile(r"cudnn|fmha|flash|sdpa|attention", re.I)),
          ("matmul", re.compile(r"gemm|cublas|cutlass|nvjet|xmma|matmul|\bdot\b|dot[._]", re.I)),
-         ("collective", re.compile(r"nccl|all-reduce|all-gather|reduce-scatter|all_reduce", re.I)),
+         ("collective", re.compile(r"nccl|all-reduce|all-gather|reduce-scatter|all_reduce|all-to-all", re.I)),
          ("copy or memset", re.compile(r"memcpy|memset|copy", re.I)))
 # Lines that profiler tools derive from the kernels (counting them would count twice).
 DERIVED_LINES = {"XLA Modules", "XLA Ops", "Steps", "XLA TraceMe", "Framework Name Scope",

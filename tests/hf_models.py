@@ -81,6 +81,14 @@ def hf_qwen3_moe(directory: Path, seed=0, dtype=None, **overrides):
     return hf_random("Qwen3Moe", directory, {**settings, **overrides}, seed, dtype)
 
 
+def hf_qwen3_moe_mixed(directory: Path, seed=0, dtype=None, **overrides):
+    """`hf_qwen3_moe` with dense layers between the sparse ones: 6 layers, every second a
+    mixture of experts (decoder_sparse_step 2) except layer 3 (mlp_only_layers), so dense,
+    sparse, dense x 3, sparse; the dense MLPs intermediate_size (128) wide."""
+    return hf_qwen3_moe(directory, seed, dtype, **{
+        "num_hidden_layers": 6, "decoder_sparse_step": 2, "mlp_only_layers": [3], **overrides})
+
+
 def hf_random(kind: str, directory: Path, settings: dict, seed=0, dtype=None):
     """transformers' `<kind>ForCausalLM` with random weights from `seed`, saved with a
     word-level tokenizer.json beside it."""

@@ -33,6 +33,7 @@ from pjit_llm.config import Config, DataConfig, TrainConfig
 from pjit_llm.data.tokenizer import HFTokenizer
 from pjit_llm.errors import UserError
 from pjit_llm.interop import safetensors_io
+from pjit_llm.models.decoder import layer_places
 from pjit_llm.models.decoder_config import DecoderConfig
 from pjit_llm.models.families import abstract_model, family_of, hf_family
 from pjit_llm.models.hf_format import (import_dtype, param_path, to_hf, to_ours, unpadded_shape,
@@ -253,4 +254,4 @@ def hf_tensors(model: DecoderConfig) -> list[tuple[str, tuple, int, int | None, 
     (name, our path, in_dims, index in our stacked parameter or None, HF shape)."""
     family = family_of(model)
     return tensors_of(model, abstract_model(model, None)[1], family.hf_layer_weights,
-                      family.hf_top_weights)
+                      family.hf_top_weights, layer_places(family.model.dense_layers(model)))

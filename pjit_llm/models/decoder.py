@@ -56,9 +56,20 @@ class Transformer(nnx.Module):
     `stage` mesh axis (parallel/stages.py); the stacked layers are then in its stage order.
     Decoding with a cache always runs them one after another. A family's subclass names its
     block: `block_class(cfg, layout, rngs)`, called as
-    `block(x_BLD, sin, cos, mask, kv=None, causal=True) -> (x_BLD, kv)`."""
+    `block(x_BLD, sin, cos, mask, kv=None, causal=True) -> (x_BLD, kv)`, and where its layers
+    are of two kinds, the other's (`dense_block_class`, `dense_layers`): each kind is then
+    stacked apart, `blocks` and `dense_blocks`, and the forward pass walks the runs of
+    consecutive layers of one kind (`layer_runs`)."""
 
     block_class: type[nnx.Module]
+    # A stack that mixes two kinds of layer (a mixture of experts with dense layers) keeps
+    # the layers `dense_layers` marks, of this class, in a second stack, `dense_blocks`.
+    dense_block_class: type[nnx.Module] | None = None
+
+    @classmethod
+    def dense_layers(cls, cfg: DecoderConfig) -> tuple[bool, ...]:
+        """Which layers are `dense_block_class`'s rather than `block_class`'s (none here)."""
+        return (False,) * cfg.num_layers
 
     def __init__(self, cfg: DecoderConfig, layout: Layout | None, rngs: nnx.Rngs,
                  pipeline: Pipeline | None = None, layer_list: bool = False):
@@ -70,17 +81,12 @@ class Transformer(nnx.Module):
         # so their activations are sharded over the other axes only.
         block_layout = None if layout is None else layout.without(STAGE_AXIS)
 
-        @nnx.split_rngs(splits=cfg.num_layers)
-        @nnx.vmap(in_axes=0, out_axes=0,
-                  transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"})
-        def make_blocks(rngs: nnx.Rngs) -> nnx.Module:
-            return self.block_class(cfg, block_layout, rngs)
-
-        if layer_list:  # one parameter tree per layer: see `unstack_layers`
-            self.blocks = nnx.List([self.block_class(cfg, block_layout, rngs)
-                                    for _ in range(cfg.num_layers)])
-        else:
-            self.blocks = make_blocks(rngs)
+        dense = self.dense_layers(cfg)
+        self.blocks = _stack(self.block_class, cfg, block_layout, rngs,
+                             dense.count(False), layer_list)
+        if any(dense):  # only a mixed stack has them: a model without keeps its tree
+            self.dense_blocks = _stack(self.dense_block_class, cfg, block_layout, rngs,
+                                       dense.count(True), layer_list)
         self.final_norm = norm(cfg, D)
         if not cfg.tie_embeddings:
             self.unembed = param(rngs, cfg.init_std, (D, V), ("embed", "vocab"), pd)
@@ -194,10 +200,12 @@ class Transformer(nnx.Module):
         return self.logits(self.final_norm(x_BLD)), tuple(written)
 
     def _layer(self, i: int) -> nnx.Module:
-        if isinstance(self.blocks, nnx.List):
-            return self.blocks[i]
-        graphdef, stacked = nnx.split(self.blocks)
-        return nnx.merge(graphdef, jax.tree.map(partial(_index, i=i), stacked))
+        stack, j = layer_places(self.dense_layers(self.cfg))[i]
+        blocks = getattr(self, stack)
+        if isinstance(blocks, nnx.List):
+            return blocks[j]
+        graphdef, stacked = nnx.split(blocks)
+        return nnx.merge(graphdef, jax.tree.map(partial(_index, i=j), stacked))
 
     def _embed(self, tokens_BL):
         # Gather the table's FSDP shards first (as FSDP does for every weight): a lookup into a
@@ -209,13 +217,32 @@ class Transformer(nnx.Module):
         return constrain(self.layout, x_BLD, ("batch", "length", "embed"))
 
     def _run_blocks(self, x_BLD, inputs: LayerInputs, stacked=None, local_K=None, causal=True):
-        """The stacked layers (all, or the block `stacked` with its flags `local_K`), scanned
-        or unrolled; each attends with the inputs of its kind (`LayerInputs.pick`). Returns
-        (output, what each layer sowed summed over the real tokens, stacked over layers)."""
-        graphdef, all_layers = nnx.split(self.blocks)
-        if stacked is None:
-            stacked, local_K = all_layers, np.array(self.cfg.local_layers())
+        """The layers (all, or the block `stacked` of `blocks` with its flags `local_K`), each
+        run of consecutive layers of one kind scanned or unrolled over its slice of its stack;
+        each attends with the inputs of its kind (`LayerInputs.pick`). Returns (output, what
+        the layers sowed summed over the real tokens, stacked over the layers that sow it)."""
+        if stacked is not None:
+            return self._run_stack(nnx.graphdef(self.blocks), stacked, local_K, x_BLD, inputs,
+                                   causal)
+        local_L = np.array(self.cfg.local_layers())
+        runs = layer_runs(self.dense_layers(self.cfg))
+        per_run = []
+        for stack, start, stop, first in runs:
+            graphdef, layers = nnx.split(getattr(self, stack))
+            if len(runs) > 1:
+                layers = jax.tree.map(lambda a: a[start:stop], layers)
+            x_BLD, sums = self._run_stack(graphdef, layers, local_L[first:first + stop - start],
+                                          x_BLD, inputs, causal)
+            per_run.append(sums)
+        if len(per_run) == 1:
+            return x_BLD, per_run[0]
+        names = dict.fromkeys(name for sums in per_run for name in sums)
+        return x_BLD, {name: jnp.concatenate([s[name] for s in per_run if name in s])
+                       for name in names}
 
+    def _run_stack(self, graphdef, stacked, local_K, x_BLD, inputs: LayerInputs, causal):
+        """Layers of one block class (`stacked`, with a leading layers axis, and their flags
+        `local_K`), scanned or unrolled; (output, their sown sums stacked over them)."""
         def apply(x, layer):
             layer_state, local = layer
             block = nnx.merge(graphdef, layer_state)
@@ -268,6 +295,50 @@ def _index(a: jax.Array, i: int) -> jax.Array:
     return a[i]
 
 
+DENSE_STACK = "dense_blocks"  # a mixed stack's layers of `dense_block_class`
+STACKS = ("blocks", DENSE_STACK)
+
+
+def _stack(block_class, cfg: DecoderConfig, layout: Layout | None, rngs: nnx.Rngs, n: int,
+           layer_list: bool):
+    """`n` blocks of one class stacked over a leading `layers` axis, or with `layer_list` as
+    one parameter tree per layer (see `unstack_layers`)."""
+    if layer_list:
+        return nnx.List([block_class(cfg, layout, rngs) for _ in range(n)])
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=0, out_axes=0,
+              transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"})
+    def make_blocks(rngs: nnx.Rngs) -> nnx.Module:
+        return block_class(cfg, layout, rngs)
+
+    return make_blocks(rngs)
+
+
+def layer_places(dense: tuple[bool, ...]) -> list[tuple[str, int]]:
+    """Each layer's stack (DENSE_STACK for the layers `dense` marks, else blocks) and its
+    place in that stack."""
+    count = dict.fromkeys(STACKS, 0)
+    places = []
+    for is_dense in dense:
+        stack = DENSE_STACK if is_dense else "blocks"
+        places.append((stack, count[stack]))
+        count[stack] += 1
+    return places
+
+
+def layer_runs(dense: tuple[bool, ...]) -> list[tuple[str, int, int, int]]:
+    """The runs of consecutive layers of one kind, in order: (stack, the run's first and end
+    places in it, its first layer)."""
+    runs = []
+    for i, (stack, j) in enumerate(layer_places(dense)):
+        if runs and runs[-1][0] == stack:
+            runs[-1][2] = j + 1
+        else:
+            runs.append([stack, j, j + 1, i])
+    return [tuple(run) for run in runs]
+
+
 def _token_sums(sown: nnx.State, real_BL: jax.Array | None) -> dict[str, jax.Array]:
     """{name: value summed over the real tokens} of a layer's intermediates, each sown once
     with (B, L) leading dimensions."""
@@ -312,7 +383,7 @@ def _layer_splitter(layers: int, sharding: jax.sharding.NamedSharding):
 
 
 def unstack_layers(params: nnx.State, donate: bool = False) -> nnx.State:
-    """`params` with the stacked layers as one tree per layer, the state of
+    """`params` with the stacked layers (each stack) as one tree per layer, the state of
     `Transformer(..., layer_list=True)`: a decode step then reads each layer's weights where
     they lie instead of slicing (copying) them out of the stack every step. Each layer keeps
     the stacked sharding less the layer axis. With `donate`, each stacked array is freed once
@@ -326,7 +397,11 @@ def unstack_layers(params: nnx.State, donate: bool = False) -> nnx.State:
             a.delete()
         return layers
 
-    leaves, treedef = jax.tree.flatten(params["blocks"])
-    per_leaf = [split(a) for a in leaves]
-    layers = {i: treedef.unflatten([t[i] for t in per_leaf]) for i in range(len(per_leaf[0]))}
-    return nnx.State({**{k: v for k, v in params.items() if k != "blocks"}, "blocks": layers})
+    stacks = {}
+    for name in STACKS:
+        if name in params:
+            leaves, treedef = jax.tree.flatten(params[name])
+            per_leaf = [split(a) for a in leaves]
+            stacks[name] = {i: treedef.unflatten([t[i] for t in per_leaf])
+                            for i in range(len(per_leaf[0]))}
+    return nnx.State({**{k: v for k, v in params.items() if k not in stacks}, **stacks})

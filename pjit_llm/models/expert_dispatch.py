@@ -65,10 +65,18 @@ def _dropless_exchanged(x_TD, experts_TK, weights_TK, expert_weights, cfg, group
     device's experts applied, the partial sums reduce-scattered back."""
     gather = lambda a: jax.lax.all_gather(a, group, axis=0, tiled=True)  # noqa: E731
     first = jax.lax.axis_index(group) * expert_count(expert_weights[0])
-    y_TD, served_T = _dropless(gather(x_TD.astype(cfg.dtype)), gather(experts_TK),
+    y_TD, served_T = _dropless(gather(x_TD.astype(_exchanged(cfg.dtype))), gather(experts_TK),
                                gather(weights_TK), expert_weights, cfg, first)
     scatter = lambda a: jax.lax.psum_scatter(a, group, scatter_dimension=0, tiled=True)  # noqa: E731
-    return scatter(y_TD.astype(cfg.dtype)), scatter(served_T)
+    return scatter(y_TD.astype(_exchanged(cfg.dtype))), scatter(served_T)
+
+
+def _exchanged(dtype):
+    """The dtype tokens and outputs are gathered and summed in across devices: the compute
+    dtype, but float32 on XLA:CPU (jaxlib 0.10.2), which aborts compiling a bfloat16
+    reduce-scatter ("Invalid binary instruction opcode copy"; an all-gather's gradient is
+    one)."""
+    return jnp.float32 if jax.default_backend() == "cpu" else dtype
 
 
 def capacity(tokens: int, k: int, experts: int, factor: float) -> int:

@@ -18,6 +18,7 @@ b rows per block.
 """
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -116,19 +117,69 @@ def _by_blocks(x_RD, sizes_E, weights, activation, dtype):
     expert_N = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded_E), jnp.arange(N) * b,
                                             side="right"), E - 1)
     used = jnp.sum(padded_E) // b
+    if any(isinstance(w, Int8Weight) for w in weights):  # not trained: no gradient to shape
+        y_NbD = _scan_blocks(activation, dtype, x_NbD, expert_N, used, weights)
+    else:
+        y_NbD = _blocks_mlp(activation, dtype, x_NbD, expert_N, used, *weights)
+    return jnp.take(y_NbD.reshape(N * b, D), jnp.minimum(place_R, N * b - 1), axis=0)
 
+
+def _block_mlp(activation, dtype, x_bD, gate, up, down):
+    """One block of rows through one expert's MLP: (X, Y) weights in `dtype` and their output
+    scales (None for float weights) from `_expert_weight`."""
+    h_bF = ACTIVATIONS[activation](_product(x_bD, gate, dtype)) * _product(x_bD, up, dtype)
+    return _product(h_bF, down, dtype)
+
+
+def _scan_blocks(activation, dtype, x_NbD, expert_N, used, weights):
+    """Each used block through its expert's MLP, the blocks past `used` left zero."""
     def one_block(_, block):
         n, e, x_bD = block
-
-        def mlp():
-            gate, up, down = (_expert_weight(w, e, dtype) for w in weights)
-            h_bF = ACTIVATIONS[activation](_product(x_bD, gate, dtype)) * _product(x_bD, up, dtype)
-            return _product(h_bF, down, dtype)
-
+        mlp = lambda: _block_mlp(activation, dtype, x_bD,  # noqa: E731
+                                 *(_expert_weight(w, e, dtype) for w in weights))
         return None, jax.lax.cond(n < used, mlp, lambda: jnp.zeros_like(x_bD))
 
-    _, y_NbD = jax.lax.scan(one_block, None, (jnp.arange(N), expert_N, x_NbD))
-    return jnp.take(y_NbD.reshape(N * b, D), jnp.minimum(place_R, N * b - 1), axis=0)
+    return jax.lax.scan(one_block, None, (jnp.arange(x_NbD.shape[0]), expert_N, x_NbD))[1]
+
+
+# Differentiated by hand so that the backward pass keeps only the blocks' inputs and reads each
+# expert's weights from the stacks again: left to JAX, every block would save its expert's
+# weights (a slice of the stack) for the backward pass, the whole stack many times over.
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _blocks_mlp(activation, dtype, x_NbD, expert_N, used, gate, up, down):
+    return _scan_blocks(activation, dtype, x_NbD, expert_N, used, (gate, up, down))
+
+
+def _blocks_mlp_forward(activation, dtype, x_NbD, expert_N, used, gate, up, down):
+    y_NbD = _blocks_mlp(activation, dtype, x_NbD, expert_N, used, gate, up, down)
+    return y_NbD, (x_NbD, expert_N, used, (gate, up, down))
+
+
+def _blocks_mlp_backward(activation, dtype, saved, dy_NbD):
+    x_NbD, expert_N, used, weights = saved
+
+    def one_block(grads, block):
+        n, e, x_bD, dy_bD = block
+
+        def backward():
+            rows = lambda x, *w: _block_mlp(activation, dtype, x,  # noqa: E731
+                                            *((m, None) for m in w))
+            return jax.vjp(rows, x_bD, *(w[e].astype(dtype) for w in weights))[1](dy_bD)
+
+        def bubble():
+            return (jnp.zeros_like(x_bD), *(jnp.zeros(w.shape[1:], dtype) for w in weights))
+
+        dx_bD, *dw = jax.lax.cond(n < used, backward, bubble)
+        return tuple(g.at[e].add(d.astype(g.dtype)) for g, d in zip(grads, dw)), dx_bD
+
+    # the experts' gradients summed over blocks in float32
+    zeros = tuple(jnp.zeros(w.shape, jnp.float32) for w in weights)
+    grads, dx_NbD = jax.lax.scan(one_block, zeros,
+                                 (jnp.arange(x_NbD.shape[0]), expert_N, x_NbD, dy_NbD))
+    return (dx_NbD, None, None, *(g.astype(w.dtype) for g, w in zip(grads, weights)))
+
+
+_blocks_mlp.defvjp(_blocks_mlp_forward, _blocks_mlp_backward)
 
 
 def _expert_weight(w, e, dtype):

@@ -6,7 +6,9 @@ ours keep heads and head dims apart, and our vocabulary is padded.
 A family's `hf.py` gives its config conversion and its tables of weights: (our path, HF name,
 leading dims of ours that form HF's input axis), "{i}" standing for the layer and, in a
 mixture of experts' stacked (layers, experts, ...) weights, "{j}" for the expert: one HF tensor
-per layer and expert.
+per layer and expert. A model whose layers are of two kinds stacks each kind apart (a
+mixture of experts with dense layers: `blocks` and `dense_blocks`), and its table names the
+weights of both.
 """
 
 import dataclasses
@@ -123,11 +125,14 @@ def param_path(keys) -> tuple[str, ...]:
 
 
 def hf_tensors(model: DecoderConfig, abstract_params, layer_weights: WeightTable,
-               top_weights: WeightTable) -> list[tuple[str, tuple, int, tuple | None, tuple[int, ...]]]:
+               top_weights: WeightTable, places: list[tuple[str, int]] | None = None
+               ) -> list[tuple[str, tuple, int, tuple | None, tuple[int, ...]]]:
     """Every HF tensor of a model, in HF's order: (name, our path, in_dims, its index in our
-    stacked parameter ((layer,) or (layer, expert)) or None, HF shape), from its abstract
+    stacked parameter ((place,) or (place, expert)) or None, HF shape), from its abstract
     parameters and the family's tables (a weight the model lacks, such as an untied
-    unembedding, is left out)."""
+    unembedding, is left out). `places`: each layer's stack and place in it, where a model
+    stacks its layers of two kinds apart (models/decoder.py `layer_places`); by default
+    layer i is place i of `blocks`. A layer takes the table's weights under its stack."""
     shapes = {param_path(p): unpadded_shape(model, param_path(p), v.shape)
               for p, v in jax.tree_util.tree_leaves_with_path(
                   abstract_params, is_leaf=is_variable)}
@@ -138,15 +143,15 @@ def hf_tensors(model: DecoderConfig, abstract_params, layer_weights: WeightTable
     embed, *rest = [(name, path, in_dims, None, hf_shape(shapes[path], in_dims))
                     for path, name, in_dims in top_weights if path in shapes]
     layers = []
-    for i in range(model.num_layers):
+    for i, (stack, place) in enumerate(places or [("blocks", i) for i in range(model.num_layers)]):
         for path, name, in_dims in layer_weights:
-            if path not in shapes:
+            if path not in shapes or path[0] != stack:
                 continue
             if "{j}" not in name:
-                layers.append((name.format(i=i), path, in_dims, (i,),
+                layers.append((name.format(i=i), path, in_dims, (place,),
                                hf_shape(shapes[path][1:], in_dims)))
                 continue
-            layers += [(name.format(i=i, j=j), path, in_dims, (i, j),
+            layers += [(name.format(i=i, j=j), path, in_dims, (place, j),
                         hf_shape(shapes[path][2:], in_dims)) for j in range(shapes[path][1])]
     return [embed, *layers, *rest]
 

@@ -84,11 +84,14 @@ class MoEMLP(nnx.Module):
                                     in_specs=(P(rows), (P(), *[P(group or None)] * 3)),
                                     out_specs=P(rows), check_vma=False)
             if jax.default_backend() == "cpu":
-                # XLA:CPU (jaxlib 0.10.2) aborts compiling the step when bfloat16 weights
-                # cross the shard_map ("Invalid binary instruction opcode copy" in the
-                # gradients' all-reduce): they cross it in float32 there.
-                weights = jax.tree.map(
-                    lambda w: w.astype(jnp.float32) if w.dtype == jnp.bfloat16 else w, weights)
+                # XLA:CPU (jaxlib 0.10.2) aborts compiling the step when the gradient of a
+                # bfloat16 weight the shard_map replicates over some of its devices is summed
+                # over them ("Invalid binary instruction opcode copy"): such weights cross in
+                # float32 there (the router always; the experts unless `group` spans every
+                # batch axis).
+                replicated = [a for a in rows if a not in group and self.layout.mesh.shape[a] > 1]
+                weights = tuple(_float32(w) if i == 0 or replicated else w
+                                for i, w in enumerate(weights))
         y_BLD, stats = compute(x_BLD, weights)
         for name, value in zip(ROUTER_STATS, stats):
             self.sow(nnx.Intermediate, name, value)
@@ -107,6 +110,10 @@ class MoEMLP(nnx.Module):
         z_T = jnp.square(jax.nn.logsumexp(logits_TE, axis=-1))
         stats = tuple(v.reshape(B, L, *v.shape[1:]) for v in (probs_TE, chosen_TE, z_T, served_T))
         return y_TD.reshape(B, L, D), stats
+
+
+def _float32(w):
+    return jax.tree.map(lambda a: a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a, w)
 
 
 def router_metrics(cfg, stats: dict, tokens: jax.Array) -> dict:

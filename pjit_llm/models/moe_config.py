@@ -33,6 +33,11 @@ class MoEConfig(DecoderConfig):
     def expert_size(self) -> int:
         return self.expert_mlp_dim or self.mlp_dim
 
+    def moe_layers(self) -> tuple[bool, ...]:
+        """Which layers are mixtures of experts (every one here); a family that mixes in
+        dense layers (MLPs model.mlp_dim wide) says which are not."""
+        return (True,) * self.num_layers
+
     def validate(self) -> None:
         super().validate()
         require_positive(self, "model", "num_experts", "experts_per_token")

@@ -1,7 +1,7 @@
-"""The Qwen3-MoE family: its config (Qwen3's attention, the experts' keys) in config.py and
-its Hugging Face mapping in hf.py; the block, the FLOP count of the active parameters and the
-quantized weights are Mixtral's, since the query/key norms are a trait of the shared
-attention."""
+"""The Qwen3-MoE family: its config (Qwen3's attention, the experts' keys, which layers are
+dense) in config.py and its Hugging Face mapping in hf.py; the model (its sparse and dense
+stacks), the FLOP count of the active parameters and the quantized weights are Mixtral's,
+since the query/key norms are a trait of the shared attention."""
 
 from pjit_llm.models.family import Family
 from pjit_llm.models.mixtral import flops
