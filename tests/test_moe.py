@@ -554,3 +554,21 @@ def test_the_released_shapes_plan_to_fit_a_node_of_eight_80_gib_gpus(name):
     print(f"{name}: {plan['mesh']}, peak {plan['peak'] / 2**30:.1f} GiB")
     assert plan["devices"] == 8 and "expert=8" in plan["mesh"]
     assert 40 * 2**30 < plan["peak"] < 80 * 2**30
+
+
+def test_lm_eval_scores_a_mixture_of_experts_as_its_logits_say(imported):
+    """The lm-eval backend on an imported MoE model, its experts split over mesh.expert=2:
+    each continuation's log-likelihood is the one its logits on one device give."""
+    pytest.importorskip("lm_eval")
+    from pjit_llm.inference.lm_backend import PjitLM
+    from test_lm_backend import _reference
+    _, _, run = imported
+    lm = PjitLM(run=str(run), batch_size=4, max_length=64, **{"mesh.expert": "2"})
+    rng = np.random.default_rng(1)
+    requests = [(rng.integers(0, 300, c).tolist(), rng.integers(0, 300, n).tolist())
+                for c, n in [(3, 1), (9, 4), (20, 2), (12, 6)]]
+    reference = _reference(run, [c + n for c, n in requests])
+    out = lm._loglikelihood_tokens([(None, c, n) for c, n in requests], disable_tqdm=True)
+    for (logprob, _), (c, n), logp in zip(out, requests, reference):
+        expected = logp[np.arange(len(c) - 1, len(c) + len(n) - 1), n].sum()
+        assert logprob == pytest.approx(expected, rel=1e-5, abs=1e-4)
