@@ -24,6 +24,9 @@
 #   fp8loss   fp8's loss curve against bfloat16: 200 training steps of the GPT-2 shape on the
 #             built-in corpus in bfloat16, fp8 with current and with delayed scaling, and
 #             each one's held-out loss beside bfloat16's (fp8loss.md; goal: within 1 %)
+#   moe       the Llama-1B shape as a Mixtral of 8 experts half as wide, 2 per token (the
+#             dense model's active parameters): dropless with ragged_dot (grouped GEMMs), with
+#             the CPU's blocks, and in capacity mode (MOE_VARIANTS); beside the llama base row
 #
 # Every row runs in its own process under its own time limit and writes under OUT_DIR as it
 # goes: a row that fails or outlasts its limit is recorded with its last line and the next
@@ -64,6 +67,7 @@ LLAMA_VARIANTS=(
   "model.matmul=fp8 model.fp8_scaling=delayed"  # fp8 with scales from past steps' amax
 )
 GPT2_VARIANTS=("model.scan_layers=false" "model.loss_chunk=0")
+MOE_VARIANTS=("model.expert_matmul=blocks" "model.expert_capacity_factor=1.25")
 # Checked against the flag tables of jaxlib 0.10.2 and 0.11.2 (XLA aborts on an unknown flag).
 GENERATE_FLAGS=(
   ""                                            # XLA's own choice of command buffers
@@ -74,7 +78,7 @@ GENERATE_FLAGS=(
 usage() { sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 fail() { echo "error: $*" >&2; exit 2; }
 
-OUT="" WHEELS="" BUDGET=570 ONLY="env,tests,llama,gpt2,generate,train,profile,fp8loss" DRY=0 SMOKE=0
+OUT="" WHEELS="" BUDGET=570 ONLY="env,tests,llama,gpt2,generate,train,profile,fp8loss,moe" DRY=0 SMOKE=0
 while (($#)); do
   case $1 in
     --wheels) WHEELS=${2:?--wheels needs a folder}; shift ;;
@@ -91,7 +95,7 @@ done
 [ -n "$OUT" ] || fail "give OUT_DIR, a new or empty folder for the results: bash $0 OUT_DIR"
 [[ $BUDGET =~ ^[0-9]+$ ]] || fail "--budget $BUDGET is not a number of seconds"
 for p in ${ONLY//,/ }; do
-  [[ ,env,tests,llama,gpt2,generate,train,profile,fp8loss, == *,$p,* ]] || fail "no part '$p' (--only)"
+  [[ ,env,tests,llama,gpt2,generate,train,profile,fp8loss,moe, == *,$p,* ]] || fail "no part '$p' (--only)"
 done
 if ((!DRY)) && [ -d "$OUT" ] && [ -n "$(ls -A "$OUT")" ]; then
   fail "$OUT is not empty; give a new or empty folder, so that rows of two runs do not mix"
@@ -347,6 +351,17 @@ PYEOF
   else
     note "fp8loss" "not started" "" "grain and tensorflow-datasets do not import here: give --wheels DIR"
   fi
+fi
+
+if want moe; then
+  MOE=(model.family=mixtral model.num_experts=8 model.experts_per_token=2)
+  if ((SMOKE)); then MOE+=(model.mlp_dim=384); else MOE+=(model.mlp_dim=4096); fi
+  # shellcheck disable=SC2086
+  step_row 150 llama "$LLAMA" "${MOE[@]}"
+  for v in "${MOE_VARIANTS[@]}"; do
+    # shellcheck disable=SC2086
+    step_row 120 llama "$LLAMA" "${MOE[@]}" $v
+  done
 fi
 
 if ((DRY)); then

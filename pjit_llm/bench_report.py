@@ -193,7 +193,13 @@ def failed_row(command: str, error: str, config: str | None = None,
 # Kinds of device work, by kernel or op name (the first that matches).
 KINDS = (("attention", re.compile(r"cudnn|fmha|flash|sdpa|attention", re.I)),
          ("matmul", re.compile(r"gemm|cublas|cutlass|nvjet|xmma|matmul|\bdot\b|dot[._]", re.I)),
-         ("collective", re.compile(r"nccl|all-reduce|all-gather|reduce-scatter|all_reduce|all-to-all", re.I)),
+         # by type, XLA's op names (all-gather.3, reduce_scatter.7) and NCCL's kernels alike:
+         # a mixture of experts' exchange is its all-to-all, or its all-gather and reduce-scatter
+         ("collective: all-to-all", re.compile(r"all[-_]?to[-_]?all|sendrecv", re.I)),
+         ("collective: all-gather", re.compile(r"all[-_]?gather", re.I)),
+         ("collective: reduce-scatter", re.compile(r"reduce[-_]?scatter", re.I)),
+         ("collective: all-reduce", re.compile(r"all[-_]?reduce", re.I)),
+         ("collective: other", re.compile(r"nccl|collective-permute", re.I)),
          ("copy or memset", re.compile(r"memcpy|memset|copy", re.I)))
 # Lines that profiler tools derive from the kernels (counting them would count twice).
 DERIVED_LINES = {"XLA Modules", "XLA Ops", "Steps", "XLA TraceMe", "Framework Name Scope",

@@ -131,12 +131,12 @@ def hf_logits(model, tokens):
         return model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
 
 
-def our_logits(run: Path, tokens, mesh=None, padded=False):
+def our_logits(run: Path, tokens, mesh=None, padded=False, overrides=()):
     """Our logits for `tokens` from the run directory's latest parameters, restored onto a
-    mesh of these sizes (None: one device): over the true vocabulary, or with `padded` over
-    the padded one."""
-    parts = build_on(run_config(run), mesh)
-    params, _ = restore_params(parts.cfg, parts.layout, None)
+    mesh of these sizes (None: one device) with the config's `overrides` (a pipeline's
+    micro-batches, say): over the true vocabulary, or with `padded` over the padded one."""
+    parts = build_on(run_config(run, overrides), mesh)
+    params = parts.to_run_order(restore_params(parts.cfg, parts.layout, None)[0])
     graphdef = parts.graphdef
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     forward = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t, jnp.ones_like(t), positions))

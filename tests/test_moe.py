@@ -2,7 +2,9 @@
 logits of imported random models on one device and on meshes, the load-balancing loss and the
 whole training objective, greedy generation, exports transformers loads, both spellings of
 config.json; the grouped products drop no token however unbalanced the routing; training on
-a mesh equals one device and logs the router's metrics."""
+a mesh equals one device and logs the router's metrics; through pipeline stages (GPipe and
+circular) the logits, the router's statistics, losses and gradients, and training are one
+device's."""
 
 import dataclasses
 import json
@@ -34,6 +36,7 @@ from pjit_llm.models.mixtral import hf as mixtral_hf
 from pjit_llm.models.moe import route
 from pjit_llm.models.quantize import Int8Weight, quantize_params
 from pjit_llm.models.qwen3_moe import hf as qwen3_moe_hf
+from pjit_llm.parallel.stages import Pipeline
 from pjit_llm.training.measure import step_memory
 from test_step import random_rows, run_steps
 
@@ -427,10 +430,107 @@ def test_int8_experts_keep_their_scales_per_expert_and_the_logits_close():
     assert 0 < np.abs(quantized - exact).max() < 0.02 * np.abs(exact).max()
 
 
-def test_pipeline_stages_are_refused_for_experts():
-    cfg = tiny_config("model.family=mixtral")
-    with pytest.raises(UserError, match="pipeline stages"):
-        build_on(cfg, {"stage": 2})
+# Pipeline stages with experts: micro-batches of 4 rows, one per batch shard (fsdp x expert),
+# so that each stage's MoE layers sort their own rows (the shard_map inside the stages' vmap).
+STAGED = {"expert": 2, "fsdp": 2, "stage": 2}
+ROWS = np.random.default_rng(1).integers(0, 300, (8, 48)).astype(np.int32)
+SCHEDULES = {"gpipe": ("train.microbatches=2",),
+             "circular": ("train.microbatches=2", "train.pipeline_repeats=2")}
+
+
+@pytest.fixture(scope="module", params=list(MAKERS))
+def imported_4_layers(request, tmp_path_factory):
+    """As `imported`, with 4 layers: 2 stages of 2, or 2 stages of 2 blocks of 1 (circular)."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    model = MAKERS[request.param](tmp / "hf", num_hidden_layers=4)
+    return request.param, model, convert.import_hf(tmp / "hf", tmp / "run")
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_pipeline_stages_give_the_logits_of_transformers(imported_4_layers, schedule):
+    _, model, run = imported_4_layers
+    expected = hf_logits(model, ROWS)
+    got = our_logits(run, ROWS, STAGED, overrides=SCHEDULES[schedule])
+    print(f"max |logit difference| {np.abs(got - expected).max():.2e} of {np.abs(expected).max():.2f}")
+    assert np.abs(expected).max() > 1.0
+    assert np.abs(got - expected).max() < 1e-4
+
+
+def router_terms(run, mesh, overrides=()):
+    """(objective, router metrics, the router weights' gradient of moe_aux_loss in model
+    order, each layer's router statistics) for ROWS on a mesh, with two padding tokens that
+    the router statistics skip."""
+    parts = build_on(run_config(run, overrides), mesh)
+    params = parts.to_run_order(restore_params(parts.cfg, parts.layout, None)[0])
+    segments = np.ones_like(ROWS)
+    segments[3, -2:] = 0
+    batch = {"tokens": jnp.asarray(ROWS), "segment_ids": jnp.asarray(segments),
+             "positions": jnp.broadcast_to(jnp.arange(ROWS.shape[1]), ROWS.shape)}
+    def aux_loss(p, b):
+        objective, (_, _, metrics) = objective_terms(parts.graphdef, p, b)
+        return metrics["moe_aux_loss"], (objective, metrics)
+
+    (_, (objective, metrics)), aux_grad = jax.jit(jax.value_and_grad(aux_loss, has_aux=True))(
+        params, batch)
+    router = parts.to_model_order(aux_grad)["blocks"]["mlp"]["router"][...]
+    stats = jax.jit(lambda p, b: nnx.merge(parts.graphdef, p).hidden_and_stats(
+        b["tokens"], b["segment_ids"], b["positions"])[1])(params, batch)
+    return (float(objective), {k: float(v) for k, v in metrics.items()}, np.asarray(router),
+            jax.tree.map(np.asarray, stats))
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_pipeline_stages_give_the_router_losses_and_their_gradient_of_one_device(
+        imported_4_layers, schedule):
+    """The router statistics come through the stages summed over micro-batches, nothing from
+    a stage in its bubble, layers in model order: each layer's statistics, the load-balancing
+    loss, the objective and the loss's gradient with respect to each layer's router are one
+    device's."""
+    _, _, run = imported_4_layers
+    ref_objective, ref_metrics, ref_grad, ref_stats = router_terms(run, None)
+    objective, metrics, grad, stats = router_terms(run, STAGED, SCHEDULES[schedule])
+    assert ref_stats["expert_tokens"].shape[0] == 4
+    assert len({tuple(n) for n in ref_stats["expert_tokens"]}) > 1  # the layers differ
+    for name, value in ref_stats.items():
+        np.testing.assert_allclose(stats[name], value, rtol=1e-5, err_msg=name)
+    assert ref_metrics["moe_aux_loss"] > 1.0
+    for name, value in ref_metrics.items():
+        assert metrics[name] == pytest.approx(value, rel=1e-5), name
+    assert objective == pytest.approx(ref_objective, rel=1e-5)
+    assert np.abs(ref_grad).max() > 0
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_pipeline_stages_load_balancing_loss_is_transformers(imported_4_layers):
+    import torch
+    _, model, run = imported_4_layers
+    with torch.no_grad():
+        out = model(torch.tensor(ROWS, dtype=torch.long), output_router_logits=True)
+    parts = build_on(run_config(run, SCHEDULES["gpipe"]), STAGED)
+    params, _ = restore_params(parts.cfg, parts.layout, None)
+    batch = {"tokens": jnp.asarray(ROWS), "segment_ids": jnp.ones_like(ROWS),
+             "positions": jnp.broadcast_to(jnp.arange(ROWS.shape[1]), ROWS.shape)}
+    _, (_, _, metrics) = jax.jit(lambda p, b: objective_terms(parts.graphdef, p, b))(params, batch)
+    assert abs(float(metrics["moe_aux_loss"]) - float(out.aux_loss)) < 1e-5
+
+
+@pytest.mark.parametrize("schedule, capacity", [("gpipe", 0), ("circular", 0), ("gpipe", 4)],
+                         ids=["gpipe", "circular", "gpipe, capacity (all-to-all)"])
+def test_moe_trains_through_pipeline_stages_as_on_one_device(schedule, capacity):
+    """The router losses (weighted up, so that their gradient counts) train the routers
+    through the stages as on one device; so do tokens sent to their experts' devices inside
+    the stages (a capacity that drops nothing here, so that one device drops nothing either)."""
+    overrides = ("model.family=mixtral", "model.num_experts=4", "model.num_layers=4",
+                 "model.router_z_loss_coef=0.001", "model.router_aux_loss_coef=0.1",
+                 f"model.expert_capacity_factor={capacity}")
+    ref_losses, ref_params = run_steps(tiny_config(*overrides), None)
+    assert ref_losses[-1] < ref_losses[0]
+    cfg = tiny_config(*overrides, *SCHEDULES[schedule])
+    losses, params = run_steps(cfg, STAGED)
+    params = Pipeline(2, 2, cfg.train.pipeline_repeats).to_model(params)  # from stage order
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_flops_count_the_active_experts_only():
@@ -454,3 +554,21 @@ def test_the_released_shapes_plan_to_fit_a_node_of_eight_80_gib_gpus(name):
     print(f"{name}: {plan['mesh']}, peak {plan['peak'] / 2**30:.1f} GiB")
     assert plan["devices"] == 8 and "expert=8" in plan["mesh"]
     assert 40 * 2**30 < plan["peak"] < 80 * 2**30
+
+
+def test_lm_eval_scores_a_mixture_of_experts_as_its_logits_say(imported):
+    """The lm-eval backend on an imported MoE model, its experts split over mesh.expert=2:
+    each continuation's log-likelihood is the one its logits on one device give."""
+    pytest.importorskip("lm_eval")
+    from pjit_llm.inference.lm_backend import PjitLM
+    from test_lm_backend import _reference
+    _, _, run = imported
+    lm = PjitLM(run=str(run), batch_size=4, max_length=64, **{"mesh.expert": "2"})
+    rng = np.random.default_rng(1)
+    requests = [(rng.integers(0, 300, c).tolist(), rng.integers(0, 300, n).tolist())
+                for c, n in [(3, 1), (9, 4), (20, 2), (12, 6)]]
+    reference = _reference(run, [c + n for c, n in requests])
+    out = lm._loglikelihood_tokens([(None, c, n) for c, n in requests], disable_tqdm=True)
+    for (logprob, _), (c, n), logp in zip(out, requests, reference):
+        expected = logp[np.arange(len(c) - 1, len(c) + len(n) - 1), n].sum()
+        assert logprob == pytest.approx(expected, rel=1e-5, abs=1e-4)

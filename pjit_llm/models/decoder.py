@@ -112,7 +112,7 @@ class Transformer(nnx.Module):
             inputs = self._inputs(segment_ids_BL, positions_BL, slots_BL, self.layout)
             x_BLD, stats = self._run_blocks(x_BLD, inputs, causal=slots_BL is None)
         else:
-            x_BLD, stats = self._run_pipeline(x_BLD, segment_ids_BL, positions_BL, slots_BL), {}
+            x_BLD, stats = self._run_pipeline(x_BLD, segment_ids_BL, positions_BL, slots_BL)
         return self.final_norm(x_BLD), stats
 
     def _inputs(self, segment_ids_BL, positions_BL, slots_BL, layout: Layout | None) -> LayerInputs:
@@ -262,7 +262,8 @@ class Transformer(nnx.Module):
         return x_BLD, jax.tree.map(lambda *s: jnp.stack(s), *per_layer)
 
     def _run_pipeline(self, x_BLD, segment_ids_BL, positions_BL, slots_BL=None):
-        """The layers as pipeline stages over micro-batches of the batch."""
+        """The layers as pipeline stages over micro-batches of the batch: (output, what each
+        layer sowed summed over the real tokens of every micro-batch, in model order)."""
         cfg, M = self.cfg, self.pipeline.microbatches
         activation_axes = ("batch", "length", "embed")
         x_MbLD = constrain(self.block_layout, split_microbatches(x_BLD, M),
@@ -274,7 +275,7 @@ class Transformer(nnx.Module):
             segment_ids_bL, positions_bL, slots_bL = extras
             inputs = self._inputs(segment_ids_bL, positions_bL, slots_bL, self.block_layout)
             return self._run_blocks(x_bLD, inputs, stacked=layer_states, local_K=local_K,
-                                    causal=slots_bL is None)[0]
+                                    causal=slots_bL is None)
 
         extras = (split_microbatches(segment_ids_BL, M), split_microbatches(positions_BL, M),
                   None if slots_BL is None else split_microbatches(slots_BL, M))
@@ -284,10 +285,10 @@ class Transformer(nnx.Module):
             local_L = local_L[self.pipeline.layer_order(cfg.num_layers)]
         # fp8 amax histories are overwritten by their gradients: max over micro-batches.
         weights, histories = split_histories(nnx.split(self.blocks)[1])
-        y_MbLD = self.pipeline.run(stage, (weights, jnp.asarray(local_L)), x_MbLD, extras,
-                                   self.layout.mesh, self.block_layout.spec(activation_axes),
-                                   histories)
-        return constrain(self.layout, merge_microbatches(y_MbLD), activation_axes)
+        y_MbLD, stats = self.pipeline.run(stage, (weights, jnp.asarray(local_L)), x_MbLD, extras,
+                                          self.layout.mesh, self.block_layout.spec(activation_axes),
+                                          histories)
+        return constrain(self.layout, merge_microbatches(y_MbLD), activation_axes), stats
 
 
 def _index(a: jax.Array, i: int) -> jax.Array:

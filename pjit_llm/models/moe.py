@@ -77,7 +77,10 @@ class MoEMLP(nnx.Module):
             # the other axes (tensor, context) the partitioner works inside.
             group = tuple(a for a in self.layout.mesh_axes("expert") if a in rows)
             compute = partial(self._experts, group=group)
-            compute = jax.shard_map(compute, mesh=self.layout.mesh, axis_names=set(rows),
+            # An axis the layout leaves to an enclosing transform (the pipeline's vmap over
+            # `stage`, whose spmd_axis_name adds it to these specs) is manual here too.
+            owned = {a for a in self.layout.excluded if self.layout.mesh.shape[a] > 1}
+            compute = jax.shard_map(compute, mesh=self.layout.mesh, axis_names={*rows, *owned},
                                     in_specs=(P(rows), (P(), *[P(group or None)] * 3)),
                                     out_specs=P(rows), check_vma=False)
             if jax.default_backend() == "cpu":

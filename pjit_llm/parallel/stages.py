@@ -138,15 +138,18 @@ class Pipeline:
     # -- the schedule --------------------------------------------------------------------------
 
     def run(self, stage_fn: Callable, stacked, x_MbLD: jax.Array, extras_M, mesh: Mesh,
-            activation_spec: PartitionSpec, overwritten=None) -> jax.Array:
+            activation_spec: PartitionSpec, overwritten=None) -> tuple[jax.Array, dict]:
         """Run all micro-batches through all layers.
 
-        stage_fn(layers, x, extras) -> x runs one block of layers on one micro-batch:
+        stage_fn(layers, x, extras) -> (x, stats) runs one block of layers on one micro-batch:
         `layers` is the pair (block of `stacked`, block of `overwritten`), trees with a
         leading axis of K layers; `extras` is the micro-batch's slice of `extras_M` (its
-        positions and segment ids, say). `stacked` holds every layer in stage order, `x_MbLD`
-        the micro-batches, `activation_spec` how one micro-batch's activations are sharded
-        over the other mesh axes. Returns the last layer's output for every micro-batch.
+        positions and segment ids, say); `stats` is what the block reports per layer,
+        {name: (K, ...)} (a mixture of experts' router statistics; {} for none). `stacked`
+        holds every layer in stage order, `x_MbLD` the micro-batches, `activation_spec` how
+        one micro-batch's activations are sharded over the other mesh axes. Returns the last
+        layer's output for every micro-batch and each layer's stats summed over the
+        micro-batches, {name: (layers, ...)} in model order.
 
         `overwritten` (stacked like `stacked`, or None) is non-negative layer state whose
         gradient is its next value (fp8 amax histories, models/fp8_state.py): each iteration
@@ -197,17 +200,21 @@ class Pipeline:
             working_S = (t >= stage_S) & (t - stage_S < M * R)
             x_S = jnp.where(working_S.reshape(S, *(1,) * (x_S.ndim - 1)), x_S, 0)
             extras_S = jax.tree.map(lambda e: e[micro_S], extras_M)
-            y_S = jax.lax.with_sharding_constraint(
-                stages((blocks, blocks_max_t), x_S, round_S, extras_S), along)
-            return (bank_SM, jax.lax.with_sharding_constraint(shift(y_S), along)), None
+            y_S, stats_S = stages((blocks, blocks_max_t), x_S, round_S, extras_S)
+            y_S = jax.lax.with_sharding_constraint(y_S, along)
+            # What a stage in its bubble reports (its zeros' router statistics, say) is not
+            # about any micro-batch: it counts for nothing.
+            stats_S = jax.tree.map(lambda a: jnp.where(
+                working_S.reshape(S, *(1,) * (a.ndim - 1)), a, 0), stats_S)
+            return (bank_SM, jax.lax.with_sharding_constraint(shift(y_S), along)), stats_S
 
         bank_SM = jax.lax.with_sharding_constraint(
             jnp.broadcast_to(x_MbLD, (S, *x_MbLD.shape)), banked)
         recv_S = jax.lax.with_sharding_constraint(jnp.zeros((S, *x_MbLD.shape[1:]), x_MbLD.dtype),
                                                   along)
         T = self.iterations
-        (bank_SM, recv_S), _ = jax.lax.scan(iteration, (bank_SM, recv_S),
-                                            (jnp.arange(T), copies_by_max(blocks_max, T)))
+        (bank_SM, recv_S), stats_TS = jax.lax.scan(iteration, (bank_SM, recv_S),
+                                                   (jnp.arange(T), copies_by_max(blocks_max, T)))
         # The last micro-batch's output is still on its way round: bank it too.
         bank_SM, _ = bank_and_take(T, bank_SM, recv_S)
 
@@ -215,4 +222,19 @@ class Pipeline:
             first = jax.lax.axis_index(STAGE_AXIS) == 0
             return jax.lax.psum(jnp.where(first, bank_1M[0], 0), STAGE_AXIS)
 
-        return per_stage(from_first, out_specs=PartitionSpec())(bank_SM)
+        return per_stage(from_first, out_specs=PartitionSpec())(bank_SM), self._layer_sums(stats_TS)
+
+    def _layer_sums(self, stats_TS: dict) -> dict:
+        """Each layer's stats summed over the iterations that ran it, {name: (layers, ...)} in
+        model order, from {name: (T, S, K, ...)}: the stats of every stage at every iteration
+        (zero in its bubble). Iteration t ran stage s's block of round (t − s) // M."""
+        S, M, R, T = self.stages, self.microbatches, self.repeats, self.iterations
+        t, s = np.arange(T)[:, None], np.arange(S)[None, :]
+        round_TSR = np.eye(R, dtype=np.float32)[np.clip((t - s) // M, 0, R - 1)]
+
+        def per_layer(a_TSK):
+            a_SRK = jnp.einsum("TSK...,TSR->SRK...", a_TSK, round_TSR)
+            a_N = a_SRK.reshape(-1, *a_SRK.shape[3:])  # stage order
+            return a_N[np.argsort(self.layer_order(a_N.shape[0]))] if self.circular else a_N
+
+        return jax.tree.map(per_layer, stats_TS)

@@ -5,6 +5,7 @@ metrics, TensorBoard scalars and samples, a profile."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import yaml
@@ -89,3 +90,26 @@ def test_profile_steps_write_a_trace(trained_run):
     assert "wrote a profile of steps 2-3" in trained_run.result.stdout
     traces = list((trained_run.directory / "profile").rglob("*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 1000
+
+
+def test_the_tiny_moe_config_logs_its_router_to_tensorboard(tmp_path):
+    """configs/tiny-moe.yaml as shipped (8 emulated devices, the experts split four ways),
+    shortened: each logged step carries the router's metrics, in metrics.jsonl and as
+    TensorBoard scalars."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    config = Path(__file__).parents[2] / "configs" / "tiny-moe.yaml"
+    result = run_cli("--config", str(config), "train.steps=4", "train.log_every=2",
+                     "train.eval_every=0", "train.eval_batches=1", "train.sample_tokens=0",
+                     "checkpoint.every=0", "data.seq_len=32", "train.run_dir=run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "expert=4" in result.stdout
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [2, 4]
+    assert all(r["moe_aux_loss"] > 1 and r["expert_dropped_share"] == 0 for r in train)
+    assert all(16 * 32 * 2 / 8 <= r["expert_tokens_max"] for r in train)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    for name in ("moe_aux_loss", "router_z_loss", "expert_tokens_max", "expert_tokens_mean",
+                 "expert_dropped_share"):
+        assert [e.step for e in events.Scalars(f"train/{name}")] == [2, 4], name

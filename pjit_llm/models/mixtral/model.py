@@ -43,8 +43,4 @@ class MoETransformer(Transformer):
                             "not run a stack that mixes dense and mixture-of-experts layers "
                             "(model.decoder_sparse_step, model.mlp_only_layers); use "
                             "mesh.stage=1")
-        if pipeline is not None:
-            raise UserError(f"model.family={cfg.family}: pipeline stages (mesh.stage > 1) do "
-                            "not carry the router's load-balancing statistics; use "
-                            "mesh.stage=1 with a mixture of experts")
         super().__init__(cfg, layout, rngs, pipeline, layer_list)
