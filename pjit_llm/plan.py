@@ -6,7 +6,8 @@ pipeline micro-batches and repeats and loss chunking, pruned by arithmetic, the 
 compiled ahead of time on emulated devices (nothing runs; XLA's memory plan rules out those over
 budget), ranked by a step-time model (planning/estimate.py). `--out plan.yaml` writes the
 chosen config, which `python -m pjit_llm.train --config plan.yaml` runs as it is.
-`--calibrate N` runs the first N candidates a few steps and reports predicted against measured.
+`--calibrate N` runs N of the compiled candidates a few steps (planning/calibrate.py says which)
+and reports predicted against measured.
 Device kinds: h100, h200, a100, b200 (data sheets), cpu (this machine's emulated devices,
 measured at start), or any from --device-file. Compiled analyses are cached
 ($PJIT_LLM_PLAN_CACHE, default ~/.cache/pjit_llm/plans; --cache DIR, --no-cache).
@@ -26,6 +27,7 @@ from pjit_llm.planning import devices as device_kinds
 from pjit_llm.planning.calibrate import measured_rows
 from pjit_llm.planning.candidates import REMATS, apply
 from pjit_llm.planning.compiled import default_cache_dir
+from pjit_llm.planning import planner
 from pjit_llm.planning.planner import _progress, plan
 from pjit_llm.planning.report import print_calibration, print_plan, write_plan
 
@@ -41,11 +43,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device-file", help="YAML of further device kinds (planning/devices.py)")
     p.add_argument("--headroom", type=float, default=0.1,
                    help="share of each device's memory left free (default 0.1)")
-    p.add_argument("--top", type=int, default=8, help="candidates compiled (default 8)")
+    p.add_argument("--top", type=int, default=0, help="candidates compiled (default 0: "
+                   f"{planner.SMALL_TOP} for a model under {planner.SMALL_MODEL:.0e} parameters, "
+                   f"else {planner.LARGE_TOP})")
     p.add_argument("--remat", default=",".join(REMATS), help="remat policies to consider")
     p.add_argument("--out", help="write the chosen config here (YAML)")
     p.add_argument("--calibrate", type=int, default=0, metavar="N",
-                   help="run the first N candidates a few steps: predicted against measured")
+                   help="run N compiled candidates a few steps: predicted against measured")
     p.add_argument("--steps", type=int, default=5, help="timed steps per calibration run")
     p.add_argument("--cache", type=Path, help="where compiled analyses are cached")
     p.add_argument("--no-cache", action="store_true", help="compile every candidate afresh")
@@ -58,8 +62,8 @@ def main(argv=None) -> None:
     args = _parser().parse_intermixed_args(argv)
     if args.emulate_devices is not None:
         raise UserError("plan sets its emulated devices from --devices; drop --emulate-devices")
-    if args.top < 1 or args.calibrate < 0 or args.steps < 1 or not 0 <= args.headroom < 1:
-        raise UserError("need --top >= 1, --calibrate >= 0, --steps >= 1, 0 <= --headroom < 1")
+    if args.top < 0 or args.calibrate < 0 or args.steps < 1 or not 0 <= args.headroom < 1:
+        raise UserError("need --top >= 0, --calibrate >= 0, --steps >= 1, 0 <= --headroom < 1")
     kinds = dict(device_kinds.KINDS)
     if args.device_file:
         kinds.update(device_kinds.load_kinds(args.device_file))
@@ -94,6 +98,10 @@ def main(argv=None) -> None:
               + "; ".join(f"{why} ({n:,})" for why, n in sorted(info["pruned"].items(),
                                                                 key=lambda kv: -kv[1])[:4]))
     print_plan(rows, header)
+    if kind.flash_attention:
+        print(f"memory/device: XLA's plan less its (seq, seq) attention buffers, which "
+              f"{kind.name}'s flash kernel never allocates (measured per candidate by a second "
+              f"compile at half the sequence and twice the batch; planning/compiled.py)")
     best = rows[0]
     print(f"chosen: {best['candidate'].describe_mesh()}, remat {best['candidate'].remat}, "
           f"{best['candidate'].describe_schedule()}: {best['estimate'].dominant} dominates "
@@ -105,7 +113,7 @@ def main(argv=None) -> None:
                    f"dominates; memory plan {best['memory'] / 2**30:.2f} GiB a device")
         print(f"wrote {args.out}")
     if args.calibrate:
-        measured = measured_rows(rows, args.calibrate, args.steps, 2, _progress)
+        measured = measured_rows(rows, args.calibrate, args.steps, 2, _progress, budget)
         print_calibration(measured)
 
 

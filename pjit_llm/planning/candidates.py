@@ -157,39 +157,78 @@ def analytic_memory(cfg: Config, leaves: list[ParamLeaf], cand: Candidate) -> fl
     return state_bytes(cfg, leaves, s) + layers * per_layer + working + logits
 
 
+# Per layer and forward pass, in the compiled programs of this project's decoder: about this
+# many kernels (norms, projections, rotary, attention, MLP, residuals) and bytes moved per token
+# in units of the (embed, per-device mlp) widths times the compute dtype's bytes.
+LAYER_KERNELS = 40
+LAYER_TRAFFIC = (24, 6)
+OPTIMIZER_TRAFFIC = 7 * 4  # AdamW reads parameter, gradient, two moments, writes three (fp32)
+
+
 def analytic_time(cfg: Config, leaves: list[ParamLeaf], cand: Candidate,
                   cluster: Cluster) -> float:
-    """Seconds per step by formula: compute at the calibrated share of peak with the remat's
-    recomputation, the parameters' gathers and the gradients' reductions (overlapped),
-    tensor-parallel reductions, context gathers and expert exchanges of every layer, and the
-    pipeline bubble."""
+    """Seconds per step by formula, the same model as estimate.py on counted terms: compute at
+    the calibrated share of peak with the remat's recomputation; memory traffic of the layers'
+    activations, attention's (seq, seq) scores where no flash kernel keeps them on chip, the
+    logits and the optimizer's update of the state this device holds (all of it on every
+    data-parallel replica); the parameters' gathers and the gradients' reductions (hidden
+    behind compute where the kind overlaps); tensor-parallel reductions, context gathers,
+    expert exchanges and pipeline sends of every layer, each paying the kind's latency; every
+    kernel its overhead; and the pipeline bubble."""
     m, s, k = cfg.model, cand.mesh, cluster.kind
     n = cluster.devices
     dt = 2 if m.dtype == "bfloat16" else 4
-    flops = perf.flops_per_step(m, cfg.data.batch_size, cfg.data.seq_len) * RECOMPUTE[cand.remat] / 3
+    passes = RECOMPUTE[cand.remat]
+    flops = perf.flops_per_step(m, cfg.data.batch_size, cfg.data.seq_len) * passes / 3
     compute = flops / n / (k.compute_share * k.peak_flops)
 
     def link(axis):
         return k.network_link if cand.dcn[AXIS_NAMES.index(axis)] > 1 else k.host_link
 
-    params = sum(math.prod(l.shape) for l in leaves)
-    shard = params / (s["tensor"] * s["stage"] * s["expert"])
     share = lambda a: (s[a] - 1) / s[a]  # noqa: E731
+    layers = m.num_layers / s["stage"]
+    ticks, launches = 1.0, 1.0
+    if s["stage"] > 1:  # each stage runs its layers once per micro-batch and bubble slot
+        slots = cand.microbatches * cand.repeats + s["stage"] - 1
+        ticks = slots / (cand.microbatches * cand.repeats)  # on 1/M of the tokens each
+        launches = slots / cand.repeats
+    # Tokens through this device's layers per step, and their kernels and collectives.
+    tokens = cfg.data.batch_size * cfg.data.seq_len / (
+        s["data"] * s["fsdp"] * s["expert"] * s["context"])
+    heads = m.num_heads / s["tensor"]
+    d_units, f_units = LAYER_TRAFFIC
+    traffic = passes * layers * ticks * tokens * dt * (
+        d_units * m.embed_dim + f_units * _active_mlp(m) / s["tensor"])
+    if not (k.flash_attention and s["context"] == 1):
+        traffic += passes * layers * ticks * 4 * 4 * tokens * heads * cfg.data.seq_len
+    vocab = m.vocab_size / s["tensor"]
+    traffic += 6 * 4 * cfg.data.batch_size * cfg.data.seq_len / (n / s["tensor"]) * vocab
+    params = sum(math.prod(l.shape) for l in leaves)
+    held = params / (s["tensor"] * s["stage"] * s["expert"] * s["fsdp"])
+    traffic += OPTIMIZER_TRAFFIC * held
+    memory = traffic / k.hbm_bandwidth
+    kernels = passes * layers * launches * cand.grad_accum * LAYER_KERNELS
+
+    shard = params / (s["tensor"] * s["stage"] * s["expert"])
     hidden = (cand.grad_accum * 2 * dt * shard * share("fsdp") / link("fsdp")
               + 2 * 4 * shard / s["fsdp"] * share("data") / link("data"))
-    tokens = cfg.data.batch_size * cfg.data.seq_len / n * s["tensor"]
-    layers = m.num_layers / s["stage"]
-    passes = RECOMPUTE[cand.remat]
-    blocking = layers * passes * (
-        2 * 2 * tokens * m.embed_dim * dt * share("tensor") / link("tensor")
-        + 2 * tokens * m.embed_dim * dt * share("context") / link("context")
-        + 2 * tokens * m.embed_dim * dt * getattr(m, "experts_per_token", 0)
-        * share("expert") / link("expert"))
-    exposed = max(0.0, hidden - compute) if k.overlap else hidden
-    bubble = 0.0
-    if s["stage"] > 1:
-        bubble = (s["stage"] - 1) / (cand.microbatches * cand.repeats + s["stage"] - 1)
-    return (compute + exposed + blocking) / (1 - bubble)
+    per_layer = m.embed_dim * dt * tokens / cand.grad_accum
+    blocking = passes * layers * ticks * cand.grad_accum * (
+        2 * 2 * per_layer * share("tensor") / link("tensor")
+        + 2 * per_layer * share("context") / link("context")
+        + 2 * per_layer * getattr(m, "experts_per_token", 0) * share("expert") / link("expert"))
+    calls = passes * layers * launches * cand.grad_accum * (
+        4 * (s["tensor"] > 1) + 2 * (s["context"] > 1) + 2 * (s["expert"] > 1)
+        + 2 * (s["stage"] > 1) + 6 * (s["fsdp"] > 1)) + (s["data"] > 1)
+    blocking += calls * k.link_latency
+    overhead = kernels * k.kernel_overhead
+    if k.overlap:
+        step = max(compute, memory, hidden) + blocking + overhead
+    else:
+        step = compute + memory + hidden + blocking + overhead
+    if s["stage"] > 1:  # idle stages' slots: on top of the compute already counted
+        step += compute * (s["stage"] - 1) / (cand.microbatches * cand.repeats)
+    return step
 
 
 def enumerate_candidates(cfg: Config, leaves: list[ParamLeaf], cluster: Cluster,

@@ -7,6 +7,17 @@ jax version and the device count, so a second plan of the same shape compiles no
 The program is compiled on one process's emulated devices, so its mesh has no host
 boundaries; which collectives cross hosts follows from the candidate's mesh.dcn_* sizes (the
 pieces across hosts are the outer part of each axis, as parallel/mesh.py lays them out).
+
+Attention's share of the memory plan. The emulated compile runs XLA's attention, which
+materialises (batch, heads, seq, seq) scores, probabilities and mask in memory; a GPU's flash
+kernel (cuDNN) never allocates them. Asked for (`scores=True`, for GPU kinds), the same
+candidate is compiled a second time with the sequence halved and the batch doubled: the same
+tokens, so the state, the activations and the logits are the same size, while every
+(seq, seq) buffer is half as large (batch x seq^2 = tokens x seq). The drop in the memory plan
+is half the (seq, seq) buffers' share, so twice it is their share at the full length: a
+measurement of this program's buffer assignment, not a count of copies. The plan for a GPU
+is XLA's plan less that share (planner.py); the estimate's traffic likewise drops the bytes of
+(seq, seq) arrays read from the HLO (hlo.py).
 """
 
 import dataclasses
@@ -35,7 +46,7 @@ _IRRELEVANT = ("data.source", "data.paths", "data.name", "data.tokenizer_path", 
                "train.eval_every", "checkpoint", "distributed", "mesh.emulate_devices")
 
 
-ANALYSIS_VERSION = 2  # what an entry holds; a change makes old entries unreadable by key
+ANALYSIS_VERSION = 4  # what an entry holds; a change makes old entries unreadable by key
 
 
 def default_cache_dir() -> Path:
@@ -66,14 +77,40 @@ def crossed_axes(group: list[int], sizes: tuple[int, ...], dcn: tuple[int, ...])
     return varies, len(hosts) > 1
 
 
-def analyse(cfg: Config, devices: int) -> dict:
-    """Compile `cfg`'s train step on the first `devices` devices and read what it costs.
+def _peak_memory(cfg: Config, devices: int) -> float | None:
+    """XLA's memory plan of `cfg`'s step alone (the halved-sequence twin of `analyse`)."""
+    try:
+        parts = build(cfg, devices=jax.devices()[:devices], announce=False)
+    except UserError:
+        return None
+    compiled = parts.train_step.lower(parts.abstract_state, abstract_batch(parts)).compile()
+    peak = (perf.compiled_memory(compiled) or {}).get("peak")
+    del compiled, parts
+    gc.collect()
+    return peak
+
+
+def score_memory(cfg: Config, devices: int, peak: float | None) -> float:
+    """Bytes of the memory plan held by (seq, seq) buffers: twice the drop at half the
+    sequence and twice the batch (the same tokens). 0 where the twin cannot be built."""
+    half = dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, seq_len=cfg.data.seq_len // 2, batch_size=cfg.data.batch_size * 2))
+    twin = _peak_memory(half, devices) if cfg.data.seq_len % 2 == 0 else None
+    if not peak or twin is None:
+        return 0.0
+    return max(0.0, 2 * (peak - twin))
+
+
+def analyse(cfg: Config, devices: int, scores: bool = False) -> dict:
+    """Compile `cfg`'s train step on the first `devices` devices and read what it costs
+    (with `scores`, also the memory its (seq, seq) buffers take: `score_memory`).
     A config the builder refuses comes back as {"refused": its message}."""
     sizes = tuple(cfg.mesh.shape)
     dcn = tuple(cfg.mesh.dcn_shape)
     one_process = dataclasses.replace(cfg.mesh, **{f"dcn_{a}": 1 for a in AXIS_NAMES})
     try:
-        parts = build(dataclasses.replace(cfg, mesh=one_process),
+        one_process_cfg = dataclasses.replace(cfg, mesh=one_process)
+        parts = build(one_process_cfg,
                       devices=jax.devices()[:devices], announce=False)
     except UserError as e:
         return {"refused": str(e)}
@@ -97,23 +134,30 @@ def analyse(cfg: Config, devices: int) -> dict:
            "xla_flops": perf.compiled_flops(compiled), "collectives": collectives,
            "bubble": pipeline.bubble if pipeline else 0.0, "compile_s": compile_s,
            "attention": parts.model.attention, "score_bytes": cost.score_bytes,
+           "kernels": cost.kernels, "dot_bytes": cost.dot_bytes,
            "context": cfg.mesh.context}
     del compiled, lowered, parts
     gc.collect()
+    if scores:
+        out["score_memory"] = score_memory(one_process_cfg, devices, memory.get("peak"))
     return out
 
 
-def cached_analysis(cfg: Config, devices: int, cache_dir: Path | None) -> tuple[dict, bool]:
-    """`analyse`, read from the cache when it holds this config; (result, whether cached)."""
+def cached_analysis(cfg: Config, devices: int, cache_dir: Path | None,
+                    scores: bool = False) -> tuple[dict, bool]:
+    """`analyse`, read from the cache when it holds this config (and the scores' memory when
+    asked for); (result, whether cached)."""
     if cache_dir is None:
-        return analyse(cfg, devices), False
+        return analyse(cfg, devices, scores), False
     path = Path(cache_dir) / f"{cache_key(cfg, devices)}.json"
     if path.exists():
         try:
-            return json.loads(path.read_text()), True
+            found = json.loads(path.read_text())
+            if not scores or "score_memory" in found or "refused" in found:
+                return found, True
         except (OSError, ValueError):
             pass  # a damaged entry is compiled again
-    result = analyse(cfg, devices)
+    result = analyse(cfg, devices, scores)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result))

@@ -35,11 +35,15 @@ class DeviceKind:
     # Attention runs as a fused flash kernel (cuDNN): its (seq, seq) scores stay on chip,
     # where the emulated CPU compile, on XLA's attention, writes them to memory.
     flash_attention: bool = True
+    # Seconds each kernel costs beyond its FLOPs and bytes (launch, dispatch): measured for
+    # the emulated CPU devices; 0 for the data-sheet kinds, whose launches overlap the kernels
+    # before them (CUDA streams queue them ahead).
+    kernel_overhead: float = 0.0
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.type in (float, "float") and f.name != "link_latency" and not value > 0:
+            if f.type in (float, "float") and f.name not in ("link_latency", "kernel_overhead") and not value > 0:
                 raise UserError(f"device kind {self.name}: {f.name}={value} must be positive")
 
 

@@ -9,14 +9,19 @@
     hidden      = the collectives of parameters and gradients: all-gathers, reduce-scatters
                   and all-reduces over data and fsdp only, which the latency-hiding
                   scheduler and pipelined collectives of xla_flags.py overlap with compute
-    step        = max(compute, memory, hidden) + the other collectives
-                  (no overlap on devices whose kind says so: the sum of all)
+    overhead    = kernels launched x the kind's kernel overhead (measured on the CPU; 0 on
+                  GPUs, whose queued launches overlap the kernels before them)
+    step        = max(compute, memory, hidden) + the other collectives + overhead
+    serial step = compute + memory of the kernels without a matrix product + every
+                  collective + overhead, on a kind without overlap (the emulated CPU devices:
+                  each kernel runs at its own bound, one after the other, and collectives are
+                  copies on the same cores)
     bubble      = compute x (S-1)/(M.R+S-1), shown apart: the pipeline's idle stages compute
                   on zeros, so the compiled FLOPs already hold it
 
-It ignores: kernel launch and host overheads, attention kernels other than matrix products
-(counted as bytes only), collectives contending for one link, the network's topology above
-one link per device, stragglers, the input pipeline and checkpoints.
+It ignores: attention kernels other than matrix products (counted as bytes only), collectives
+contending for one link, the network's topology above one link per device, stragglers, the
+host's dispatch of the step, the input pipeline and checkpoints.
 """
 
 from dataclasses import dataclass
@@ -54,14 +59,17 @@ def estimate(analysis: dict, kind: DeviceKind) -> Estimate:
     traffic = analysis["bytes"]
     if flash(analysis, kind):
         traffic -= analysis.get("score_bytes", 0.0)
+    if not kind.overlap:  # matrix-product kernels are bound by their FLOPs, counted above
+        traffic -= analysis.get("dot_bytes", 0.0)
     memory = traffic / kind.hbm_bandwidth
     hide = sum(collective_seconds(c, kind) for c in analysis["collectives"] if hidden(c))
     block = sum(collective_seconds(c, kind) for c in analysis["collectives"] if not hidden(c))
+    overhead = analysis.get("kernels", 0.0) * kind.kernel_overhead
     if kind.overlap:
-        step = max(compute, memory, hide) + block
+        step = max(compute, memory, hide) + block + overhead
     else:
-        step = max(compute, memory) + hide + block
+        step = compute + memory + hide + block + overhead
     bubble = compute * analysis.get("bubble", 0.0)
     terms = {"compute": compute - bubble, "memory": memory, "collectives (hidden)": hide,
-             "collectives (blocking)": block, "bubble": bubble}
+             "collectives (blocking)": block, "bubble": bubble, "kernel overhead": overhead}
     return Estimate(step, terms, max(terms, key=terms.get))

@@ -248,6 +248,8 @@ class ProgramCost:
     bytes: float  # read and written by the kernels, per device per step
     collectives: list[Collective]
     score_bytes: float = 0.0  # of those, arrays ending in (seq, seq): attention's scores
+    kernels: float = 0.0  # kernels launched per step (fusions, library calls, copies, ...)
+    dot_bytes: float = 0.0  # of `bytes`, those of kernels that compute a matrix product
 
 
 def program_cost(text: str, num_devices: int, seq_len: int = 0) -> ProgramCost:
@@ -263,7 +265,8 @@ def program_cost(text: str, num_devices: int, seq_len: int = 0) -> ProgramCost:
                 times[callee] += times[name] * n
                 if is_fusion:
                     fused.add(callee)
-    flops = traffic = scores = 0.0
+    flops = traffic = scores = kernels = dot_traffic = 0.0
+    has_dot = {name for name, instrs in comps.items() if any(i.op == "dot" for i in instrs)}
     found: dict[tuple, Collective] = {}
     for name, instrs in comps.items():
         t = times.get(name, 0)
@@ -276,6 +279,11 @@ def program_cost(text: str, num_devices: int, seq_len: int = 0) -> ProgramCost:
             if name not in fused and instr.op not in _FREE and not instr.op.endswith("-done"):
                 moved = t * _traffic(instr, shapes, comps)
                 traffic += moved
+                kernels += t
+                body = re.search(r"calls=%([^\s,]+)", instr.attrs)
+                if instr.op == "dot" or (body and body.group(1) in has_dot) or \
+                        _dot_flops(instr, shapes):
+                    dot_traffic += moved
                 if seq_len and _dims(instr.type)[-2:] == [seq_len, seq_len]:
                     scores += moved
             if base in COLLECTIVES and not instr.op.endswith("-done"):
@@ -293,4 +301,4 @@ def program_cost(text: str, num_devices: int, seq_len: int = 0) -> ProgramCost:
                     found[key] = Collective(base, size, 0.0, n, groups, int(t))
     for c in found.values():
         c.link_bytes = _link_bytes(c.op, c.bytes, c.group_size)
-    return ProgramCost(flops, traffic, list(found.values()), scores)
+    return ProgramCost(flops, traffic, list(found.values()), scores, kernels, dot_traffic)

@@ -42,22 +42,6 @@ def param_leaves(cfg: Config) -> list[cands.ParamLeaf]:
             for v in leaves]
 
 
-# XLA:CPU's attention holds about this many float32 (batch, heads, seq, seq) arrays of one
-# layer at once (scores, probabilities and their copies); a flash kernel holds none.
-SCORE_COPIES = 4
-
-
-def score_allowance(cfg: Config, cand: cands.Candidate) -> float:
-    """The bytes of attention scores in the emulated compile's memory plan that a GPU's
-    flash attention does not allocate: taken off the plan for GPU kinds."""
-    s = cand.mesh
-    rows = cfg.data.batch_size / cand.grad_accum / (s["data"] * s["stage"] * s["fsdp"] * s["expert"])
-    if s["stage"] > 1:
-        rows = rows * s["stage"] / max(cand.microbatches, 1)
-    heads = cfg.model.num_heads / s["tensor"]
-    return SCORE_COPIES * 4 * rows * heads * cfg.data.seq_len ** 2
-
-
 def _progress(i: int, n: int, what: str) -> None:
     """A progress bar on a terminal (nothing when stderr is a file or a pipe)."""
     if not sys.stderr.isatty():
@@ -70,11 +54,24 @@ def _progress(i: int, n: int, what: str) -> None:
     sys.stderr.flush()
 
 
+# How many candidates are compiled by default: a small model's compile takes seconds, so
+# every mesh shape the pruning left (up to SMALL_TOP) is compiled and the program decides; a
+# large one's takes minutes, so only the formula's LARGE_TOP most promising.
+SMALL_MODEL, SMALL_TOP, LARGE_TOP = 1e8, 24, 8
+
+
+def default_top(leaves: list[cands.ParamLeaf]) -> int:
+    params = sum(math.prod(l.shape) for l in leaves)
+    return SMALL_TOP if params < SMALL_MODEL else LARGE_TOP
+
+
 def _diverse(ranked: list[cands.Candidate], top: int) -> list[cands.Candidate]:
     """The `top` first of `ranked`, taking the best of each remat policy, then the best of each
-    (mesh, remat), before any second of a kind: the formula ranks, the compile decides."""
+    mesh, then of each (mesh, remat), before any second of a kind: the formula ranks, the
+    compile decides."""
     picked: list[cands.Candidate] = []
-    for key in (lambda c: c.remat, lambda c: (c.sizes, c.dcn, c.remat), lambda c: c):
+    for key in (lambda c: c.remat, lambda c: (c.sizes, c.dcn),
+                lambda c: (c.sizes, c.dcn, c.remat), lambda c: c):
         seen = {key(c) for c in picked}
         for c in ranked:
             if key(c) not in seen and c not in picked:
@@ -115,7 +112,7 @@ def plan(cfg: Config, cluster: Cluster, kind_for_estimate, budget: float, top: i
                "model")  # noqa
     ranked = sorted(found, key=lambda c: (cands.analytic_memory(cfg, leaves, c) > budget,
                                           cands.analytic_time(cfg, leaves, c, cluster)))
-    chosen = _diverse(ranked, top)
+    chosen = _diverse(ranked, top or default_top(leaves))
     rows, cached = [], 0
     flops = perf.flops_per_step(cfg.model, cfg.data.batch_size, cfg.data.seq_len)
     tokens = cfg.data.batch_size * cfg.data.seq_len
@@ -127,15 +124,16 @@ def plan(cfg: Config, cluster: Cluster, kind_for_estimate, budget: float, top: i
         except UserError as e:
             pruned[str(e)[:60]] += 1
             continue
-        analysis, hit = cached_analysis(run_cfg, cluster.devices, cache_dir)
+        scores = kind_for_estimate.flash_attention and cand.mesh["context"] == 1
+        analysis, hit = cached_analysis(run_cfg, cluster.devices, cache_dir, scores)
         cached += hit
         if "refused" in analysis:
             pruned["refused by the builder: " + analysis["refused"][:60]] += 1
             continue
         est = estimate(analysis, kind_for_estimate)
         memory = analysis["memory"].get("peak") or cands.analytic_memory(cfg, leaves, cand)
-        if flash(analysis, kind_for_estimate):
-            memory -= score_allowance(run_cfg, cand)
+        if flash(analysis, kind_for_estimate):  # the flash kernel allocates no (seq, seq)
+            memory -= analysis.get("score_memory", 0.0)
         rows.append({"candidate": cand, "config": run_cfg, "analysis": analysis,
                      "estimate": est, "memory": memory, "fits": memory <= budget,
                      "tokens_per_s": tokens / est.step_s,

@@ -1,8 +1,19 @@
 """The figures of the devices this process has, measured: what the step-time model needs for a
 plan of the emulated CPU mesh (whose devices share the machine's cores, so no data sheet
-describes them). A sharded matrix product gives the FLOP rate per device, a sharded
-elementwise pass the memory bandwidth, an all-gather the link bandwidth and a tiny all-reduce
-the latency of one collective. A second or two in all."""
+describes them). Every figure is a slope between two loop lengths of the same jitted program
+on all devices at once, so that what a jit call itself costs (dispatch, the devices'
+start-up) cancels out:
+
+    FLOP rate      a layer-sized matrix product, per device
+    bandwidth      an elementwise pass over arrays larger than the caches, per device
+    kernel cost    one small kernel that cannot fuse with the next: what every kernel of a
+                   compiled step pays on top of its FLOPs and bytes (the runtime's dispatch
+                   of each kernel to eight device threads on a few cores)
+    collective     a tiny all-reduce over every device: what each collective pays before its
+                   first byte (the devices meet at a rendezvous)
+    link           an all-gather of 1 MiB less that latency, per byte each device receives
+
+Each is the median of several repeats (the machine is shared). A few seconds in all."""
 
 import time
 
@@ -13,8 +24,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pjit_llm.planning.devices import DeviceKind
 
+REPEATS = 7
 
-def _seconds(f, *args, repeats: int = 5) -> float:
+
+def _seconds(f, *args, repeats: int = REPEATS) -> float:
     jax.block_until_ready(f(*args))
     times = []
     for _ in range(repeats):
@@ -24,28 +37,48 @@ def _seconds(f, *args, repeats: int = 5) -> float:
     return float(np.median(times))
 
 
+def _per_iteration(make, x, short: int, long: int) -> float:
+    """Seconds one iteration of `make(n)`'s loop adds: the slope between two loop lengths."""
+    a, b = jax.jit(make(short)), jax.jit(make(long))
+    return max((_seconds(b, x) - _seconds(a, x)) / (long - short), 1e-9)
+
+
 def measure_kind(devices: list, memory_bytes: float, name: str = "cpu") -> DeviceKind:
     n = len(devices)
     mesh = Mesh(np.array(devices), ("d",))
     rows = NamedSharding(mesh, P("d"))
-    x = jax.device_put(jnp.ones((n * 256, 512), jnp.float32), rows)
-    w = jax.device_put(jnp.ones((512, 512), jnp.float32), NamedSharding(mesh, P()))
 
-    @jax.jit
-    def products(x, w):
-        for _ in range(8):
-            x = jnp.tanh(x @ w)
-        return x
+    def loop(body):
+        return lambda k: (lambda x: jax.lax.fori_loop(0, k, lambda i, y: body(y), x))
 
-    flops = 8 * 2 * x.shape[0] * 512 * 512 / n / _seconds(products, x, w)
-    big = jax.device_put(jnp.ones((n, 2**21), jnp.float32), rows)
-    bandwidth = 2 * big.nbytes / n / _seconds(jax.jit(lambda a: a * 2 + 1), big)
-    gather = jax.jit(lambda a: a, out_shardings=NamedSharding(mesh, P()))
-    small = jax.device_put(jnp.ones((n, 8), jnp.float32), rows)
-    latency = _seconds(jax.jit(lambda a: jnp.sum(a), out_shardings=NamedSharding(mesh, P())),
-                       small)
-    piece = big.nbytes / n
-    link = piece * (n - 1) / max(_seconds(gather, big) - latency, 1e-6)
+    w = jnp.full((256, 256), 1 / 256, jnp.float32)
+    x = jax.device_put(jnp.ones((n * 256, 256), jnp.float32), rows)
+    flops = 2 * 256 * 256 * 256 / _per_iteration(loop(lambda y: y @ w), x, 2, 18)
+
+    big = jax.device_put(jnp.ones((n, 2**21), jnp.float32), rows)  # 8 MiB a device
+    bandwidth = 2 * big.nbytes / n / _per_iteration(loop(lambda y: y * 0.5 + 1), big, 1, 9)
+
+    small = jax.device_put(jnp.ones((n, 64), jnp.float32), rows)
+    # A reduction then a broadcast: two kernels an iteration that no fusion joins.
+    kernel = _per_iteration(loop(lambda y: y - jnp.max(y, axis=1, keepdims=True)), small,
+                            10, 110) / 2
+
+    def psum(y):
+        total = jax.shard_map(lambda v: jax.lax.psum(v, "d"), mesh=mesh, in_specs=P("d"),
+                              out_specs=P("d"))(y)
+        return total * 1e-3
+    latency = _per_iteration(loop(psum), small, 4, 24)
+
+    # Collectives of about a layer's weights (1 MiB out): larger ones are not what a step
+    # moves, and their fresh output pages cost more than the copy.
+    piece = jax.device_put(jnp.ones((n, 2**18 // n), jnp.float32), rows)
+
+    def gather(y):
+        whole = jax.shard_map(lambda v: jax.lax.all_gather(v, "d", tiled=True), mesh=mesh,
+                              in_specs=P("d"), out_specs=P(), check_vma=False)(y)
+        return y + whole[:, :1] * 1e-3
+    per_gather = _per_iteration(loop(gather), piece, 2, 12)
+    link = piece.nbytes * (n - 1) / n / max(per_gather - latency - kernel, 1e-9)
     return DeviceKind(name, flops, memory_bytes, bandwidth, link, link, compute_share=1.0,
-                      link_latency=latency, overlap=False,
-                      flash_attention=False)
+                      link_latency=latency, overlap=False, flash_attention=False,
+                      kernel_overhead=kernel)
