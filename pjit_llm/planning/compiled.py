@@ -46,7 +46,7 @@ _IRRELEVANT = ("data.source", "data.paths", "data.name", "data.tokenizer_path", 
                "train.eval_every", "checkpoint", "distributed", "mesh.emulate_devices")
 
 
-ANALYSIS_VERSION = 4  # what an entry holds; a change makes old entries unreadable by key
+ANALYSIS_VERSION = 5  # what an entry holds; a change makes old entries unreadable by key
 
 
 def default_cache_dir() -> Path:
@@ -119,7 +119,7 @@ def analyse(cfg: Config, devices: int, scores: bool = False) -> dict:
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
     memory = perf.compiled_memory(compiled) or {}
-    cost = program_cost(compiled.as_text(), devices, cfg.data.seq_len)
+    cost = program_cost(compiled.as_text(), devices, cfg.data.seq_len, cfg.model.num_heads)
     collectives = []
     for c in cost.collectives:
         axes, across = (crossed_axes(c.groups[0], sizes, dcn) if c.groups
@@ -144,11 +144,11 @@ def analyse(cfg: Config, devices: int, scores: bool = False) -> dict:
 
 
 def cached_analysis(cfg: Config, devices: int, cache_dir: Path | None,
-                    scores: bool = False) -> tuple[dict, bool]:
-    """`analyse`, read from the cache when it holds this config (and the scores' memory when
-    asked for); (result, whether cached)."""
+                    scores: bool = False, compile_with=analyse) -> tuple[dict, bool]:
+    """`compile_with` (`analyse`, or a worker's), read from the cache when it holds this
+    config (and the scores' memory when asked for); (result, whether cached)."""
     if cache_dir is None:
-        return analyse(cfg, devices, scores), False
+        return compile_with(cfg, devices, scores), False
     path = Path(cache_dir) / f"{cache_key(cfg, devices)}.json"
     if path.exists():
         try:
@@ -157,7 +157,9 @@ def cached_analysis(cfg: Config, devices: int, cache_dir: Path | None,
                 return found, True
         except (OSError, ValueError):
             pass  # a damaged entry is compiled again
-    result = analyse(cfg, devices, scores)
+    result = compile_with(cfg, devices, scores)
+    if result.get("aborted"):  # perhaps killed for memory: not a property of the config
+        return result, False
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result))

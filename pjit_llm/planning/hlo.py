@@ -252,7 +252,21 @@ class ProgramCost:
     dot_bytes: float = 0.0  # of `bytes`, those of kernels that compute a matrix product
 
 
-def program_cost(text: str, num_devices: int, seq_len: int = 0) -> ProgramCost:
+def is_scores(dims: list[int], seq_len: int, heads: int) -> bool:
+    """Whether an array is attention's (seq, seq) scores or probabilities: (..., L, L) of
+    rank 4 or more (batch, heads or their groups lead), or a rank-3 view with a head group
+    folded into one of the two (L, g.L) (rank-3 (B, L, L) is excluded: it is also a width
+    the size of the sequence)."""
+    if not seq_len or len(dims) < 3:
+        return False
+    a, b = dims[-2:]
+    if len(dims) >= 4 and a == b == seq_len:
+        return True
+    short, long = sorted((a, b))
+    return short == seq_len and long % seq_len == 0 and 2 <= long // seq_len <= heads
+
+
+def program_cost(text: str, num_devices: int, seq_len: int = 0, heads: int = 0) -> ProgramCost:
     comps, entry = parse_computations(text)
     times: dict[str, float] = defaultdict(float)
     fused: set[str] = set()
@@ -284,7 +298,7 @@ def program_cost(text: str, num_devices: int, seq_len: int = 0) -> ProgramCost:
                 if instr.op == "dot" or (body and body.group(1) in has_dot) or \
                         _dot_flops(instr, shapes):
                     dot_traffic += moved
-                if seq_len and _dims(instr.type)[-2:] == [seq_len, seq_len]:
+                if is_scores(_dims(instr.type), seq_len, heads):
                     scores += moved
             if base in COLLECTIVES and not instr.op.endswith("-done"):
                 size = shape_bytes(instr.type)

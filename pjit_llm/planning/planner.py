@@ -23,6 +23,7 @@ from pjit_llm.planning import candidates as cands
 from pjit_llm.planning.compiled import cached_analysis
 from pjit_llm.planning.devices import Cluster
 from pjit_llm.planning.estimate import estimate, flash
+from pjit_llm.planning.worker import CompileWorker
 
 
 def concrete_vocab(cfg: Config) -> Config:
@@ -114,6 +115,7 @@ def plan(cfg: Config, cluster: Cluster, kind_for_estimate, budget: float, top: i
                                           cands.analytic_time(cfg, leaves, c, cluster)))
     chosen = _diverse(ranked, top or default_top(leaves))
     rows, cached = [], 0
+    worker = CompileWorker(cluster.devices)
     flops = perf.flops_per_step(cfg.model, cfg.data.batch_size, cfg.data.seq_len)
     tokens = cfg.data.batch_size * cfg.data.seq_len
     for i, cand in enumerate(chosen):
@@ -125,10 +127,11 @@ def plan(cfg: Config, cluster: Cluster, kind_for_estimate, budget: float, top: i
             pruned[str(e)[:60]] += 1
             continue
         scores = kind_for_estimate.flash_attention and cand.mesh["context"] == 1
-        analysis, hit = cached_analysis(run_cfg, cluster.devices, cache_dir, scores)
+        analysis, hit = cached_analysis(run_cfg, cluster.devices, cache_dir, scores,
+                                        worker.analyse)
         cached += hit
         if "refused" in analysis:
-            pruned["refused by the builder: " + analysis["refused"][:60]] += 1
+            pruned["refused: " + analysis["refused"][:60]] += 1
             continue
         est = estimate(analysis, kind_for_estimate)
         memory = analysis["memory"].get("peak") or cands.analytic_memory(cfg, leaves, cand)
@@ -138,11 +141,15 @@ def plan(cfg: Config, cluster: Cluster, kind_for_estimate, budget: float, top: i
                      "estimate": est, "memory": memory, "fits": memory <= budget,
                      "tokens_per_s": tokens / est.step_s,
                      "mfu": flops / est.step_s / cluster.devices / kind_for_estimate.peak_flops})
+    worker.close()
     progress(len(chosen), len(chosen), f"done ({cached} of {len(chosen)} from the cache)")
     rows.sort(key=lambda r: (not r["fits"], r["estimate"].step_s))
-    if not rows or not rows[0]["fits"]:
-        refuse(cfg, leaves, cluster, budget, "no compiled candidate's memory plan fits"
-               if rows else "no candidate compiles")
+    if not rows:
+        why = next((k for k in pruned if k.startswith("refused: ")), "refused: unknown")
+        raise UserError(f"none of the {len(chosen)} candidates compiled on {cluster.describe()} "
+                        f"({why}); compile more with --top, or choose a mesh by hand")
+    if not rows[0]["fits"]:
+        refuse(cfg, leaves, cluster, budget, "no compiled candidate's memory plan fits")
     info = {"enumerated": len(found), "compiled": len(chosen), "cached": cached,
             "pruned": dict(pruned), "devices_per_candidate": math.prod(rows[0]["candidate"].sizes),
             "axes": AXIS_NAMES}
