@@ -3,8 +3,8 @@ this process has (the emulated CPU mesh, or a GPU node) and set the measured ste
 the predicted ones.
 
 Which run: the plan's first half of `count` in its order (is the choice the fastest of its
-close rivals?) and the rest spread evenly over the remaining fitting rows (does the predicted
-order hold over the whole range?). How: every candidate is compiled and its state made first,
+close rivals?) and the rest at evenly spaced predicted times over the remaining fitting rows
+(does the predicted order hold over the range the model claims to tell apart?). How: every candidate is compiled and its state made first,
 then timed in rounds, each round a few steps of each candidate in turn, and each candidate's
 figure is the median of its rounds' medians, so that a load that comes and goes on a shared
 machine falls on all of them alike. Where the candidates' states do not fit the devices
@@ -28,9 +28,13 @@ def pick(rows: list[dict], count: int) -> list[dict]:
         return fitting
     head = (count + 1) // 2
     rest = fitting[head:]
-    spread = count - head
-    at = sorted({round((i + 1) * len(rest) / spread) - 1 for i in range(spread)})
-    return fitting[:head] + [rest[i] for i in at]
+    low, high = rest[0]["estimate"].step_s, rest[-1]["estimate"].step_s
+    picked: list[int] = []
+    for i in range(count - head):  # the nearest to evenly spaced predicted times
+        target = low + (high - low) * (i + 1) / (count - head)
+        free = [j for j in range(len(rest)) if j not in picked]
+        picked.append(min(free, key=lambda j: abs(rest[j]["estimate"].step_s - target)))
+    return fitting[:head] + [rest[j] for j in sorted(picked)]
 
 
 def _timed(step, state, batch, steps: int):
