@@ -211,10 +211,10 @@ def analytic_time(cfg: Config, leaves: list[ParamLeaf], cand: Candidate,
 
     shard = params / (s["tensor"] * s["stage"] * s["expert"])
     hidden = (cand.grad_accum * 2 * dt * shard * share("fsdp") / link("fsdp")
-              + 2 * 4 * shard / s["fsdp"] * share("data") / link("data"))
+              + 2 * 4 * shard / s["fsdp"] * share("data") / link("data") * k.reduce_slowdown)
     per_layer = m.embed_dim * dt * tokens / cand.grad_accum
     blocking = passes * layers * ticks * cand.grad_accum * (
-        2 * 2 * per_layer * share("tensor") / link("tensor")
+        2 * 2 * per_layer * share("tensor") / link("tensor") * k.reduce_slowdown
         + 2 * per_layer * share("context") / link("context")
         + 2 * per_layer * getattr(m, "experts_per_token", 0) * share("expert") / link("expert"))
     calls = passes * layers * launches * cand.grad_accum * (

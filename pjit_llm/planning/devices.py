@@ -39,11 +39,14 @@ class DeviceKind:
     # the emulated CPU devices; 0 for the data-sheet kinds, whose launches overlap the kernels
     # before them (CUDA streams queue them ahead).
     kernel_overhead: float = 0.0
+    # How many times slower an all-reduce or reduce-scatter moves each link byte than an
+    # all-gather (measured on the CPU, whose reductions add on the devices' shared cores).
+    reduce_slowdown: float = 1.0
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.type in (float, "float") and f.name not in ("link_latency", "kernel_overhead") and not value > 0:
+            if f.type in (float, "float") and f.name not in ("link_latency", "kernel_overhead", "reduce_slowdown") and not value > 0:
                 raise UserError(f"device kind {self.name}: {f.name}={value} must be positive")
 
 

@@ -5,7 +5,7 @@
                   attention scores on a device whose flash kernel keeps them on chip)
     collectives = sum over collectives of count x (latency + link bytes / link bandwidth),
                   the link being the host's (NVLink) or the network's when its groups
-                  reach across hosts
+                  reach across hosts (reductions at the kind's measured reduce slowdown)
     hidden      = the collectives of parameters and gradients: all-gathers, reduce-scatters
                   and all-reduces over data and fsdp only, which the latency-hiding
                   scheduler and pipelined collectives of xla_flags.py overlap with compute
@@ -41,6 +41,8 @@ class Estimate:
 
 def collective_seconds(c: dict, kind: DeviceKind) -> float:
     link = kind.network_link if c["across_hosts"] else kind.host_link
+    if c["op"] in ("all-reduce", "reduce-scatter"):
+        link /= kind.reduce_slowdown
     return c["count"] * (kind.link_latency + c["link_bytes"] / link)
 
 

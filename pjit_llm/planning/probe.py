@@ -12,6 +12,9 @@ start-up) cancels out:
     collective     a tiny all-reduce over every device: what each collective pays before its
                    first byte (the devices meet at a rendezvous)
     link           an all-gather of 1 MiB less that latency, per byte each device receives
+    reductions     an all-reduce of 1 MiB likewise: how much slower than the gather each of
+                   its link bytes is (XLA:CPU sums on the devices' threads; NCCL's ring does not
+                   differ, so 1 for the data-sheet kinds)
 
 Each is the median of several repeats (the machine is shared). A few seconds in all."""
 
@@ -79,6 +82,14 @@ def measure_kind(devices: list, memory_bytes: float, name: str = "cpu") -> Devic
         return y + whole[:, :1] * 1e-3
     per_gather = _per_iteration(loop(gather), piece, 2, 12)
     link = piece.nbytes * (n - 1) / n / max(per_gather - latency - kernel, 1e-9)
+
+    def reduce(y):  # the same bytes summed over every device: 2 (n-1)/n of them on the link
+        whole = jax.shard_map(lambda v: jax.lax.psum(v, "d"), mesh=mesh, in_specs=P(),
+                              out_specs=P(), check_vma=False)(y)
+        return whole * 0.5
+    replicated = jax.device_put(jnp.ones((2**18,), jnp.float32), NamedSharding(mesh, P()))
+    per_reduce = _per_iteration(loop(reduce), replicated, 2, 12)
+    reduce_link = 2 * replicated.nbytes * (n - 1) / n / max(per_reduce - latency - kernel, 1e-9)
     return DeviceKind(name, flops, memory_bytes, bandwidth, link, link, compute_share=1.0,
                       link_latency=latency, overlap=False, flash_attention=False,
-                      kernel_overhead=kernel)
+                      kernel_overhead=kernel, reduce_slowdown=max(1.0, link / reduce_link))
