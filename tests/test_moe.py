@@ -67,9 +67,9 @@ ROWS = np.concatenate([TOKENS, (TOKENS[::-1] * 7 + 3) % 300]).astype(np.int32)
 
 
 @pytest.mark.parametrize("mesh", [None, {"expert": 2}, {"expert": 4, "tensor": 2},
-                                  {"fsdp": 2, "tensor": 2}, {"data": 2, "context": 2}],
+                                  {"fsdp": 2, "tensor": 2}, {"expert": 2, "context": 2}],
                          ids=["one device", "expert", "expert x tensor", "fsdp x tensor",
-                              "data x context"])
+                              "expert x context"])
 def test_imported_models_give_the_logits_of_transformers(imported, mesh):
     _, model, run = imported
     expected, got = hf_logits(model, ROWS), our_logits(run, ROWS, mesh)
