@@ -66,9 +66,8 @@ def test_config_json_gives_the_experts(imported):
 ROWS = np.random.default_rng(1).integers(0, 300, (8, 48)).astype(np.int32)
 
 
-@pytest.mark.parametrize("mesh", [None, {"expert": 2}, {"expert": 4, "tensor": 2},
-                                  {"expert": 2, "context": 2}],
-                         ids=["one device", "expert", "expert x tensor", "expert x context"])
+@pytest.mark.parametrize("mesh", [None, {"expert": 2}, {"expert": 4, "tensor": 2}],
+                         ids=["one device", "expert", "expert x tensor"])
 def test_imported_models_give_the_logits_of_transformers(imported, mesh):
     _, model, run = imported
     expected, got = hf_logits(model, ROWS), our_logits(run, ROWS, mesh)
@@ -303,9 +302,8 @@ def trained_on_one_device():
     return run_steps(tiny_config(*TRAINED), None)
 
 
-@pytest.mark.parametrize("mesh", [{"expert": 2}, {"expert": 4, "tensor": 2},
-                                  {"expert": 2, "fsdp": 2}],
-                         ids=["expert", "expert x tensor", "expert x fsdp"])
+@pytest.mark.parametrize("mesh", [{"expert": 2}, {"expert": 4, "tensor": 2}],
+                         ids=["expert", "expert x tensor"])
 def test_moe_trains_on_a_mesh_as_on_one_device(trained_on_one_device, mesh):
     """Three steps (the router's losses and the experts' gradients included; with `expert`,
     tokens exchanged with the experts' devices) equal one device's."""
@@ -317,14 +315,12 @@ def test_moe_trains_on_a_mesh_as_on_one_device(trained_on_one_device, mesh):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("overrides", [("model.scan_layers=false", "model.remat=proj"),
-                                       ("model.remat=full", "model.loss_chunk=8")],
-                         ids=["unrolled, proj", "full remat, chunked loss"])
-def test_unrolled_layers_and_remat_give_the_scanned_result(overrides):
+def test_unrolled_layers_and_remat_give_the_scanned_result():
     cfg = tiny_config("model.family=mixtral", "model.num_experts=4")
     ref_losses, ref_params = run_steps(cfg, None, steps=2)
     losses, params = run_steps(tiny_config("model.family=mixtral", "model.num_experts=4",
-                                           *overrides), {"data": 2}, steps=2)
+                                           "model.scan_layers=false", "model.remat=proj"),
+                               {"data": 2}, steps=2)
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
@@ -434,10 +430,9 @@ def test_int8_experts_keep_their_scales_per_expert_and_the_logits_close():
 STAGED = {"expert": 2, "fsdp": 2, "stage": 2}
 SCHEDULES = {"gpipe": ("train.microbatches=2",),
              "circular": ("train.microbatches=2", "train.pipeline_repeats=2")}
-# Each family through one schedule in each check, the other in the next (the stages do not
-# depend on the family; the schedules differ in which layer each stage holds).
-FIRST = {"mixtral": "gpipe", "qwen3_moe": "circular"}
-SECOND = {"mixtral": "circular", "qwen3_moe": "gpipe"}
+# Each family's logits through one schedule (the stages do not depend on the family; the
+# schedules differ in which layers each stage holds).
+SCHEDULE_OF = {"mixtral": "gpipe", "qwen3_moe": "circular"}
 
 
 @pytest.fixture(scope="module", params=list(MAKERS))
@@ -451,7 +446,7 @@ def imported_4_layers(request, tmp_path_factory):
 def test_pipeline_stages_give_the_logits_of_transformers(imported_4_layers):
     name, model, run = imported_4_layers
     expected = hf_logits(model, ROWS)
-    got = our_logits(run, ROWS, STAGED, overrides=SCHEDULES[FIRST[name]])
+    got = our_logits(run, ROWS, STAGED, overrides=SCHEDULES[SCHEDULE_OF[name]])
     print(f"max |logit difference| {np.abs(got - expected).max():.2e} of {np.abs(expected).max():.2f}")
     assert np.abs(expected).max() > 1.0
     assert np.abs(got - expected).max() < 1e-4
@@ -480,15 +475,16 @@ def router_terms(run, mesh, overrides=()):
             jax.tree.map(np.asarray, stats))
 
 
+@pytest.mark.parametrize("imported_4_layers", ["mixtral"], indirect=True)
 def test_pipeline_stages_give_the_router_losses_and_their_gradient_of_one_device(
         imported_4_layers):
     """The router statistics come through the stages summed over micro-batches, nothing from
     a stage in its bubble, layers in model order: each layer's statistics, the load-balancing
     loss, the objective and the loss's gradient with respect to each layer's router are one
     device's."""
-    name, _, run = imported_4_layers
+    _, _, run = imported_4_layers
     ref_objective, ref_metrics, ref_grad, ref_stats = router_terms(run, None)
-    objective, metrics, grad, stats = router_terms(run, STAGED, SCHEDULES[SECOND[name]])
+    objective, metrics, grad, stats = router_terms(run, STAGED, SCHEDULES["circular"])
     assert ref_stats["expert_tokens"].shape[0] == 4
     assert len({tuple(n) for n in ref_stats["expert_tokens"]}) > 1  # the layers differ
     for name, value in ref_stats.items():
@@ -501,6 +497,7 @@ def test_pipeline_stages_give_the_router_losses_and_their_gradient_of_one_device
     np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("imported_4_layers", ["qwen3_moe"], indirect=True)
 def test_pipeline_stages_load_balancing_loss_is_transformers(imported_4_layers):
     import torch
     _, model, run = imported_4_layers
@@ -523,8 +520,8 @@ def staged_moe_on_one_device():
     return run_steps(tiny_config(*STAGED_MOE), None)
 
 
-@pytest.mark.parametrize("schedule, capacity", [("gpipe", 0), ("circular", 4)],
-                         ids=["gpipe", "circular, capacity (all-to-all)"])
+@pytest.mark.parametrize("schedule, capacity", [("circular", 4)],
+                         ids=["circular, capacity (all-to-all)"])
 def test_moe_trains_through_pipeline_stages_as_on_one_device(staged_moe_on_one_device, schedule,
                                                              capacity):
     """The router losses (weighted up, so that their gradient counts) train the routers
@@ -554,7 +551,7 @@ def test_flops_count_the_active_experts_only():
     assert flops(more, 32) - flops(cfg, 32) == 6 * L * D * 56
 
 
-@pytest.mark.parametrize("name", ["mixtral-8x7b", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("name", ["mixtral-8x7b"])  # qwen3-30b-a3b's plan: BENCHMARKS.md
 def test_the_released_shapes_plan_to_fit_a_node_of_eight_80_gib_gpus(name):
     """The shipped configs as they are: XLA's plan of the step per device, compiled for 8
     devices (abstract arrays: nothing is allocated), fits 80 GiB."""
