@@ -61,15 +61,13 @@ def test_config_json_gives_the_experts(imported):
             cfg.router_aux_loss_coef) == expected
 
 
-# Four rows, so that each of up to four batch shards routes its own (and sends them to the
-# experts' devices).
-ROWS = np.concatenate([TOKENS, (TOKENS[::-1] * 7 + 3) % 300]).astype(np.int32)
+# Eight rows, so that each of up to four batch shards routes its own (and sends them to the
+# experts' devices), also in each of two pipeline micro-batches.
+ROWS = np.random.default_rng(1).integers(0, 300, (8, 48)).astype(np.int32)
 
 
-@pytest.mark.parametrize("mesh", [None, {"expert": 2}, {"expert": 4, "tensor": 2},
-                                  {"fsdp": 2, "tensor": 2}, {"data": 2, "context": 2}],
-                         ids=["one device", "expert", "expert x tensor", "fsdp x tensor",
-                              "data x context"])
+@pytest.mark.parametrize("mesh", [None, {"expert": 2}, {"expert": 4, "tensor": 2}],
+                         ids=["one device", "expert", "expert x tensor"])
 def test_imported_models_give_the_logits_of_transformers(imported, mesh):
     _, model, run = imported
     expected, got = hf_logits(model, ROWS), our_logits(run, ROWS, mesh)
@@ -105,6 +103,7 @@ def test_they_generate_what_transformers_generates(imported):
     assert len(expected.split()) == 12 and set(expected.split()) <= set(WORDS)
 
 
+@pytest.mark.parametrize("imported", ["qwen3_moe"], indirect=True)  # one family: shared experts
 def test_an_int8_export_generates(imported, tmp_path):
     """The experts quantized to int8 (with the attention) reach generation's decode loop."""
     from pjit_llm.inference.generator import Sampling, generate_texts
@@ -303,9 +302,8 @@ def trained_on_one_device():
     return run_steps(tiny_config(*TRAINED), None)
 
 
-@pytest.mark.parametrize("mesh", [{"expert": 2}, {"expert": 4, "tensor": 2},
-                                  {"expert": 2, "fsdp": 2}, {"fsdp": 2, "tensor": 2}],
-                         ids=["expert", "expert x tensor", "expert x fsdp", "fsdp x tensor"])
+@pytest.mark.parametrize("mesh", [{"expert": 2}, {"expert": 4, "tensor": 2}],
+                         ids=["expert", "expert x tensor"])
 def test_moe_trains_on_a_mesh_as_on_one_device(trained_on_one_device, mesh):
     """Three steps (the router's losses and the experts' gradients included; with `expert`,
     tokens exchanged with the experts' devices) equal one device's."""
@@ -317,14 +315,12 @@ def test_moe_trains_on_a_mesh_as_on_one_device(trained_on_one_device, mesh):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("overrides", [("model.scan_layers=false", "model.remat=proj"),
-                                       ("model.remat=full", "model.loss_chunk=8")],
-                         ids=["unrolled, proj", "full remat, chunked loss"])
-def test_unrolled_layers_and_remat_give_the_scanned_result(overrides):
+def test_unrolled_layers_and_remat_give_the_scanned_result():
     cfg = tiny_config("model.family=mixtral", "model.num_experts=4")
     ref_losses, ref_params = run_steps(cfg, None, steps=2)
     losses, params = run_steps(tiny_config("model.family=mixtral", "model.num_experts=4",
-                                           *overrides), {"data": 2}, steps=2)
+                                           "model.scan_layers=false", "model.remat=proj"),
+                               {"data": 2}, steps=2)
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
@@ -392,12 +388,12 @@ def test_accumulated_micro_batches_log_their_token_weighted_router_metrics():
     assert abs(float(metrics["loss"]) - sum(float(l) for _, l, _ in micro) / sum(counts)) < 1e-5
 
 
-@pytest.mark.parametrize("factor", [0.0, 0.5], ids=["dropless", "capacity 0.5"])
-def test_the_step_logs_the_router_metrics(factor):
-    """Dropless drops nothing; with capacity for half the even share, at least half the
-    assignments are dropped (the tokens exchanged over mesh.expert), and the step says so."""
+def test_the_step_logs_the_router_metrics():
+    """With capacity for half the even share, at least half the assignments are dropped (the
+    tokens exchanged over mesh.expert), and the step says so (dropless runs log 0: see
+    e2e/test_train_cli.py)."""
     cfg = tiny_config("model.family=qwen3_moe", "model.num_experts=4", "model.experts_per_token=2",
-                      f"model.expert_capacity_factor={factor}")
+                      "model.expert_capacity_factor=0.5")
     parts = build_on(cfg, {"data": 2, "expert": 2})
     rows = random_rows(cfg, n_rows=cfg.data.batch_size)
     batch = {k: jax.device_put(v, parts.batch_sharding) for k, v in rows.items()}
@@ -407,8 +403,7 @@ def test_the_step_logs_the_router_metrics(factor):
     assert tokens * 2 / 4 <= float(metrics["expert_tokens_max"]) <= tokens
     assert float(metrics["moe_aux_loss"]) >= 1.0 - 1e-5  # its minimum: perfectly balanced
     assert float(metrics["router_z_loss"]) > 0
-    dropped = float(metrics["expert_dropped_share"])
-    assert dropped == 0.0 if factor == 0 else 0.45 <= dropped < 1.0, dropped
+    assert 0.45 <= float(metrics["expert_dropped_share"]) < 1.0
 
 
 def test_int8_experts_keep_their_scales_per_expert_and_the_logits_close():
@@ -433,9 +428,11 @@ def test_int8_experts_keep_their_scales_per_expert_and_the_logits_close():
 # Pipeline stages with experts: micro-batches of 4 rows, one per batch shard (fsdp x expert),
 # so that each stage's MoE layers sort their own rows (the shard_map inside the stages' vmap).
 STAGED = {"expert": 2, "fsdp": 2, "stage": 2}
-ROWS = np.random.default_rng(1).integers(0, 300, (8, 48)).astype(np.int32)
 SCHEDULES = {"gpipe": ("train.microbatches=2",),
              "circular": ("train.microbatches=2", "train.pipeline_repeats=2")}
+# Each family's logits through one schedule (the stages do not depend on the family; the
+# schedules differ in which layers each stage holds).
+SCHEDULE_OF = {"mixtral": "gpipe", "qwen3_moe": "circular"}
 
 
 @pytest.fixture(scope="module", params=list(MAKERS))
@@ -446,11 +443,10 @@ def imported_4_layers(request, tmp_path_factory):
     return request.param, model, convert.import_hf(tmp / "hf", tmp / "run")
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
-def test_pipeline_stages_give_the_logits_of_transformers(imported_4_layers, schedule):
-    _, model, run = imported_4_layers
+def test_pipeline_stages_give_the_logits_of_transformers(imported_4_layers):
+    name, model, run = imported_4_layers
     expected = hf_logits(model, ROWS)
-    got = our_logits(run, ROWS, STAGED, overrides=SCHEDULES[schedule])
+    got = our_logits(run, ROWS, STAGED, overrides=SCHEDULES[SCHEDULE_OF[name]])
     print(f"max |logit difference| {np.abs(got - expected).max():.2e} of {np.abs(expected).max():.2f}")
     assert np.abs(expected).max() > 1.0
     assert np.abs(got - expected).max() < 1e-4
@@ -479,16 +475,16 @@ def router_terms(run, mesh, overrides=()):
             jax.tree.map(np.asarray, stats))
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("imported_4_layers", ["mixtral"], indirect=True)
 def test_pipeline_stages_give_the_router_losses_and_their_gradient_of_one_device(
-        imported_4_layers, schedule):
+        imported_4_layers):
     """The router statistics come through the stages summed over micro-batches, nothing from
     a stage in its bubble, layers in model order: each layer's statistics, the load-balancing
     loss, the objective and the loss's gradient with respect to each layer's router are one
     device's."""
     _, _, run = imported_4_layers
     ref_objective, ref_metrics, ref_grad, ref_stats = router_terms(run, None)
-    objective, metrics, grad, stats = router_terms(run, STAGED, SCHEDULES[schedule])
+    objective, metrics, grad, stats = router_terms(run, STAGED, SCHEDULES["circular"])
     assert ref_stats["expert_tokens"].shape[0] == 4
     assert len({tuple(n) for n in ref_stats["expert_tokens"]}) > 1  # the layers differ
     for name, value in ref_stats.items():
@@ -501,6 +497,7 @@ def test_pipeline_stages_give_the_router_losses_and_their_gradient_of_one_device
     np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("imported_4_layers", ["qwen3_moe"], indirect=True)
 def test_pipeline_stages_load_balancing_loss_is_transformers(imported_4_layers):
     import torch
     _, model, run = imported_4_layers
@@ -514,18 +511,27 @@ def test_pipeline_stages_load_balancing_loss_is_transformers(imported_4_layers):
     assert abs(float(metrics["moe_aux_loss"]) - float(out.aux_loss)) < 1e-5
 
 
-@pytest.mark.parametrize("schedule, capacity", [("gpipe", 0), ("circular", 0), ("gpipe", 4)],
-                         ids=["gpipe", "circular", "gpipe, capacity (all-to-all)"])
-def test_moe_trains_through_pipeline_stages_as_on_one_device(schedule, capacity):
+STAGED_MOE = ("model.family=mixtral", "model.num_experts=4", "model.num_layers=4",
+              "model.router_z_loss_coef=0.001", "model.router_aux_loss_coef=0.1")
+
+
+@pytest.fixture(scope="module")
+def staged_moe_on_one_device():
+    return run_steps(tiny_config(*STAGED_MOE), None)
+
+
+@pytest.mark.parametrize("schedule, capacity", [("circular", 4)],
+                         ids=["circular, capacity (all-to-all)"])
+def test_moe_trains_through_pipeline_stages_as_on_one_device(staged_moe_on_one_device, schedule,
+                                                             capacity):
     """The router losses (weighted up, so that their gradient counts) train the routers
-    through the stages as on one device; so do tokens sent to their experts' devices inside
-    the stages (a capacity that drops nothing here, so that one device drops nothing either)."""
-    overrides = ("model.family=mixtral", "model.num_experts=4", "model.num_layers=4",
-                 "model.router_z_loss_coef=0.001", "model.router_aux_loss_coef=0.1",
-                 f"model.expert_capacity_factor={capacity}")
-    ref_losses, ref_params = run_steps(tiny_config(*overrides), None)
+    through the stages as on one device, dropless; so do tokens sent to their experts'
+    devices inside the stages in capacity mode (a capacity that drops nothing here, so that
+    the result is the dropless one-device run's)."""
+    ref_losses, ref_params = staged_moe_on_one_device
     assert ref_losses[-1] < ref_losses[0]
-    cfg = tiny_config(*overrides, *SCHEDULES[schedule])
+    cfg = tiny_config(*STAGED_MOE, f"model.expert_capacity_factor={capacity}",
+                      *SCHEDULES[schedule])
     losses, params = run_steps(cfg, STAGED)
     params = Pipeline(2, 2, cfg.train.pipeline_repeats).to_model(params)  # from stage order
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
@@ -545,7 +551,7 @@ def test_flops_count_the_active_experts_only():
     assert flops(more, 32) - flops(cfg, 32) == 6 * L * D * 56
 
 
-@pytest.mark.parametrize("name", ["mixtral-8x7b", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("name", ["mixtral-8x7b"])  # qwen3-30b-a3b's plan: BENCHMARKS.md
 def test_the_released_shapes_plan_to_fit_a_node_of_eight_80_gib_gpus(name):
     """The shipped configs as they are: XLA's plan of the step per device, compiled for 8
     devices (abstract arrays: nothing is allocated), fits 80 GiB."""
@@ -556,6 +562,7 @@ def test_the_released_shapes_plan_to_fit_a_node_of_eight_80_gib_gpus(name):
     assert 40 * 2**30 < plan["peak"] < 80 * 2**30
 
 
+@pytest.mark.parametrize("imported", ["mixtral"], indirect=True)
 def test_lm_eval_scores_a_mixture_of_experts_as_its_logits_say(imported):
     """The lm-eval backend on an imported MoE model, its experts split over mesh.expert=2:
     each continuation's log-likelihood is the one its logits on one device give."""

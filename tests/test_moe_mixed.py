@@ -1,7 +1,7 @@
 """Qwen3-MoE stacks that mix dense and mixture-of-experts layers (model.decoder_sparse_step,
 model.mlp_only_layers) against transformers: which layers are which, logits on one device and
 on a mesh, the load-balancing loss over the sparse layers only, greedy generation, the export
-and int8; and the stacks, decode and training of our own mixed models."""
+and int8; and the stacks and training of our own mixed models."""
 
 import dataclasses
 import json
@@ -15,12 +15,11 @@ from flax import nnx
 from conftest import build_on, tiny_config
 from hf_models import (TOKENS, WORDS, greedy_texts, hf_logits, hf_qwen3_moe_mixed,
                        our_logits)
-from pjit_llm.checkpoint.exports import write_export
 from pjit_llm.checkpoint.run_dir import run_config
 from pjit_llm.checkpoint.runs import restore_params
 from pjit_llm.errors import UserError
 from pjit_llm.interop import hf as convert
-from pjit_llm.models.decoder import init_cache, layer_runs, unstack_layers
+from pjit_llm.models.decoder import layer_runs
 from pjit_llm.models.families import abstract_model, family, make_model
 from pjit_llm.models.loss import objective_terms
 from pjit_llm.models.quantize import Int8Weight, quantize_params
@@ -109,19 +108,6 @@ def test_a_mixed_export_loads_in_transformers_with_the_same_logits(imported, tmp
     assert qwen3_moe_hf.model_config(config, "ours")[0] == ours
 
 
-def test_an_int8_export_of_a_mixed_model_generates(imported, tmp_path):
-    """The dense layers' MLPs are quantized as Llama's, the experts per expert."""
-    from pjit_llm.inference.generator import Sampling, generate_texts
-    _, run = imported
-    parts = build_on(run_config(run))
-    out, _ = write_export(run_config(run), parts.layout, tmp_path / "int8", None, "float32", "int8")
-    params, _ = restore_params(run_config(out), build_on(run_config(out)).layout, None)
-    assert isinstance(params["dense_blocks"]["mlp"]["w_gate"][...], Int8Weight)
-    assert isinstance(params["blocks"]["mlp"]["expert_gate"][...], Int8Weight)
-    quantized, = generate_texts(out, ["the cat sat on"], 8, Sampling())
-    assert len(quantized.split()) == 8 and set(quantized.split()) <= set(WORDS)
-
-
 def test_int8_dense_layers_keep_their_scales_per_channel_and_the_logits_close():
     cfg = tiny_config(*MIXED)
     parts = build_on(cfg, {"expert": 2, "fsdp": 2, "tensor": 2})
@@ -137,26 +123,6 @@ def test_int8_dense_layers_keep_their_scales_per_channel_and_the_logits_close():
                                                              positions).astype(jnp.float32))
     exact, quantized = np.asarray(forward(params)), np.asarray(forward(q))
     assert 0 < np.abs(quantized - exact).max() < 0.02 * np.abs(exact).max()
-
-
-def test_decode_walks_both_stacks_as_the_forward_pass_does():
-    """A prompt decoded into the cache gives the forward pass's logits, with stacked layers
-    (each sliced from its stack) and with a layer list (`unstack_layers`)."""
-    cfg = dataclasses.replace(tiny_config(*MIXED).model, vocab_size=128)
-    graphdef, params = nnx.split(make_model(cfg, None, nnx.Rngs(0)))
-    listed_graphdef, _ = abstract_model(cfg, None, layer_list=True)
-    listed_params = unstack_layers(params)
-    assert set(listed_params["dense_blocks"]) == {0, 1} and set(listed_params["blocks"]) == {0, 1}
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 12)), jnp.int32)
-    positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
-    forward = jax.jit(lambda p: nnx.merge(graphdef, p)(tokens, jnp.ones_like(tokens), positions))
-    decode = jax.jit(lambda g, p: nnx.merge(g, p).decode(tokens, positions,
-                                                         init_cache(cfg, None, 2, 16))[0],
-                     static_argnums=0)
-    expected = np.asarray(forward(params))
-    np.testing.assert_allclose(np.asarray(decode(graphdef, params)), expected, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(decode(listed_graphdef, listed_params)), expected,
-                               atol=1e-5)
 
 
 def test_the_router_statistics_come_from_the_sparse_layers():

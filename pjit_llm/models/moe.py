@@ -1,4 +1,4 @@
-"""The mixture-of-experts MLP every MoE family shares, dropless, and its router losses.
+"""The mixture-of-experts MLP every MoE family shares, and its router losses.
 
 A router (a (D, E) weight, its logits and softmax in float32) sends each token to its top-k
 experts; each expert is a gated MLP, their weights stacked (E, D, F) and (E, F, D). How the

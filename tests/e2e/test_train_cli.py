@@ -98,8 +98,8 @@ def test_the_tiny_moe_config_logs_its_router_to_tensorboard(tmp_path):
     TensorBoard scalars."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     config = Path(__file__).parents[2] / "configs" / "tiny-moe.yaml"
-    result = run_cli("--config", str(config), "train.steps=4", "train.log_every=2",
-                     "train.eval_every=0", "train.eval_batches=1", "train.sample_tokens=0",
+    result = run_cli("--config", str(config), "train.steps=4", "optimizer.warmup_steps=1",
+                     "train.log_every=2", "train.eval_every=0", "train.eval_batches=1", "train.sample_tokens=0",
                      "checkpoint.every=0", "data.seq_len=32", "train.run_dir=run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "expert=4" in result.stdout
