@@ -29,6 +29,7 @@ from pjit_llm.planning.candidates import REMATS, apply
 from pjit_llm.planning.compiled import default_cache_dir
 from pjit_llm.planning import planner
 from pjit_llm.planning.planner import _progress, plan
+from pjit_llm.planning.probe import measure_kind
 from pjit_llm.planning.report import print_calibration, print_plan, write_plan
 
 
@@ -83,7 +84,6 @@ def main(argv=None) -> None:
         raise UserError(f"--devices {args.devices} but this process has {len(jax.devices())} "
                         f"{jax.default_backend()} devices; calibrate on a node that has them")
     if name == "cpu":
-        from pjit_llm.planning.probe import measure_kind  # noqa: PLC0415
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / args.devices
         kind = measure_kind(jax.devices()[:args.devices], memory)
     else:

@@ -10,11 +10,11 @@ import multiprocessing
 
 from pjit_llm.config import Config
 from pjit_llm.parallel.mesh import use_emulated_devices
+from pjit_llm.planning.compiled import analyse
 
 
 def _serve(conn, devices: int) -> None:
-    use_emulated_devices(devices)
-    from pjit_llm.planning.compiled import analyse  # noqa: PLC0415  (after the device count)
+    use_emulated_devices(devices)  # before anything starts JAX's backend in this process
     while True:
         job = conn.recv()
         if job is None:
