@@ -17,6 +17,7 @@ from pjit_llm.checkpoint.run_dir import run_config
 from pjit_llm.checkpoint.runs import restore_params
 from pjit_llm.interop import hf as convert
 from pjit_llm.interop import safetensors_io
+from pjit_llm.models.loss import objective_terms
 from pjit_llm.models.llama import hf as hf_config
 
 WORDS = ["[UNK]", "the", "cat", "sat", "on", "a", "mat", "dog", "ran", "to", "red", "big",
@@ -192,3 +193,21 @@ def chat_tokenizer(directory: Path, template: str | None = CHAT_TEMPLATE) -> Pat
         config["chat_template"] = template
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     return directory / "tokenizer.json"
+
+
+def objectives_of_both(model, run: Path, tokens):
+    """A mixture of experts' training loss on `tokens` as transformers computes it
+    (output_router_logits: cross-entropy + router_aux_loss_coef x aux_loss) and as ours does:
+    (transformers' output, our objective and our cross-entropy per predicted token, our
+    metrics)."""
+    import torch
+    with torch.no_grad():
+        out = model(torch.tensor(tokens, dtype=torch.long),
+                    labels=torch.tensor(tokens, dtype=torch.long), output_router_logits=True)
+    parts = build_on(run_config(run))
+    params, _ = restore_params(parts.cfg, parts.layout, None)
+    batch = {"tokens": jnp.asarray(tokens), "segment_ids": jnp.ones_like(tokens),
+             "positions": jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)}
+    objective, (count, loss_sum, metrics) = jax.jit(
+        lambda p, b: objective_terms(parts.graphdef, p, b))(params, batch)
+    return out, float(objective / count), float(loss_sum / count), metrics

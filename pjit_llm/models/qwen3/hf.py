@@ -15,24 +15,35 @@ def model_config(hf: dict, source: str, param_dtype: str | None = None) -> tuple
         return UserError(f"{source}: {what} is not supported (only dense Qwen3 decoders that "
                          "this model computes exactly can be imported)")
 
+    cfg = Qwen3Config(**decoder_and_head_fields(hf, source, refuse))
+    return with_param_dtype(cfg, hf, param_dtype)
+
+
+def decoder_and_head_fields(hf: dict, source: str, refuse) -> dict:
+    """The shared decoder fields and the head size of a Qwen3 config.json (dense or MoE),
+    refusing what the model does not compute: an activation other than SiLU, sliding windows."""
     if hf.get("hidden_act", "silu") != "silu":
         raise refuse(f"activation hidden_act={hf['hidden_act']}")
     sliding = [t for t in hf.get("layer_types") or [] if t != "full_attention"]
     if hf.get("use_sliding_window") or sliding:
         raise refuse("sliding-window attention (use_sliding_window / layer_types)")
     fields = decoder_fields(hf, source, refuse, theta_default=1000000.0)
-    head_dim = number(hf, "head_dim", int, source, fields["embed_dim"] // fields["num_heads"])
-    cfg = Qwen3Config(**fields, head_dim=head_dim)
-    return with_param_dtype(cfg, hf, param_dtype)
+    return {**fields, "head_dim": number(hf, "head_dim", int, source,
+                                         fields["embed_dim"] // fields["num_heads"])}
 
 
 def hf_config(cfg: Qwen3Config, dtype: str, eos_id: int | None = None) -> dict:
     """The config.json of Qwen3ForCausalLM computing the same function as `cfg`."""
-    return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_act": "silu",
-            "use_sliding_window": False, "sliding_window": None,
+    return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+            **full_attention_json(cfg), **decoder_json(cfg, dtype, eos_id)}
+
+
+def full_attention_json(cfg) -> dict:
+    """config.json's keys saying every layer attends globally with SiLU MLPs (Qwen3, dense
+    or MoE)."""
+    return {"hidden_act": "silu", "use_sliding_window": False, "sliding_window": None,
             "max_window_layers": cfg.num_layers,
-            "layer_types": ["full_attention"] * cfg.num_layers,
-            **decoder_json(cfg, dtype, eos_id)}
+            "layer_types": ["full_attention"] * cfg.num_layers}
 
 
 LAYER_WEIGHTS = [

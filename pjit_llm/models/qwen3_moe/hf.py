@@ -7,7 +7,7 @@ dense layer's MLP is `mlp.gate_proj/up_proj/down_proj`, as Qwen3's, in our `dens
 
 from pjit_llm.errors import UserError
 from pjit_llm.models.decoder import DENSE_STACK
-from pjit_llm.models.hf_format import decoder_fields, decoder_json, number, with_param_dtype
+from pjit_llm.models.hf_format import decoder_json, number, with_param_dtype
 from pjit_llm.models.mixtral.hf import expert_fields
 from pjit_llm.models.qwen3 import hf as qwen3_hf
 from pjit_llm.models.qwen3_moe.config import Qwen3MoeConfig
@@ -20,20 +20,13 @@ def model_config(hf: dict, source: str, param_dtype: str | None = None) -> tuple
         return UserError(f"{source}: {what} is not supported (only Qwen3-MoE decoders that "
                          "this model computes exactly can be imported)")
 
-    if hf.get("hidden_act", "silu") != "silu":
-        raise refuse(f"activation hidden_act={hf['hidden_act']}")
-    sliding = [t for t in hf.get("layer_types") or [] if t != "full_attention"]
-    if hf.get("use_sliding_window") or sliding:
-        raise refuse("sliding-window attention (use_sliding_window / layer_types)")
+    fields = qwen3_hf.decoder_and_head_fields(hf, source, refuse)
     dense = hf.get("mlp_only_layers") or []
     if not isinstance(dense, list) or not all(isinstance(i, int) for i in dense):
         raise UserError(f"{source}: field mlp_only_layers={dense!r} is not a list of layer "
                         "indices; is it the model's config.json?")
-    fields = decoder_fields(hf, source, refuse, theta_default=1000000.0)
     cfg = Qwen3MoeConfig(
-        **fields, head_dim=number(hf, "head_dim", int, source,
-                                  fields["embed_dim"] // fields["num_heads"]),
-        expert_mlp_dim=number(hf, "moe_intermediate_size", int, source),
+        **fields, expert_mlp_dim=number(hf, "moe_intermediate_size", int, source),
         norm_topk_prob=number(hf, "norm_topk_prob", bool, source, False),
         decoder_sparse_step=number(hf, "decoder_sparse_step", int, source, 1),
         mlp_only_layers=tuple(dense), **expert_fields(hf, source, 128))
@@ -43,9 +36,7 @@ def model_config(hf: dict, source: str, param_dtype: str | None = None) -> tuple
 def hf_config(cfg: Qwen3MoeConfig, dtype: str, eos_id: int | None = None) -> dict:
     """The config.json of Qwen3MoeForCausalLM computing the same function as `cfg`."""
     return {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
-            "hidden_act": "silu", "use_sliding_window": False, "sliding_window": None,
-            "max_window_layers": cfg.num_layers,
-            "layer_types": ["full_attention"] * cfg.num_layers,
+            **qwen3_hf.full_attention_json(cfg),
             "num_experts": cfg.num_experts, "num_local_experts": cfg.num_experts,
             "num_experts_per_tok": cfg.experts_per_token,
             "moe_intermediate_size": cfg.expert_size, "norm_topk_prob": cfg.norm_topk_prob,
