@@ -12,10 +12,11 @@ from pjit_llm.errors import UserError
 from pjit_llm.parallel.axes import AXIS_NAMES
 from pjit_llm.planning import candidates as cands
 from pjit_llm.planning.calibrate import pick
-from pjit_llm.planning.compiled import analyse
+from pjit_llm.models.expert_products import BLOCKS_SCOPE
+from pjit_llm.planning.compiled import analyse, blocks_share
 from pjit_llm.planning.devices import KINDS, Cluster, DeviceKind, make_cluster
 from pjit_llm.planning.estimate import estimate
-from pjit_llm.planning.hlo import replica_groups
+from pjit_llm.planning.hlo import program_cost, replica_groups
 from pjit_llm.planning.planner import (SMALL_TOP, _diverse, concrete_vocab, default_top,
                                        param_leaves, plan)
 from pjit_llm.planning.report import spearman
@@ -94,6 +95,30 @@ def test_collectives_over_a_host_split_axis_cross_hosts():
     only_fsdp = [c for c in result["collectives"] if c["axes"] == ["fsdp"]]
     assert over_data and all(c["across_hosts"] for c in over_data)
     assert only_fsdp and not any(c["across_hosts"] for c in only_fsdp)
+
+
+def test_a_scoped_conditional_counts_its_branch_at_its_share():
+    import jax
+    import jax.numpy as jnp
+
+    def blocks(x, used):  # the shape of the expert blocks' loop: a product per used block
+        def body(total, n):
+            with jax.named_scope(BLOCKS_SCOPE):
+                return total + jax.lax.cond(n < used, lambda: x @ x,
+                                            lambda: jnp.zeros_like(x)), None
+        return jax.lax.scan(body, jnp.zeros_like(x), jnp.arange(8))[0]
+
+    text = jax.jit(blocks).lower(jnp.ones((64, 64)), 3).compile().as_text()
+    product = 2 * 64**3
+    assert program_cost(text, 1).flops == pytest.approx(8 * product)
+    seen = []
+    shared = program_cost(text, 1, shares={BLOCKS_SCOPE: lambda n: seen.append(n) or 0.25})
+    assert seen and set(seen) == {8}  # the share is a function of the loop's trip count
+    assert shared.flops == pytest.approx(2 * product)
+    # Balanced routing over 8 devices of one expert each: of N = R/b + 1 blocks, R/(8 b)
+    # rounded up are used; with every expert here, all but the padding.
+    assert blocks_share(8, 8)(17) == pytest.approx(2 / 17)
+    assert blocks_share(8, 1)(24) == pytest.approx(16 / 24)
 
 
 def _synthetic(flops=0.0, bytes_=0.0, collectives=()):

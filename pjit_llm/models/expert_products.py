@@ -93,6 +93,12 @@ def _by_ragged_dot(x_RD, sizes_E, weights, activation, dtype):
     return product("mlp_down", h_RF, down_EFD)
 
 
+# The name the blocks' conditionals carry in the compiled program: how many blocks are used is
+# known only when the step runs, so the planner (planning/hlo.py) counts their branches at the
+# share balanced routing would use.
+BLOCKS_SCOPE = "expert_blocks"
+
+
 def block_rows(rows: int, experts: int) -> int:
     """Rows per block: near the mean group size, a power of two in [8, 256] (fewer padded
     rows for small groups, larger products for large ones)."""
@@ -137,7 +143,8 @@ def _scan_blocks(activation, dtype, x_NbD, expert_N, used, weights):
         n, e, x_bD = block
         mlp = lambda: _block_mlp(activation, dtype, x_bD,  # noqa: E731
                                  *(_expert_weight(w, e, dtype) for w in weights))
-        return None, jax.lax.cond(n < used, mlp, lambda: jnp.zeros_like(x_bD))
+        with jax.named_scope(BLOCKS_SCOPE):
+            return None, jax.lax.cond(n < used, mlp, lambda: jnp.zeros_like(x_bD))
 
     return jax.lax.scan(one_block, None, (jnp.arange(x_NbD.shape[0]), expert_N, x_NbD))[1]
 
@@ -169,7 +176,8 @@ def _blocks_mlp_backward(activation, dtype, saved, dy_NbD):
         def bubble():
             return (jnp.zeros_like(x_bD), *(jnp.zeros(w.shape[1:], dtype) for w in weights))
 
-        dx_bD, *dw = jax.lax.cond(n < used, backward, bubble)
+        with jax.named_scope(BLOCKS_SCOPE):
+            dx_bD, *dw = jax.lax.cond(n < used, backward, bubble)
         return tuple(g.at[e].add(d.astype(g.dtype)) for g, d in zip(grads, dw)), dx_bD
 
     # the experts' gradients summed over blocks in float32

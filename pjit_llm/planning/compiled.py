@@ -35,6 +35,7 @@ import numpy as np
 from pjit_llm import __version__, perf
 from pjit_llm.config import Config
 from pjit_llm.errors import UserError
+from pjit_llm.models.expert_products import BLOCKS_SCOPE
 from pjit_llm.parallel.axes import AXIS_NAMES
 from pjit_llm.planning.hlo import program_cost
 from pjit_llm.training.build import build
@@ -46,7 +47,7 @@ _IRRELEVANT = ("data.source", "data.paths", "data.name", "data.tokenizer_path", 
                "train.eval_every", "checkpoint", "distributed", "mesh.emulate_devices")
 
 
-ANALYSIS_VERSION = 5  # what an entry holds; a change makes old entries unreadable by key
+ANALYSIS_VERSION = 6  # what an entry holds; a change makes old entries unreadable by key
 
 
 def default_cache_dir() -> Path:
@@ -101,6 +102,28 @@ def score_memory(cfg: Config, devices: int, peak: float | None) -> float:
     return max(0.0, 2 * (peak - twin))
 
 
+def blocks_share(experts: int, group: int):
+    """The share of the expert blocks' loop (models/expert_products.py) a step uses, as a
+    function of the loop's N blocks, under balanced routing: N = R/b + E' for R rows gathered
+    over a `group` of devices and E' = experts/group here; of the R rows, R/group are this
+    device's, in E' groups each padded to whole blocks."""
+    here = max(experts // max(group, 1), 1)
+
+    def share(blocks: int) -> float:
+        rows_in_blocks = max(blocks - here, 0)  # R / b
+        return here * math.ceil(rows_in_blocks / (group * here)) / max(blocks, 1)
+    return share
+
+
+def _shares(cfg: Config, layout) -> dict:
+    experts = getattr(cfg.model, "num_experts", 0)
+    if not experts:
+        return {}
+    group = math.prod(layout.mesh.shape[a] for a in layout.mesh_axes("expert")
+                      if a in layout.mesh_axes("batch"))
+    return {BLOCKS_SCOPE: blocks_share(experts, group)}
+
+
 def analyse(cfg: Config, devices: int, scores: bool = False) -> dict:
     """Compile `cfg`'s train step on the first `devices` devices and read what it costs
     (with `scores`, also the memory its (seq, seq) buffers take: `score_memory`).
@@ -119,7 +142,8 @@ def analyse(cfg: Config, devices: int, scores: bool = False) -> dict:
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
     memory = perf.compiled_memory(compiled) or {}
-    cost = program_cost(compiled.as_text(), devices, cfg.data.seq_len, cfg.model.num_heads)
+    cost = program_cost(compiled.as_text(), devices, cfg.data.seq_len, cfg.model.num_heads,
+                        _shares(cfg, parts.layout))
     collectives = []
     for c in cost.collectives:
         axes, across = (crossed_axes(c.groups[0], sizes, dcn) if c.groups

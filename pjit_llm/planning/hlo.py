@@ -173,7 +173,7 @@ class Collective:
     link_bytes: float  # each device's bytes over its links per execution (ring algorithms)
     group_size: int
     groups: list[list[int]] | None
-    count: int  # executions per step
+    count: float  # executions per step (a share of them in a scoped conditional)
 
 
 def _link_bytes(op: str, size: int, n: int) -> float:
@@ -230,10 +230,11 @@ def _traffic(instr: Instr, shapes: dict[str, str], comps: dict[str, list[Instr]]
         index = int(i.args) if i.args.isdigit() else len(operands)
         size = operands[index] if index < len(operands) else 0
         uses = users.get(i.name, [])
-        if uses and all(u.op in _SLICING for u in uses):
-            size = sum(shape_bytes(u.type) for u in uses)
-        elif uses and all(u.op == "dynamic-update-slice" and u.operands[0] == i.name for u in uses):
-            size = 0  # updated in place
+        in_place = [u.op == "dynamic-update-slice" and u.operands[0] == i.name for u in uses]
+        if uses and all(u.op in _SLICING or p for u, p in zip(uses, in_place)):
+            # read where sliced, updated in place (a gradient added into one expert's slice
+            # of a stack reads and writes that slice, not the stack)
+            size = sum(shape_bytes(u.type) for u, p in zip(uses, in_place) if not p)
         total += size
     root = inner[-1] if inner else None
     if root is not None and root.op == "dynamic-update-slice":
@@ -266,16 +267,42 @@ def is_scores(dims: list[int], seq_len: int, heads: int) -> bool:
     return short == seq_len and long % seq_len == 0 and 2 <= long // seq_len <= heads
 
 
-def program_cost(text: str, num_devices: int, seq_len: int = 0, heads: int = 0) -> ProgramCost:
+def _taken(instr: Instr, trips: int, shares: dict) -> list[float] | None:
+    """How often each branch of a conditional runs per execution, where its name scope is one
+    of `shares` ({scope: share(trip count of the loop around it)}, the share of executions
+    taking its last branch, `true`); None (each branch once) elsewhere."""
+    if instr.op != "conditional":
+        return None
+    scope = re.search(r'op_name="([^"]*)"', instr.attrs)
+    for name, share in shares.items():
+        if scope and f"/{name}/" in scope.group(1):
+            s = min(1.0, max(0.0, share(trips)))
+            return [1.0 - s, s]
+    return None
+
+
+def program_cost(text: str, num_devices: int, seq_len: int = 0, heads: int = 0,
+                 shares: dict | None = None) -> ProgramCost:
+    """`shares`: conditionals whose branch taken is known only at run time, by name scope
+    (`_taken`); every other conditional counts each of its branches once."""
     comps, entry = parse_computations(text)
     times: dict[str, float] = defaultdict(float)
+    trips: dict[str, int] = {}  # a loop body's trip count
     fused: set[str] = set()
     times[entry] = 1
     for name in reversed(list(comps)):  # callers come after their callees in the text
         if not times.get(name):
             continue
         for instr in comps[name]:
-            for callee, n, is_fusion in _callees(instr):
+            callees = _callees(instr)
+            taken = _taken(instr, trips.get(name, 1), shares or {})
+            for i, (callee, n, is_fusion) in enumerate(callees):
+                if taken and len(taken) == len(callees):
+                    n *= taken[i]
+                if instr.op == "while" and i == 0:
+                    trips[callee] = n
+                elif instr.op != "while" and name in trips:  # a call inside the loop's body
+                    trips.setdefault(callee, trips[name])
                 times[callee] += times[name] * n
                 if is_fusion:
                     fused.add(callee)
@@ -310,9 +337,9 @@ def program_cost(text: str, num_devices: int, seq_len: int = 0, heads: int = 0) 
                 n = len(groups[0]) if groups else num_devices
                 key = (base, size, str(groups))
                 if key in found:
-                    found[key].count += int(t)
+                    found[key].count += t
                 else:
-                    found[key] = Collective(base, size, 0.0, n, groups, int(t))
+                    found[key] = Collective(base, size, 0.0, n, groups, t)
     for c in found.values():
         c.link_bytes = _link_bytes(c.op, c.bytes, c.group_size)
     return ProgramCost(flops, traffic, list(found.values()), scores, kernels, dot_traffic)
