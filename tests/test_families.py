@@ -122,7 +122,7 @@ def test_an_unsupported_model_type_is_refused_naming_those_read():
     # 4 layers, local-local-global-local, windows of 8 in rows of 32 (rows reordered for
     # context load balance: the window follows each token's place, not the array order)
     ("gemma3", ("model.num_layers=4", "model.sliding_window=8", "model.global_every=3"),
-     [{"context": 2, "tensor": 2}, {"stage": 2}]),
+     [{"context": 2, "tensor": 2}]),
 ])
 def test_families_train_on_meshes_as_on_one_device(family, overrides, meshes):
     cfg = tiny_config(f"model.family={family}", *overrides)

@@ -2,7 +2,6 @@
 model's dominant term, the chosen config trains, refusals, and calibration."""
 
 import dataclasses
-import json
 import math
 
 import pytest
@@ -14,7 +13,7 @@ from pjit_llm.planning import candidates as cands
 from pjit_llm.planning.calibrate import pick
 from pjit_llm.models.expert_products import BLOCKS_SCOPE
 from pjit_llm.planning.compiled import analyse, blocks_share
-from pjit_llm.planning.devices import KINDS, Cluster, DeviceKind, make_cluster
+from pjit_llm.planning.devices import KINDS, Cluster, DeviceKind, load_kinds, make_cluster
 from pjit_llm.planning.estimate import estimate
 from pjit_llm.planning.hlo import program_cost, replica_groups
 from pjit_llm.planning.planner import (SMALL_TOP, _diverse, concrete_vocab, default_top,
@@ -204,12 +203,12 @@ def test_a_candidate_over_budget_is_never_chosen(tmp_path):
     cfg = tiny_config()
     small = DeviceKind("small", 1e12, 1.0, 1e11, 1e10, 1e9, flash_attention=False)
     cluster = Cluster(small, 8, 8)
-    rows, _ = plan(cfg, cluster, small, 1e12, 4, tmp_path)
+    rows, _ = plan(cfg, cluster, small, 1e12, 3, tmp_path)
     best = rows[0]
     # Just too little memory for the fastest candidate: another one is chosen, or none.
     budget = best["memory"] - 1
     try:
-        rows, _ = plan(cfg, cluster, small, budget, 4, tmp_path)
+        rows, _ = plan(cfg, cluster, small, budget, 3, tmp_path)
     except UserError as e:
         assert "smallest cluster" in str(e)
         return
@@ -218,14 +217,17 @@ def test_a_candidate_over_budget_is_never_chosen(tmp_path):
     assert all(r["memory"] > budget for r in rows if not r["fits"])
 
 
-def test_plan_writes_a_config_that_trains(tmp_path):
+def test_plan_calibrates_writes_a_config_that_trains_and_caches_its_compiles(tmp_path):
     out = tmp_path / "plan.yaml"
-    result = run_module("pjit_llm.plan", "--devices", "8", "--top", "3", "--out", str(out),
-                        "--cache", str(tmp_path / "cache"), *TINY_PLAN, cwd=tmp_path)
+    plan_args = ["--devices", "8", "--top", "3", "--cache", str(tmp_path / "cache"), *TINY_PLAN]
+    result = run_module("pjit_llm.plan", *plan_args, "--calibrate", "2", "--steps", "1",
+                        "--out", str(out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "dominates" in result.stdout and out.exists()
-    again = run_module("pjit_llm.plan", "--devices", "8", "--top", "3",
-                       "--cache", str(tmp_path / "cache"), *TINY_PLAN, cwd=tmp_path)
+    assert "measured s" in result.stdout
+    line = next(l for l in result.stdout.splitlines() if l.startswith("Spearman"))
+    assert -1 <= float(line.split(":")[1].split(";")[0]) <= 1
+    again = run_module("pjit_llm.plan", *plan_args, cwd=tmp_path)
     assert "(3 cached)" in again.stdout  # the second plan compiles nothing
     trained = run_module("pjit_llm.train", "--config", str(out), "train.steps=2",
                          "train.run_dir=run", "data.num_workers=0", cwd=tmp_path)
@@ -247,13 +249,18 @@ def test_an_impossible_request_is_refused_naming_the_smallest_cluster(tmp_path):
     assert "--devices" in result.stderr
 
 
-def test_calibrate_reports_predicted_against_measured(tmp_path):
-    result = run_module("pjit_llm.plan", "--devices", "8", "--top", "3", "--calibrate", "2",
-                        "--steps", "2", "--cache", str(tmp_path / "cache"), *TINY_PLAN,
-                        cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "measured s" in result.stdout and "Spearman rank correlation" in result.stdout
-    line = next(l for l in result.stdout.splitlines() if l.startswith("Spearman"))
-    rho = float(line.split(":")[1].split(";")[0])
-    assert -1 <= rho <= 1
-    json.dumps(rho)
+def test_a_device_file_describes_further_kinds_and_a_bad_one_is_refused(tmp_path):
+    good = tmp_path / "kinds.yaml"
+    good.write_text("gb300:\n  peak_tflops: 2500\n  hbm_gib: 279\n  hbm_tb_s: 8\n"
+                    "  host_link_gb_s: 900\n  network_link_gb_s: 100\n  compute_share: 0.45\n")
+    kind = load_kinds(str(good))["gb300"]
+    assert (kind.peak_flops, kind.hbm_bytes, kind.network_link, kind.compute_share) == (
+        2.5e15, 279 * 2**30, 1e11, 0.45)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("x1:\n  peak_tflops: 1\n  hbm_gib: 1\n  hbm_tb_s: 1\n  host_link_gb_s: 1\n")
+    with pytest.raises(UserError, match="x1 has no network_link_gb_s"):
+        load_kinds(str(bad))
+    bad.write_text("x1:\n  peak_tflops: -1\n  hbm_gib: 1\n  hbm_tb_s: 1\n  host_link_gb_s: 1\n"
+                   "  network_link_gb_s: 1\n")
+    with pytest.raises(UserError, match="x1's peak_tflops=-1 must be positive"):
+        load_kinds(str(bad))

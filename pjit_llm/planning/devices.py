@@ -10,7 +10,6 @@ recomputed, so about 51 % of peak on the FLOPs the hardware runs; 42.5 % with `p
 49 %). Another kind comes from a YAML file of the same keys (`--device-file`).
 """
 
-import dataclasses
 from dataclasses import dataclass
 
 import yaml
@@ -42,12 +41,6 @@ class DeviceKind:
     # How many times slower an all-reduce or reduce-scatter moves each link byte than an
     # all-gather (measured on the CPU, whose reductions add on the devices' shared cores).
     reduce_slowdown: float = 1.0
-
-    def validate(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.type in (float, "float") and f.name not in ("link_latency", "kernel_overhead", "reduce_slowdown") and not value > 0:
-                raise UserError(f"device kind {self.name}: {f.name}={value} must be positive")
 
 
 KINDS = {
@@ -87,8 +80,13 @@ def load_kinds(path: str) -> dict[str, DeviceKind]:
             values = {units[k][0]: float(v) * units[k][1] for k, v in figures.items()}
         except (TypeError, ValueError):
             raise UserError(f"device file {path}: {name}'s figures must be numbers") from None
+        for key, value in figures.items():
+            if not float(value) > 0 and key != "link_latency_us":
+                raise UserError(f"device file {path}: {name}'s {key}={value} must be positive")
+            if key == "compute_share" and float(value) > 1:
+                raise UserError(f"device file {path}: {name}'s compute_share={value} is a share "
+                                "of the peak: at most 1")
         kind = DeviceKind(str(name).lower(), **values)
-        kind.validate()
         kinds[kind.name] = kind
     return kinds
 
