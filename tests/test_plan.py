@@ -16,7 +16,7 @@ from pjit_llm.planning.compiled import analyse, blocks_share
 from pjit_llm.planning.devices import KINDS, Cluster, DeviceKind, load_kinds, make_cluster
 from pjit_llm.planning.estimate import estimate
 from pjit_llm.planning.hlo import program_cost, replica_groups
-from pjit_llm.planning.planner import (SMALL_TOP, _diverse, concrete_vocab, default_top,
+from pjit_llm.planning.planner import (SMALL_TOP, _diverse, concrete_vocab, default_top, refuse,
                                        param_leaves, plan)
 from pjit_llm.planning.report import spearman
 
@@ -118,6 +118,23 @@ def test_a_scoped_conditional_counts_its_branch_at_its_share():
     # rounded up are used; with every expert here, all but the padding.
     assert blocks_share(8, 8)(17) == pytest.approx(2 / 17)
     assert blocks_share(8, 1)(24) == pytest.approx(16 / 24)
+
+
+def test_an_update_in_place_counts_the_update_not_the_buffer_even_across_a_type_change():
+    import jax
+    import jax.numpy as jnp
+
+    def fill(buffer, row):  # a scan writing one row a step (XLA:CPU: in float32, converted)
+        def body(b, i):
+            return jax.lax.dynamic_update_index_in_dim(b, row * i.astype(row.dtype), i, 0), None
+        return jax.lax.scan(body, buffer, jnp.arange(16))[0]
+
+    buffer = jnp.zeros((16, 256, 256), jnp.bfloat16)
+    lowered = jax.jit(fill, donate_argnums=0).lower(buffer, jnp.ones((256, 256), jnp.bfloat16))
+    text = lowered.compile().as_text()
+    assert "dynamic-update-slice_convert_fusion" in text
+    moved = program_cost(text, 1).bytes
+    assert moved < 16 * buffer.nbytes / 2  # the whole buffer read and written: 4x that
 
 
 def _synthetic(flops=0.0, bytes_=0.0, collectives=()):
@@ -264,3 +281,12 @@ def test_a_device_file_describes_further_kinds_and_a_bad_one_is_refused(tmp_path
                    "  network_link_gb_s: 1\n")
     with pytest.raises(UserError, match="x1's peak_tflops=-1 must be positive"):
         load_kinds(str(bad))
+
+
+def test_a_batch_too_small_for_a_larger_cluster_is_named_as_the_obstacle():
+    cfg = concrete_vocab(tiny_config("data.batch_size=2"))
+    leaves = param_leaves(cfg)
+    one_per_host = Cluster(H100, 2, 1)  # tensor and context stay inside a host of one
+    with pytest.raises(UserError, match="no larger cluster can split its data.batch_size=2 "
+                                        "rows further .*raise data.batch_size"):
+        refuse(cfg, leaves, one_per_host, 1e3, "nothing fits")

@@ -4,8 +4,9 @@ the predicted ones.
 
 Which run: the plan's first half of `count` in its order (is the choice the fastest of its
 close rivals?) and the rest at evenly spaced predicted times over the remaining fitting rows
-(does the predicted order hold over the range the model claims to tell apart?). How: every candidate is compiled and its state made first,
-then timed in rounds, each round a few steps of each candidate in turn, and each candidate's
+(does the predicted order hold over the range the model claims to tell apart?). How: every
+candidate is compiled and its state made first, then timed in rounds, each round a few steps
+of each candidate in turn (each round starting at another candidate), and each candidate's
 figure is the median of its rounds' medians, so that a load that comes and goes on a shared
 machine falls on all of them alike. Where the candidates' states do not fit the devices
 together (`memory` over budget: a GPU node and a large model), each is timed on its own in turn
@@ -76,7 +77,8 @@ def measured_rows(rows: list[dict], count: int, steps: int, warmup: int, progres
         runs.append(run)
     for k in range(rounds if together else 0):
         progress(k, rounds, "timing in rounds")
-        for run in runs:
+        for j in range(len(runs)):  # each round starts further along: no place is always first
+            run = runs[(j + k * len(runs) // rounds) % len(runs)]
             run[2], median = _timed(run[1], run[2], run[3], steps)
             run[4].append(median)
     progress(len(chosen), len(chosen), "measured")

@@ -47,7 +47,7 @@ _IRRELEVANT = ("data.source", "data.paths", "data.name", "data.tokenizer_path", 
                "train.eval_every", "checkpoint", "distributed", "mesh.emulate_devices")
 
 
-ANALYSIS_VERSION = 6  # what an entry holds; a change makes old entries unreadable by key
+ANALYSIS_VERSION = 7  # what an entry holds; a change makes old entries unreadable by key
 
 
 def default_cache_dir() -> Path:
@@ -55,7 +55,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("PJIT_LLM_PLAN_CACHE") or Path(root) / "pjit_llm" / "plans")
 
 
-def cache_key(cfg: Config, devices: int) -> str:
+def cache_key(cfg: Config, devices: int, variant: str = "") -> str:
     raw = cfg.to_dict()
     for key in _IRRELEVANT:
         section, _, name = key.partition(".")
@@ -64,7 +64,7 @@ def cache_key(cfg: Config, devices: int) -> str:
         else:
             raw.pop(section, None)
     text = json.dumps([raw, jax.__version__, __version__, devices, jax.default_backend(),
-                       ANALYSIS_VERSION],
+                       ANALYSIS_VERSION, variant],
                       sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
@@ -168,12 +168,14 @@ def analyse(cfg: Config, devices: int, scores: bool = False) -> dict:
 
 
 def cached_analysis(cfg: Config, devices: int, cache_dir: Path | None,
-                    scores: bool = False, compile_with=analyse) -> tuple[dict, bool]:
+                    scores: bool = False, compile_with=analyse,
+                    variant: str = "") -> tuple[dict, bool]:
     """`compile_with` (`analyse`, or a worker's), read from the cache when it holds this
-    config (and the scores' memory when asked for); (result, whether cached)."""
+    config (and the scores' memory when asked for); (result, whether cached). `variant` names
+    how the compiler was set up, where that differs (worker.py's FOR_ACCELERATORS)."""
     if cache_dir is None:
         return compile_with(cfg, devices, scores), False
-    path = Path(cache_dir) / f"{cache_key(cfg, devices)}.json"
+    path = Path(cache_dir) / f"{cache_key(cfg, devices, variant)}.json"
     if path.exists():
         try:
             found = json.loads(path.read_text())

@@ -202,6 +202,7 @@ def _dot_flops(instr: Instr, shapes: dict[str, str]) -> float:
 
 
 _SLICING = ("dynamic-slice", "slice", "gather")
+_RETYPE = ("convert", "bitcast", "bitcast-convert", "copy")
 
 
 def _traffic(instr: Instr, shapes: dict[str, str], comps: dict[str, list[Instr]]) -> float:
@@ -219,27 +220,42 @@ def _traffic(instr: Instr, shapes: dict[str, str], comps: dict[str, list[Instr]]
     if instr.op != "fusion" or not body or body.group(1) not in comps:
         return out + sum(operands)
     inner = comps[body.group(1)]
-    total = 0.0
+    by_name = {i.name: i for i in inner}
     users: dict[str, list[Instr]] = defaultdict(list)
     for i in inner:
         for o in i.operands:
             users[o].append(i)
+
+    def uses(name: str) -> list[tuple[Instr, str]]:
+        """(user, the operand it reads) past element-type changes: XLA:CPU computes in float32
+        around a bfloat16 in-place update (convert, update, convert back), which a GPU does in
+        place; counted as the update it is."""
+        out = []
+        for u in users.get(name, []):
+            if u.op in _RETYPE:
+                out += uses(u.name)
+            else:
+                out.append((u, name))
+        return out
+
+    total = 0.0
     for i in inner:
         if i.op != "parameter":
             continue
         index = int(i.args) if i.args.isdigit() else len(operands)
         size = operands[index] if index < len(operands) else 0
-        uses = users.get(i.name, [])
-        in_place = [u.op == "dynamic-update-slice" and u.operands[0] == i.name for u in uses]
-        if uses and all(u.op in _SLICING or p for u, p in zip(uses, in_place)):
+        found = uses(i.name)
+        in_place = [u.op == "dynamic-update-slice" and u.operands[0] == via for u, via in found]
+        if found and all(u.op in _SLICING or p for (u, _), p in zip(found, in_place)):
             # read where sliced, updated in place (a gradient added into one expert's slice
             # of a stack reads and writes that slice, not the stack)
-            size = sum(shape_bytes(u.type) for u, p in zip(uses, in_place) if not p)
+            size = sum(shape_bytes(u.type) for (u, _), p in zip(found, in_place) if not p)
         total += size
     root = inner[-1] if inner else None
-    if root is not None and root.op == "dynamic-update-slice":
-        shapes_inner = {i.name: i.type for i in inner}
-        out = shape_bytes(shapes_inner.get(root.operands[1], "")) if len(root.operands) > 1 else out
+    while root is not None and root.op in _RETYPE and root.operands[0] in by_name:
+        root = by_name[root.operands[0]]
+    if root is not None and root.op == "dynamic-update-slice" and len(root.operands) > 1:
+        out = shape_bytes(by_name[root.operands[1]].type) if root.operands[1] in by_name else out
     return total + out
 
 

@@ -23,7 +23,7 @@ from pjit_llm.planning import candidates as cands
 from pjit_llm.planning.compiled import cached_analysis
 from pjit_llm.planning.devices import Cluster
 from pjit_llm.planning.estimate import estimate, flash
-from pjit_llm.planning.worker import CompileWorker
+from pjit_llm.planning.worker import FOR_ACCELERATORS, CompileWorker
 
 
 def concrete_vocab(cfg: Config) -> Config:
@@ -81,25 +81,36 @@ def _diverse(ranked: list[cands.Candidate], top: int) -> list[cands.Candidate]:
     return picked[:top]
 
 
-def smallest_cluster(cfg: Config, leaves, cluster: Cluster, budget: float) -> int | None:
+def smallest_cluster(cfg: Config, leaves, cluster: Cluster, budget: float) -> tuple[int | None,
+                                                                                  bool]:
     """The fewest devices (whole hosts, doubling) on which some candidate's analytic memory
-    fits the budget: what a refusal names."""
-    n = cluster.devices
+    fits the budget: what a refusal names; and whether any larger cluster had candidates at all
+    (a batch too small to split over more devices has none)."""
+    n, splits = cluster.devices, False
     for _ in range(16):
         n *= 2
         bigger = dataclasses.replace(cluster, devices=n)
         found, _ = cands.enumerate_candidates(cfg, leaves, bigger, budget)
+        splits |= bool(found)
         if any(cands.analytic_memory(cfg, leaves, c) <= budget for c in found):
-            return n
-    return None
+            return n, True
+    return None, splits
 
 
 def refuse(cfg: Config, leaves, cluster: Cluster, budget: float, why: str) -> None:
-    n = smallest_cluster(cfg, leaves, cluster, budget)
-    where = (f"the smallest cluster that would fit is {n} x {cluster.kind.name} "
-             f"(--devices {n})") if n else "no cluster up to 65,536 devices fits it"
+    n, splits = smallest_cluster(cfg, leaves, cluster, budget)
+    if n:
+        where = (f"the smallest cluster that would fit is {n} x {cluster.kind.name} "
+                 f"(--devices {n}), or shorten data.seq_len / data.batch_size")
+    elif not splits:
+        where = (f"no larger cluster can split its data.batch_size={cfg.data.batch_size} rows "
+                 f"further (data x stage x fsdp x expert divide them): raise data.batch_size "
+                 f"and spread it over more devices, or shorten data.seq_len")
+    else:
+        where = ("no cluster up to 65,536 times this one fits it; shorten data.seq_len / "
+                 "data.batch_size")
     raise UserError(f"{why} on {cluster.describe()} within {human_bytes(budget)} a device; "
-                    f"{where}, or shorten data.seq_len / data.batch_size")
+                    f"{where}")
 
 
 def plan(cfg: Config, cluster: Cluster, kind_for_estimate, budget: float, top: int,
@@ -115,33 +126,37 @@ def plan(cfg: Config, cluster: Cluster, kind_for_estimate, budget: float, top: i
                                           cands.analytic_time(cfg, leaves, c, cluster)))
     chosen = _diverse(ranked, top or default_top(leaves))
     rows, cached = [], 0
-    worker = CompileWorker(cluster.devices)
+    accelerator = kind_for_estimate.name != "cpu"  # planned for GPUs, not this machine's CPU
+    worker = CompileWorker(cluster.devices, accelerator)
     flops = perf.flops_per_step(cfg.model, cfg.data.batch_size, cfg.data.seq_len)
     tokens = cfg.data.batch_size * cfg.data.seq_len
-    for i, cand in enumerate(chosen):
-        progress(i, len(chosen), f"compiling {cand.describe_mesh()} {cand.remat} "
-                 f"{cand.describe_schedule()}")
-        try:
-            run_cfg = cands.apply(cfg, cand)
-        except UserError as e:
-            pruned[str(e)[:60]] += 1
-            continue
-        scores = kind_for_estimate.flash_attention and cand.mesh["context"] == 1
-        analysis, hit = cached_analysis(run_cfg, cluster.devices, cache_dir, scores,
-                                        worker.analyse)
-        cached += hit
-        if "refused" in analysis:
-            pruned["refused: " + analysis["refused"][:60]] += 1
-            continue
-        est = estimate(analysis, kind_for_estimate)
-        memory = analysis["memory"].get("peak") or cands.analytic_memory(cfg, leaves, cand)
-        if flash(analysis, kind_for_estimate):  # the flash kernel allocates no (seq, seq)
-            memory -= analysis.get("score_memory", 0.0)
-        rows.append({"candidate": cand, "config": run_cfg, "analysis": analysis,
-                     "estimate": est, "memory": memory, "fits": memory <= budget,
-                     "tokens_per_s": tokens / est.step_s,
-                     "mfu": flops / est.step_s / cluster.devices / kind_for_estimate.peak_flops})
-    worker.close()
+    try:
+        for i, cand in enumerate(chosen):
+            progress(i, len(chosen), f"compiling {cand.describe_mesh()} {cand.remat} "
+                     f"{cand.describe_schedule()}")
+            try:
+                run_cfg = cands.apply(cfg, cand)
+            except UserError as e:
+                pruned[str(e)[:60]] += 1
+                continue
+            scores = kind_for_estimate.flash_attention and cand.mesh["context"] == 1
+            analysis, hit = cached_analysis(run_cfg, cluster.devices, cache_dir, scores,
+                                            worker.analyse, FOR_ACCELERATORS * accelerator)
+            cached += hit
+            if "refused" in analysis:
+                pruned["refused: " + analysis["refused"][:100]] += 1
+                continue
+            est = estimate(analysis, kind_for_estimate)
+            memory = analysis["memory"].get("peak") or cands.analytic_memory(cfg, leaves, cand)
+            if flash(analysis, kind_for_estimate):  # the flash kernel allocates no (seq, seq)
+                memory -= analysis.get("score_memory", 0.0)
+            rows.append({"candidate": cand, "config": run_cfg, "analysis": analysis,
+                         "estimate": est, "memory": memory, "fits": memory <= budget,
+                         "tokens_per_s": tokens / est.step_s,
+                         "mfu": flops / est.step_s / cluster.devices
+                         / kind_for_estimate.peak_flops})
+    finally:
+        worker.close()
     progress(len(chosen), len(chosen), f"done ({cached} of {len(chosen)} from the cache)")
     rows.sort(key=lambda r: (not r["fits"], r["estimate"].step_s))
     if not rows:

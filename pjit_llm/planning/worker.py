@@ -3,17 +3,33 @@ process, past any Python handler) costs the plan one candidate rather than the w
 
 One spawned worker compiles candidate after candidate on its own emulated CPU devices (what
 compiled.py's `analyse` needs; the calling process may hold real GPUs for calibration). When
-it dies, the candidate it was compiling comes back refused, naming the exit, and the next
-candidate starts a fresh worker."""
+it dies, the candidate it was compiling comes back refused, naming the compiler's last fatal
+line (the worker's stderr goes to a file, so that an abort's stack trace does not run through
+the plan's table), and the next candidate starts a fresh worker."""
 
 import multiprocessing
+import os
+import re
+import tempfile
 
 from pjit_llm.config import Config
 from pjit_llm.parallel.mesh import use_emulated_devices
 from pjit_llm.planning.compiled import analyse
 
 
-def _serve(conn, devices: int) -> None:
+# XLA:CPU promotes bfloat16 all-reduces to float32 (its runtime sums in float32) and aborts
+# doing so on some programs ("Invalid binary instruction opcode copy", jaxlib 0.10.2). A
+# program planned for a GPU, which sums in bfloat16, is compiled without that pass: it is
+# analysed, never run.
+FOR_ACCELERATORS = "--xla_disable_hlo_passes=all-reduce-promotion"
+
+
+def _serve(conn, devices: int, log: str, accelerator: bool) -> None:
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+    os.dup2(fd, 2)  # XLA writes to the file descriptor, past Python's sys.stderr
+    os.close(fd)
+    if accelerator:
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FOR_ACCELERATORS}"
     use_emulated_devices(devices)  # before anything starts JAX's backend in this process
     while True:
         job = conn.recv()
@@ -24,14 +40,18 @@ def _serve(conn, devices: int) -> None:
 
 
 class CompileWorker:
-    def __init__(self, devices: int):
-        self.devices = devices
+    def __init__(self, devices: int, accelerator: bool = False):
+        """`accelerator`: compile the programs a GPU would run (`FOR_ACCELERATORS`)."""
+        self.devices, self.accelerator = devices, accelerator
         self.process = self.conn = None
+        fd, self.log = tempfile.mkstemp(prefix="pjit_llm_plan_", suffix=".log")
+        os.close(fd)
 
     def _start(self) -> None:
         context = multiprocessing.get_context("spawn")
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=_serve, args=(child, self.devices), daemon=True)
+        self.process = context.Process(
+            target=_serve, args=(child, self.devices, self.log, self.accelerator), daemon=True)
         self.process.start()
         child.close()
 
@@ -45,10 +65,22 @@ class CompileWorker:
             self.process.join()
             code = self.process.exitcode
             self.process = None
-            return {"refused": f"the compiler aborted on it (exit status {code})", "aborted": True}
+            return {"refused": f"the compiler aborted on it ({self._last_fatal()}exit status "
+                               f"{code})", "aborted": True}
+
+    def _last_fatal(self) -> str:
+        """XLA's last fatal line (`F1204 12:00:00.0 123 file.cc:42] message`): 'message; '."""
+        try:
+            with open(self.log, errors="replace") as f:
+                fatal = [line for line in f if re.match(r"F\d{4} ", line)]
+        except OSError:
+            return ""
+        return fatal[-1].split("] ", 1)[-1].strip() + "; " if fatal else ""
 
     def close(self) -> None:
         if self.process is not None and self.process.is_alive():
             self.conn.send(None)
             self.process.join(timeout=10)
         self.process = None
+        if os.path.exists(self.log):
+            os.remove(self.log)
