@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from pjit_llm.planning.devices import DeviceKind
 
 REPEATS = 7
+COLLECTIVE_FLOATS = 2**18  # each device's output of the probe's collectives
 
 
 def _seconds(f, *args, repeats: int = REPEATS) -> float:
@@ -74,7 +75,7 @@ def measure_kind(devices: list, memory_bytes: float, name: str = "cpu") -> Devic
 
     # Collectives of about a layer's weights (1 MiB out): larger ones are not what a step
     # moves, and their fresh output pages cost more than the copy.
-    piece = jax.device_put(jnp.ones((n, 2**18 // n), jnp.float32), rows)
+    piece = jax.device_put(jnp.ones((n, COLLECTIVE_FLOATS // n), jnp.float32), rows)
 
     def gather(y):
         whole = jax.shard_map(lambda v: jax.lax.all_gather(v, "d", tiled=True), mesh=mesh,
@@ -87,7 +88,8 @@ def measure_kind(devices: list, memory_bytes: float, name: str = "cpu") -> Devic
         whole = jax.shard_map(lambda v: jax.lax.psum(v, "d"), mesh=mesh, in_specs=P(),
                               out_specs=P(), check_vma=False)(y)
         return whole * 0.5
-    replicated = jax.device_put(jnp.ones((2**18,), jnp.float32), NamedSharding(mesh, P()))
+    replicated = jax.device_put(jnp.ones((COLLECTIVE_FLOATS,), jnp.float32),
+                                NamedSharding(mesh, P()))
     per_reduce = _per_iteration(loop(reduce), replicated, 2, 12)
     reduce_link = 2 * replicated.nbytes * (n - 1) / n / max(per_reduce - latency - kernel, 1e-9)
     return DeviceKind(name, flops, memory_bytes, bandwidth, link, link, compute_share=1.0,
