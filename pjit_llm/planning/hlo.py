@@ -3,6 +3,11 @@ matrix products, the bytes its kernels read and write, and every collective with
 the device groups it runs over, each counted as often as it executes (a scanned layer's body
 times its loop's trip count, which XLA's own cost analysis counts once).
 
+A conditional's branches each count once per execution, except where its name scope says the
+step decides at run time how often each runs (`shares`: the expert blocks of
+models/expert_products.py, counted at the share balanced routing uses). An in-place update
+counts its update, not its buffer, also where XLA:CPU converts the buffer around it.
+
 Replica groups come in three spellings (explicit `{{0,1},{2,3}}`, iota `[2,2]<=[4]T(1,0)` and
 XLA's mesh form `mesh['axis_0'=2,...] {'axis_0'}`); all become explicit lists of partition ids,
 which index the jax mesh's devices in row-major order.
