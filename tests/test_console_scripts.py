@@ -9,7 +9,8 @@ import pytest
 COMMANDS = {"pjit-train": "pjit_llm.train", "pjit-evaluate": "pjit_llm.evaluate",
             "pjit-generate": "pjit_llm.generate", "pjit-export": "pjit_llm.export",
             "pjit-convert": "pjit_llm.convert", "pjit-bench": "pjit_llm.bench",
-            "pjit-launch": "pjit_llm.launch", "pjit-tokenizer": "pjit_llm.train_tokenizer"}
+            "pjit-launch": "pjit_llm.launch", "pjit-plan": "pjit_llm.plan",
+            "pjit-tokenizer": "pjit_llm.train_tokenizer"}
 
 
 def _scripts() -> dict:

@@ -8,6 +8,7 @@ import math
 import pytest
 
 from conftest import E2E, assert_refused, build_on, run_module, tiny_config
+from pjit_llm.config import load_config
 from pjit_llm.errors import UserError
 from pjit_llm.parallel.axes import AXIS_NAMES
 from pjit_llm.planning import candidates as cands
@@ -240,12 +241,12 @@ def test_a_candidate_over_budget_is_never_chosen(tmp_path):
     cfg = tiny_config()
     small = DeviceKind("small", 1e12, 1.0, 1e11, 1e10, 1e9, flash_attention=False)
     cluster = Cluster(small, 8, 8)
-    rows, _ = plan(cfg, cluster, small, 1e12, 3, tmp_path)
+    rows, _ = plan(cfg, cluster, small, 1e12, 2, tmp_path, compile_with=analyse)
     best = rows[0]
     # Just too little memory for the fastest candidate: another one is chosen, or none.
     budget = best["memory"] - 1
     try:
-        rows, _ = plan(cfg, cluster, small, budget, 3, tmp_path)
+        rows, _ = plan(cfg, cluster, small, budget, 2, tmp_path, compile_with=analyse)
     except UserError as e:
         assert "smallest cluster" in str(e)
         return
@@ -256,7 +257,7 @@ def test_a_candidate_over_budget_is_never_chosen(tmp_path):
 
 def test_plan_calibrates_and_writes_a_config_that_trains(tmp_path):
     out = tmp_path / "plan.yaml"
-    plan_args = ["--devices", "8", "--top", "3", "--cache", str(tmp_path / "cache"), *TINY_PLAN]
+    plan_args = ["--devices", "8", "--top", "2", "--cache", str(tmp_path / "cache"), *TINY_PLAN]
     result = run_module("pjit_llm.plan", *plan_args, "--calibrate", "2", "--steps", "1",
                         "--out", str(out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -264,7 +265,7 @@ def test_plan_calibrates_and_writes_a_config_that_trains(tmp_path):
     assert "measured s" in result.stdout
     line = next(l for l in result.stdout.splitlines() if l.startswith("Spearman"))
     assert -1 <= float(line.split(":")[1].split(";")[0]) <= 1
-    assert len(list((tmp_path / "cache").glob("*.json"))) == 3  # one analysis per candidate
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 2  # one analysis per candidate
     trained = run_module("pjit_llm.train", "--config", str(out), "train.steps=2",
                          "train.run_dir=run", "data.num_workers=0", cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr
@@ -277,12 +278,19 @@ TINY_PLAN = ["model.num_layers=2", "model.embed_dim=64", "model.num_heads=8",
              "train.steps=10"]
 
 
-def test_an_impossible_request_is_refused_naming_the_smallest_cluster(tmp_path):
+def test_an_impossible_request_is_refused_naming_the_smallest_cluster():
     result = run_module("pjit_llm.plan", "--config", "configs/llama-8b.yaml", "--devices", "1",
-                        "--device", "h100", "--top", "1", "--no-cache",
+                        "--device", "h100", "--headroom", "0.5", "--no-cache",
                         cwd=E2E.parent.parent)
-    assert_refused(result, "the smallest cluster that would fit is")
-    assert "--devices" in result.stderr
+    assert_refused(result, "no candidate mesh, remat and batch split fits the model on 1 x h100")
+    assert "the smallest cluster that would fit is 4 x h100 (--devices 4)" in result.stderr
+    # ... which is where a candidate's analytic memory first comes within the budget
+    cfg = concrete_vocab(load_config(str(E2E.parent.parent / "configs/llama-8b.yaml"), []))
+    leaves = param_leaves(cfg)
+    for devices, fits in ((2, False), (4, True)):
+        found, _ = cands.enumerate_candidates(cfg, leaves, make_cluster(H100, devices, 8),
+                                              0.5 * 80e9)
+        assert any(cands.analytic_memory(cfg, leaves, c) <= 0.5 * 80e9 for c in found) == fits
 
 
 def test_a_device_file_describes_further_kinds_and_a_bad_one_is_refused(tmp_path):

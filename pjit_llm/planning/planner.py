@@ -114,8 +114,11 @@ def refuse(cfg: Config, leaves, cluster: Cluster, budget: float, why: str) -> No
 
 
 def plan(cfg: Config, cluster: Cluster, kind_for_estimate, budget: float, top: int,
-         cache_dir: Path | None, remats=cands.REMATS, progress=_progress) -> tuple[list[dict], dict]:
-    """Ranked rows (fitting first, by predicted step time) and what pruning removed."""
+         cache_dir: Path | None, remats=cands.REMATS, progress=_progress,
+         compile_with=None) -> tuple[list[dict], dict]:
+    """Ranked rows (fitting first, by predicted step time) and what pruning removed.
+    `compile_with`: compiled.py's `analyse` to compile in this process (its devices must be
+    the cluster's); by default a worker process compiles."""
     cfg = concrete_vocab(cfg)
     leaves = param_leaves(cfg)
     found, pruned = cands.enumerate_candidates(cfg, leaves, cluster, budget, remats)
@@ -128,6 +131,7 @@ def plan(cfg: Config, cluster: Cluster, kind_for_estimate, budget: float, top: i
     rows, cached = [], 0
     accelerator = kind_for_estimate.name != "cpu"  # planned for GPUs, not this machine's CPU
     worker = CompileWorker(cluster.devices, accelerator)
+    compile_with = compile_with or worker.analyse
     flops = perf.flops_per_step(cfg.model, cfg.data.batch_size, cfg.data.seq_len)
     tokens = cfg.data.batch_size * cfg.data.seq_len
     try:
@@ -141,7 +145,7 @@ def plan(cfg: Config, cluster: Cluster, kind_for_estimate, budget: float, top: i
                 continue
             scores = kind_for_estimate.flash_attention and cand.mesh["context"] == 1
             analysis, hit = cached_analysis(run_cfg, cluster.devices, cache_dir, scores,
-                                            worker.analyse, FOR_ACCELERATORS * accelerator)
+                                            compile_with, FOR_ACCELERATORS * accelerator)
             cached += hit
             if "refused" in analysis:
                 pruned["refused: " + analysis["refused"][:100]] += 1
