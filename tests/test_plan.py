@@ -185,19 +185,36 @@ def test_the_dominant_term():
 # Figures of the emulated CPU devices' order (as planning/probe.py measures them): no overlap,
 # collectives that cost a rendezvous, kernels that cost a dispatch.
 CPU_LIKE = DeviceKind("cpu", 2e10, 3e9, 4e9, 2e9, 2e9, compute_share=1.0, link_latency=7e-5,
-                      overlap=False, flash_attention=False, kernel_overhead=1e-6)
+                      overlap=False, flash_attention=False, kernel_overhead=1e-6,
+                      element_rate=4e9)
 
 
-def test_serial_kinds_add_memory_collectives_and_kernel_overheads():
+def test_serial_kinds_add_memory_elementwise_collectives_and_kernel_overheads():
     analysis = {**_synthetic(flops=2e10, bytes_=8e9), "dot_bytes": 4e9, "kernels": 1000,
+                "element_ops": 2e9,
                 "collectives": [{"op": "all-gather", "link_bytes": 2e9, "count": 10,
                                  "axes": ["fsdp"], "across_hosts": False}]}
     est = estimate(analysis, CPU_LIKE)
-    # compute, the bytes of kernels without a matrix product, the gathers, the kernels
-    assert est.step_s == pytest.approx(1 + 1 + 10 * (7e-5 + 1) + 1000 * 1e-6)
+    # compute, the bytes of kernels without a matrix product, their elementwise operations,
+    # the gathers, the kernels
+    assert est.step_s == pytest.approx(1 + 1 + 0.5 + 10 * (7e-5 + 1) + 1000 * 1e-6)
     assert est.terms["kernel overhead"] == pytest.approx(1e-3)
-    assert estimate(analysis, dataclasses.replace(H100, kernel_overhead=0)).terms[
-        "kernel overhead"] == 0
+    assert est.terms["elementwise"] == pytest.approx(0.5)
+    on_a_gpu = estimate(analysis, H100).terms  # neither is counted on a data-sheet kind
+    assert on_a_gpu["kernel overhead"] == on_a_gpu["elementwise"] == 0
+
+
+def test_elementwise_operations_are_counted_per_element_inside_fusions():
+    import jax
+    import jax.numpy as jnp
+
+    def chain(x):  # 2 x 8 operations per element, fused into one kernel, then a sum
+        for _ in range(8):
+            x = x * 0.5 + 1.0
+        return x, jnp.sum(x)
+
+    text = jax.jit(chain).lower(jnp.ones((1000,))).compile().as_text()
+    assert program_cost(text, 1).element_ops == pytest.approx(17 * 1000, rel=0.1)
 
 
 def test_a_small_model_compiles_every_mesh_including_plain_data_and_fsdp():

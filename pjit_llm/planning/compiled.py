@@ -47,7 +47,7 @@ _IRRELEVANT = ("data.source", "data.paths", "data.name", "data.tokenizer_path", 
                "train.eval_every", "checkpoint", "distributed", "mesh.emulate_devices")
 
 
-ANALYSIS_VERSION = 7  # what an entry holds; a change makes old entries unreadable by key
+ANALYSIS_VERSION = 8  # what an entry holds; a change makes old entries unreadable by key
 
 
 def default_cache_dir() -> Path:
@@ -159,6 +159,7 @@ def analyse(cfg: Config, devices: int, scores: bool = False) -> dict:
            "bubble": pipeline.bubble if pipeline else 0.0, "compile_s": compile_s,
            "attention": parts.model.attention, "score_bytes": cost.score_bytes,
            "kernels": cost.kernels, "dot_bytes": cost.dot_bytes,
+           "element_ops": cost.element_ops,
            "context": cfg.mesh.context}
     del compiled, lowered, parts
     gc.collect()

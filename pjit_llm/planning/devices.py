@@ -41,6 +41,10 @@ class DeviceKind:
     # How many times slower an all-reduce or reduce-scatter moves each link byte than an
     # all-gather (measured on the CPU, whose reductions add on the devices' shared cores).
     reduce_slowdown: float = 1.0
+    # Elementwise operations per second a device computes in the kernels without a matrix
+    # product (measured on the CPU, where the optimizer's update, norms and softmax are bound by
+    # them as much as by memory; 0 for the data-sheet kinds, whose such kernels memory bounds).
+    element_rate: float = 0.0
 
 
 KINDS = {

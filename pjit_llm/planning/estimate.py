@@ -11,9 +11,12 @@
                   scheduler and pipelined collectives of xla_flags.py overlap with compute
     overhead    = kernels launched x the kind's kernel overhead (measured on the CPU; 0 on
                   GPUs, whose queued launches overlap the kernels before them)
+    elementwise = the kernels' elementwise operations / the kind's element rate (measured on
+                  the CPU, whose vector units bound the optimizer's update and the norms as
+                  much as memory does; not counted on GPUs, where memory bounds them)
     step        = max(compute, memory, hidden) + the other collectives + overhead
-    serial step = compute + memory of the kernels without a matrix product + every
-                  collective + overhead, on a kind without overlap (the emulated CPU devices:
+    serial step = compute + memory of the kernels without a matrix product + elementwise +
+                  every collective + overhead, on a kind without overlap (the emulated CPU devices:
                   each kernel runs at its own bound, one after the other, and collectives are
                   copies on the same cores)
     bubble      = compute x (S-1)/(M.R+S-1), shown apart: the pipeline's idle stages compute
@@ -67,11 +70,13 @@ def estimate(analysis: dict, kind: DeviceKind) -> Estimate:
     hide = sum(collective_seconds(c, kind) for c in analysis["collectives"] if hidden(c))
     block = sum(collective_seconds(c, kind) for c in analysis["collectives"] if not hidden(c))
     overhead = analysis.get("kernels", 0.0) * kind.kernel_overhead
+    elementwise = analysis.get("element_ops", 0.0) / kind.element_rate if kind.element_rate else 0.0
     if kind.overlap:
         step = max(compute, memory, hide) + block + overhead
     else:
-        step = compute + memory + hide + block + overhead
+        step = compute + memory + elementwise + hide + block + overhead
     bubble = compute * analysis.get("bubble", 0.0)
     terms = {"compute": compute - bubble, "memory": memory, "collectives (hidden)": hide,
-             "collectives (blocking)": block, "bubble": bubble, "kernel overhead": overhead}
+             "collectives (blocking)": block, "bubble": bubble, "kernel overhead": overhead,
+             "elementwise": elementwise}
     return Estimate(step, terms, max(terms, key=terms.get))

@@ -207,6 +207,14 @@ def _dot_flops(instr: Instr, shapes: dict[str, str]) -> float:
 
 
 _SLICING = ("dynamic-slice", "slice", "gather")
+# Operations computed per element of their output (a reduce: per element of its input):
+# what a kernel computes besides matrix products, which bounds it where memory does not
+# (the optimizer's update of every parameter, norms, softmax) on a CPU.
+_ELEMENTWISE = {"add", "subtract", "multiply", "divide", "maximum", "minimum", "negate", "abs",
+                "exponential", "exponential-minus-one", "log", "log-plus-one", "sqrt", "rsqrt",
+                "cbrt", "tanh", "logistic", "power", "select", "compare", "clamp", "and", "or",
+                "xor", "not", "convert", "floor", "ceil", "round-nearest-even", "sign", "erf",
+                "sine", "cosine", "remainder", "is-finite", "reduce"}
 _RETYPE = ("convert", "bitcast", "bitcast-convert", "copy")
 
 
@@ -264,6 +272,20 @@ def _traffic(instr: Instr, shapes: dict[str, str], comps: dict[str, list[Instr]]
     return total + out
 
 
+def _element_ops(instr: Instr, shapes: dict[str, str], comps: dict[str, list[Instr]]) -> float:
+    """Elementwise operations a kernel computes: its own, or those of the fusion it runs."""
+    body = re.search(r"calls=%([^\s,]+)", instr.attrs) if instr.op == "fusion" else None
+    inner = comps.get(body.group(1), []) if body else [instr]
+    inner_shapes = {i.name: i.type for i in inner} if body else shapes
+    total = 0.0
+    for i in inner:
+        if i.op == "reduce" and i.operands:
+            total += math.prod(_dims(inner_shapes.get(i.operands[0], "")) or [1])
+        elif i.op in _ELEMENTWISE:
+            total += math.prod(_dims(i.type) or [1])
+    return total
+
+
 @dataclass
 class ProgramCost:
     flops: float  # of the matrix products, per device per step
@@ -272,6 +294,7 @@ class ProgramCost:
     score_bytes: float = 0.0  # of those, arrays ending in (seq, seq): attention's scores
     kernels: float = 0.0  # kernels launched per step (fusions, library calls, copies, ...)
     dot_bytes: float = 0.0  # of `bytes`, those of kernels that compute a matrix product
+    element_ops: float = 0.0  # elementwise operations (and reductions' inputs) per step
 
 
 def is_scores(dims: list[int], seq_len: int, heads: int) -> bool:
@@ -327,7 +350,7 @@ def program_cost(text: str, num_devices: int, seq_len: int = 0, heads: int = 0,
                 times[callee] += times[name] * n
                 if is_fusion:
                     fused.add(callee)
-    flops = traffic = scores = kernels = dot_traffic = 0.0
+    flops = traffic = scores = kernels = dot_traffic = element_ops = 0.0
     has_dot = {name for name, instrs in comps.items() if any(i.op == "dot" for i in instrs)}
     found: dict[tuple, Collective] = {}
     for name, instrs in comps.items():
@@ -342,6 +365,7 @@ def program_cost(text: str, num_devices: int, seq_len: int = 0, heads: int = 0,
                 moved = t * _traffic(instr, shapes, comps)
                 traffic += moved
                 kernels += t
+                element_ops += t * _element_ops(instr, shapes, comps)
                 body = re.search(r"calls=%([^\s,]+)", instr.attrs)
                 if instr.op == "dot" or (body and body.group(1) in has_dot) or \
                         _dot_flops(instr, shapes):
@@ -363,4 +387,5 @@ def program_cost(text: str, num_devices: int, seq_len: int = 0, heads: int = 0,
                     found[key] = Collective(base, size, 0.0, n, groups, t)
     for c in found.values():
         c.link_bytes = _link_bytes(c.op, c.bytes, c.group_size)
-    return ProgramCost(flops, traffic, list(found.values()), scores, kernels, dot_traffic)
+    return ProgramCost(flops, traffic, list(found.values()), scores, kernels, dot_traffic,
+                       element_ops)

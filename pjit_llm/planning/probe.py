@@ -6,6 +6,7 @@ start-up) cancels out:
 
     FLOP rate      a layer-sized matrix product, per device
     bandwidth      an elementwise pass over arrays larger than the caches, per device
+    element rate   a long chain of elementwise operations on an array in cache, per device
     kernel cost    one small kernel that cannot fuse with the next: what every kernel of a
                    compiled step pays on top of its FLOPs and bytes (the runtime's dispatch
                    of each kernel to eight device threads on a few cores)
@@ -62,6 +63,17 @@ def measure_kind(devices: list, memory_bytes: float, name: str = "cpu") -> Devic
     big = jax.device_put(jnp.ones((n, 2**21), jnp.float32), rows)  # 8 MiB a device
     bandwidth = 2 * big.nbytes / n / _per_iteration(loop(lambda y: y * 0.5 + 1), big, 1, 9)
 
+    # A long chain of elementwise operations on an array in cache: one fusion bound by
+    # arithmetic, not memory.
+    chain = 16
+
+    def arithmetic(y):
+        for _ in range(chain):
+            y = y * 0.999 + 0.001
+        return y
+    cached = jax.device_put(jnp.ones((n, 2**14), jnp.float32), rows)  # 64 KiB a device
+    element_rate = 2 * chain * 2**14 / _per_iteration(loop(arithmetic), cached, 4, 24)
+
     small = jax.device_put(jnp.ones((n, 64), jnp.float32), rows)
     # A reduction then a broadcast: two kernels an iteration that no fusion joins.
     kernel = _per_iteration(loop(lambda y: y - jnp.max(y, axis=1, keepdims=True)), small,
@@ -94,4 +106,5 @@ def measure_kind(devices: list, memory_bytes: float, name: str = "cpu") -> Devic
     reduce_link = 2 * replicated.nbytes * (n - 1) / n / max(per_reduce - latency - kernel, 1e-9)
     return DeviceKind(name, flops, memory_bytes, bandwidth, link, link, compute_share=1.0,
                       link_latency=latency, overlap=False, flash_attention=False,
-                      kernel_overhead=kernel, reduce_slowdown=max(1.0, link / reduce_link))
+                      kernel_overhead=kernel, reduce_slowdown=max(1.0, link / reduce_link),
+                      element_rate=element_rate)
