@@ -14,7 +14,8 @@ from pjit_llm.parallel.axes import AXIS_NAMES
 from pjit_llm.planning import candidates as cands
 from pjit_llm.planning.calibrate import pick
 from pjit_llm.models.expert_products import BLOCKS_SCOPE
-from pjit_llm.planning.compiled import analyse, blocks_share, cached_analysis
+from pjit_llm.planning.compiled import (analyse, blocks_share, cached_analysis,
+                                        grouped_bytes_share)
 from pjit_llm.planning.devices import KINDS, Cluster, DeviceKind, load_kinds, make_cluster
 from pjit_llm.planning.estimate import estimate
 from pjit_llm.planning.hlo import program_cost, replica_groups
@@ -122,10 +123,10 @@ def test_a_scoped_conditional_counts_its_branch_at_its_share():
     import jax.numpy as jnp
 
     def blocks(x, used):  # the shape of the expert blocks' loop: a product per used block
+        @jax.named_scope(BLOCKS_SCOPE)
         def body(total, n):
-            with jax.named_scope(BLOCKS_SCOPE):
-                return total + jax.lax.cond(n < used, lambda: x @ x,
-                                            lambda: jnp.zeros_like(x)), None
+            return total + jax.lax.cond(n < used, lambda: x @ x,
+                                        lambda: jnp.zeros_like(x)), None
         return jax.lax.scan(body, jnp.zeros_like(x), jnp.arange(8))[0]
 
     text = jax.jit(blocks).lower(jnp.ones((64, 64)), 3).compile().as_text()
@@ -139,6 +140,18 @@ def test_a_scoped_conditional_counts_its_branch_at_its_share():
     # rounded up are used; with every expert here, all but the padding.
     assert blocks_share(8, 8)(17) == pytest.approx(2 / 17)
     assert blocks_share(8, 1)(24) == pytest.approx(16 / 24)
+    # Bytes for a GPU's grouped product: the scoped kernels' bytes at a share of the loop's
+    # iterations, whichever branch they sit in (so whatever share the branch runs at).
+    quarter = {BLOCKS_SCOPE: lambda n: 0.25}
+
+    def moved(share):
+        return program_cost(text, 1, shares=quarter,
+                            byte_shares={BLOCKS_SCOPE: lambda n: share}).bytes
+    # (a kernel XLA adds without the scope stays at its branch's share)
+    assert program_cost(text, 1, shares=quarter).bytes < moved(1.0) <= program_cost(text, 1).bytes
+    assert moved(0.0) < moved(1.0)
+    assert moved(0.5) == pytest.approx((moved(0.0) + moved(1.0)) / 2)
+    assert grouped_bytes_share(8, 8)(17) == pytest.approx(1 / 17)  # one expert here, once
 
 
 def test_an_update_in_place_counts_the_update_not_the_buffer_even_across_a_type_change():

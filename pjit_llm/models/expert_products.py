@@ -93,9 +93,10 @@ def _by_ragged_dot(x_RD, sizes_E, weights, activation, dtype):
     return product("mlp_down", h_RF, down_EFD)
 
 
-# The name the blocks' conditionals carry in the compiled program: how many blocks are used is
-# known only when the step runs, so the planner (planning/hlo.py) counts their branches at the
-# share balanced routing would use.
+# The name each block's work carries in the compiled program: how many blocks are used is known
+# only when the step runs, so the planner (planning/hlo.py) counts their conditional products
+# at the share balanced routing would use, and for a GPU, which runs one grouped product
+# instead, their bytes as reading each expert's weights once.
 BLOCKS_SCOPE = "expert_blocks"
 
 
@@ -139,12 +140,12 @@ def _block_mlp(activation, dtype, x_bD, gate, up, down):
 
 def _scan_blocks(activation, dtype, x_NbD, expert_N, used, weights):
     """Each used block through its expert's MLP, the blocks past `used` left zero."""
+    @jax.named_scope(BLOCKS_SCOPE)
     def one_block(_, block):
         n, e, x_bD = block
         mlp = lambda: _block_mlp(activation, dtype, x_bD,  # noqa: E731
                                  *(_expert_weight(w, e, dtype) for w in weights))
-        with jax.named_scope(BLOCKS_SCOPE):
-            return None, jax.lax.cond(n < used, mlp, lambda: jnp.zeros_like(x_bD))
+        return None, jax.lax.cond(n < used, mlp, lambda: jnp.zeros_like(x_bD))
 
     return jax.lax.scan(one_block, None, (jnp.arange(x_NbD.shape[0]), expert_N, x_NbD))[1]
 
@@ -165,6 +166,7 @@ def _blocks_mlp_forward(activation, dtype, x_NbD, expert_N, used, gate, up, down
 def _blocks_mlp_backward(activation, dtype, saved, dy_NbD):
     x_NbD, expert_N, used, weights = saved
 
+    @jax.named_scope(BLOCKS_SCOPE)
     def one_block(grads, block):
         n, e, x_bD, dy_bD = block
 
@@ -176,8 +178,7 @@ def _blocks_mlp_backward(activation, dtype, saved, dy_NbD):
         def bubble():
             return (jnp.zeros_like(x_bD), *(jnp.zeros(w.shape[1:], dtype) for w in weights))
 
-        with jax.named_scope(BLOCKS_SCOPE):
-            dx_bD, *dw = jax.lax.cond(n < used, backward, bubble)
+        dx_bD, *dw = jax.lax.cond(n < used, backward, bubble)
         return tuple(g.at[e].add(d.astype(g.dtype)) for g, d in zip(grads, dw)), dx_bD
 
     # the experts' gradients summed over blocks in float32

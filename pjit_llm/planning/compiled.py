@@ -47,7 +47,7 @@ _IRRELEVANT = ("data.source", "data.paths", "data.name", "data.tokenizer_path", 
                "train.eval_every", "checkpoint", "distributed", "mesh.emulate_devices")
 
 
-ANALYSIS_VERSION = 8  # what an entry holds; a change makes old entries unreadable by key
+ANALYSIS_VERSION = 10  # what an entry holds; a change makes old entries unreadable by key
 
 
 def default_cache_dir() -> Path:
@@ -115,18 +115,38 @@ def blocks_share(experts: int, group: int):
     return share
 
 
-def _shares(cfg: Config, layout) -> dict:
+def _experts_here(cfg: Config, layout) -> tuple[int, int]:
+    """(experts, the expert group's devices): the blocks loop's shape parameters."""
     experts = getattr(cfg.model, "num_experts", 0)
-    if not experts:
-        return {}
     group = math.prod(layout.mesh.shape[a] for a in layout.mesh_axes("expert")
-                      if a in layout.mesh_axes("batch"))
-    return {BLOCKS_SCOPE: blocks_share(experts, group)}
+                      if a in layout.mesh_axes("batch")) if experts else 1
+    return experts, group
 
 
-def analyse(cfg: Config, devices: int, scores: bool = False) -> dict:
+def _shares(cfg: Config, layout) -> dict:
+    experts, group = _experts_here(cfg, layout)
+    return {BLOCKS_SCOPE: blocks_share(experts, group)} if experts else {}
+
+
+def grouped_bytes_share(experts: int, group: int):
+    """A GPU's grouped product (ragged_dot) reads each of this device's experts' weights once
+    where the blocks loop reads them for each of its N blocks: the loop's bytes counted at
+    (experts here) / N of its iterations (the rows it moves, a smaller part, likewise)."""
+    here = max(experts // max(group, 1), 1)
+    return lambda blocks: min(1.0, here / max(blocks, 1))
+
+
+def _byte_shares(cfg: Config, layout, accelerator: bool) -> dict:
+    experts, group = _experts_here(cfg, layout)
+    if not (experts and accelerator):
+        return {}
+    return {BLOCKS_SCOPE: grouped_bytes_share(experts, group)}
+
+
+def analyse(cfg: Config, devices: int, scores: bool = False, accelerator: bool = False) -> dict:
     """Compile `cfg`'s train step on the first `devices` devices and read what it costs
-    (with `scores`, also the memory its (seq, seq) buffers take: `score_memory`).
+    (with `scores`, also the memory its (seq, seq) buffers take: `score_memory`; with
+    `accelerator`, the experts' bytes as a GPU's grouped product moves them).
     A config the builder refuses comes back as {"refused": its message}."""
     sizes = tuple(cfg.mesh.shape)
     dcn = tuple(cfg.mesh.dcn_shape)
@@ -143,7 +163,7 @@ def analyse(cfg: Config, devices: int, scores: bool = False) -> dict:
     compile_s = time.perf_counter() - start
     memory = perf.compiled_memory(compiled) or {}
     cost = program_cost(compiled.as_text(), devices, cfg.data.seq_len, cfg.model.num_heads,
-                        _shares(cfg, parts.layout))
+                        _shares(cfg, parts.layout), _byte_shares(cfg, parts.layout, accelerator))
     collectives = []
     for c in cost.collectives:
         axes, across = (crossed_axes(c.groups[0], sizes, dcn) if c.groups

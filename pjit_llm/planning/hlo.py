@@ -325,13 +325,22 @@ def _taken(instr: Instr, trips: int, shares: dict) -> list[float] | None:
     return None
 
 
+def _scope(instr: Instr) -> str:
+    found = re.search(r'op_name="([^"]*)"', instr.attrs)
+    return found.group(1) if found else ""
+
+
 def program_cost(text: str, num_devices: int, seq_len: int = 0, heads: int = 0,
-                 shares: dict | None = None) -> ProgramCost:
+                 shares: dict | None = None, byte_shares: dict | None = None) -> ProgramCost:
     """`shares`: conditionals whose branch taken is known only at run time, by name scope
-    (`_taken`); every other conditional counts each of its branches once."""
+    (`_taken`); every other conditional counts each of its branches once. `byte_shares`:
+    {scope: share(trip count)}, the bytes of the kernels in that scope counted as that share of
+    their loop's iterations reading and writing them (whatever branch they sit in): the bytes
+    of another program that does the same work in fewer, larger kernels."""
     comps, entry = parse_computations(text)
     times: dict[str, float] = defaultdict(float)
     trips: dict[str, int] = {}  # a loop body's trip count
+    taken_share: dict[str, float] = {}  # the share of a scoped conditional's branch in `times`
     fused: set[str] = set()
     times[entry] = 1
     for name in reversed(list(comps)):  # callers come after their callees in the text
@@ -341,15 +350,22 @@ def program_cost(text: str, num_devices: int, seq_len: int = 0, heads: int = 0,
             callees = _callees(instr)
             taken = _taken(instr, trips.get(name, 1), shares or {})
             for i, (callee, n, is_fusion) in enumerate(callees):
+                share = taken_share.get(name, 1.0)
                 if taken and len(taken) == len(callees):
                     n *= taken[i]
+                    share *= taken[i]
                 if instr.op == "while" and i == 0:
                     trips[callee] = n
                 elif instr.op != "while" and name in trips:  # a call inside the loop's body
                     trips.setdefault(callee, trips[name])
+                if share != 1.0:
+                    taken_share[callee] = share
                 times[callee] += times[name] * n
                 if is_fusion:
                     fused.add(callee)
+    scoped = {where: {name for name, instrs in comps.items()
+                      if any(f"/{where}/" in _scope(i) for i in instrs)}
+              for where in byte_shares or {}}
     flops = traffic = scores = kernels = dot_traffic = element_ops = 0.0
     has_dot = {name for name, instrs in comps.items() if any(i.op == "dot" for i in instrs)}
     found: dict[tuple, Collective] = {}
@@ -363,6 +379,14 @@ def program_cost(text: str, num_devices: int, seq_len: int = 0, heads: int = 0,
             base = instr.op.removesuffix("-start")
             if name not in fused and instr.op not in _FREE and not instr.op.endswith("-done"):
                 moved = t * _traffic(instr, shapes, comps)
+                scope = _scope(instr)
+                for where, share in (byte_shares or {}).items():
+                    # its own kernels, and those XLA adds among them (bfloat16 converts on
+                    # XLA:CPU) with no name of their own
+                    ours = f"/{where}/" in scope or (not scope and name in scoped[where])
+                    if ours and taken_share.get(name, 1.0) > 0:
+                        moved *= share(trips.get(name, 1)) / taken_share.get(name, 1.0)
+                        break
                 traffic += moved
                 kernels += t
                 element_ops += t * _element_ops(instr, shapes, comps)

@@ -36,7 +36,7 @@ def _serve(conn, devices: int, log: str, accelerator: bool) -> None:
         if job is None:
             return
         cfg, count, scores = job
-        conn.send(analyse(cfg, count, scores))
+        conn.send(analyse(cfg, count, scores, accelerator))
 
 
 class CompileWorker:
