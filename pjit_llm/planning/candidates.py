@@ -130,8 +130,8 @@ def _kv_split(cfg: Config, sizes: dict[str, int]) -> bool:
 def state_bytes(cfg: Config, leaves: list[ParamLeaf], sizes: dict[str, int]) -> float:
     """Parameters, gradients and two AdamW moments per device, in the parameters' dtype."""
     kv = _kv_split(cfg, sizes)
-    return sum(4 * math.prod(l.shape) * l.bytes_per_element / shards_of(l, sizes, cfg.mesh.rules, kv)
-               for l in leaves)
+    return sum(4 * math.prod(l.shape) * l.bytes_per_element
+               / shards_of(l, sizes, cfg.mesh.rules, kv) for l in leaves)
 
 
 def _active_mlp(model) -> int:

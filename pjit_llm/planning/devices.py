@@ -78,8 +78,9 @@ def load_kinds(path: str) -> dict[str, DeviceKind]:
         unknown = set(figures) - set(units)
         missing = set(list(units)[:5]) - set(figures)
         if unknown or missing:
-            raise UserError(f"device file {path}: {name} has {'unknown ' + ', '.join(sorted(unknown)) if unknown else 'no ' + ', '.join(sorted(missing))}; "
-                            f"give {', '.join(units)}")
+            wrong = (f"unknown {', '.join(sorted(unknown))}" if unknown
+                     else f"no {', '.join(sorted(missing))}")
+            raise UserError(f"device file {path}: {name} has {wrong}; give {', '.join(units)}")
         try:
             values = {units[k][0]: float(v) * units[k][1] for k, v in figures.items()}
         except (TypeError, ValueError):

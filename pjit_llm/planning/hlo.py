@@ -311,23 +311,24 @@ def is_scores(dims: list[int], seq_len: int, heads: int) -> bool:
     return short == seq_len and long % seq_len == 0 and 2 <= long // seq_len <= heads
 
 
+def _scope(instr: Instr) -> str:
+    """The name scope XLA kept for an instruction (its op_name), or ''."""
+    found = re.search(r'op_name="([^"]*)"', instr.attrs)
+    return found.group(1) if found else ""
+
+
 def _taken(instr: Instr, trips: int, shares: dict) -> list[float] | None:
     """How often each branch of a conditional runs per execution, where its name scope is one
     of `shares` ({scope: share(trip count of the loop around it)}, the share of executions
     taking its last branch, `true`); None (each branch once) elsewhere."""
     if instr.op != "conditional":
         return None
-    scope = re.search(r'op_name="([^"]*)"', instr.attrs)
+    scope = _scope(instr)
     for name, share in shares.items():
-        if scope and f"/{name}/" in scope.group(1):
+        if f"/{name}/" in scope:
             s = min(1.0, max(0.0, share(trips)))
             return [1.0 - s, s]
     return None
-
-
-def _scope(instr: Instr) -> str:
-    found = re.search(r'op_name="([^"]*)"', instr.attrs)
-    return found.group(1) if found else ""
 
 
 def program_cost(text: str, num_devices: int, seq_len: int = 0, heads: int = 0,
@@ -379,7 +380,7 @@ def program_cost(text: str, num_devices: int, seq_len: int = 0, heads: int = 0,
             base = instr.op.removesuffix("-start")
             if name not in fused and instr.op not in _FREE and not instr.op.endswith("-done"):
                 moved = t * _traffic(instr, shapes, comps)
-                scope = _scope(instr)
+                scope = _scope(instr) if byte_shares else ""
                 for where, share in (byte_shares or {}).items():
                     # its own kernels, and those XLA adds among them (bfloat16 converts on
                     # XLA:CPU) with no name of their own
