@@ -14,8 +14,7 @@ from pjit_llm.parallel.axes import AXIS_NAMES
 from pjit_llm.planning import candidates as cands
 from pjit_llm.planning.calibrate import pick
 from pjit_llm.models.expert_products import BLOCKS_SCOPE
-from pjit_llm.planning.compiled import (analyse, blocks_share, cached_analysis,
-                                        grouped_bytes_share)
+from pjit_llm.planning.compiled import analyse, blocks_share, cached_analysis
 from pjit_llm.planning.devices import KINDS, Cluster, DeviceKind, load_kinds, make_cluster
 from pjit_llm.planning.estimate import estimate
 from pjit_llm.planning.hlo import program_cost, replica_groups
@@ -140,18 +139,48 @@ def test_a_scoped_conditional_counts_its_branch_at_its_share():
     # rounded up are used; with every expert here, all but the padding.
     assert blocks_share(8, 8)(17) == pytest.approx(2 / 17)
     assert blocks_share(8, 1)(24) == pytest.approx(16 / 24)
-    # Bytes for a GPU's grouped product: the scoped kernels' bytes at a share of the loop's
-    # iterations, whichever branch they sit in (so whatever share the branch runs at).
-    quarter = {BLOCKS_SCOPE: lambda n: 0.25}
 
-    def moved(share):
-        return program_cost(text, 1, shares=quarter,
-                            byte_shares={BLOCKS_SCOPE: lambda n: share}).bytes
-    # (a kernel XLA adds without the scope stays at its branch's share)
-    assert program_cost(text, 1, shares=quarter).bytes < moved(1.0) <= program_cost(text, 1).bytes
-    assert moved(0.0) < moved(1.0)
-    assert moved(0.5) == pytest.approx((moved(0.0) + moved(1.0)) / 2)
-    assert grouped_bytes_share(8, 8)(17) == pytest.approx(1 / 17)  # one expert here, once
+
+# In a process of its own: preparing for GPU programs changes how JAX lowers, for good.
+_GPU_PROGRAMS = """
+import json, sys
+from pjit_llm.parallel.mesh import use_emulated_devices
+use_emulated_devices(8)
+import jax, jax.numpy as jnp
+from pjit_llm.config import load_config
+from pjit_llm.planning import gpu_program
+from pjit_llm.planning.compiled import analyse
+gpu_program.prepare()
+
+def loss(x, w, sizes):
+    return jnp.square(jax.lax.ragged_dot(x, w, sizes).astype(jnp.float32)).sum()
+
+grouped = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
+    jax.ShapeDtypeStruct((256, 64), jnp.bfloat16), jax.ShapeDtypeStruct((4, 64, 32), jnp.bfloat16),
+    jax.ShapeDtypeStruct((4,), jnp.int32))
+text, memory = gpu_program.compile_for_gpu(grouped)
+moe = analyse(load_config(sys.argv[1], sys.argv[2:]), 8, gpu=True)
+print(json.dumps({"text": text, "memory": memory, "moe": moe}))
+"""
+
+
+def test_a_gpu_program_multiplies_each_row_by_its_group_once_and_keeps_bfloat16(tmp_path):
+    moe = [str(E2E.parent.parent / "configs/tiny-moe.yaml"), "data.batch_size=8"]
+    result = run_module(None, *moe, code=_GPU_PROGRAMS, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.splitlines()[-1])
+    text = out["text"]
+    assert text.count("ragged-dot(") == 3 and out["memory"]["peak"] > 0
+    # the forward product, the rows' gradient and the weights' (one matrix per group, each
+    # summed over its own rows): each 2 x rows x 64 x 32, not that for every group
+    assert program_cost(text, 1).flops == pytest.approx(3 * 2 * 256 * 64 * 32)
+    assert "bf16[4,64,32]" in text and "f32[256,64]" not in text  # not widened as on XLA:CPU
+    # The whole tiny MoE step for a GPU: its grouped products do no padded blocks' work, and
+    # its buffers stay in bfloat16, so it moves less than the program XLA:CPU would run.
+    cpu = analyse(load_config(moe[0], moe[1:]), 8)
+    gpu = out["moe"]
+    assert gpu["memory"]["peak"] > 0 and "refused" not in gpu
+    assert gpu["flops"] < cpu["flops"] and gpu["bytes"] < cpu["bytes"]
 
 
 def test_an_update_in_place_counts_the_update_not_the_buffer_even_across_a_type_change():

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from pjit_llm.models.expert_products import batched_mlp, expert_count, grouped_mlp
+from pjit_llm.models.target import target_backend
 
 
 def expert_outputs(x_TD, experts_TK, weights_TK, expert_weights, cfg, group: tuple[str, ...]):
@@ -76,7 +77,7 @@ def _exchanged(dtype):
     dtype, but float32 on XLA:CPU (jaxlib 0.10.2), which aborts compiling a bfloat16
     reduce-scatter ("Invalid binary instruction opcode copy"; an all-gather's gradient is
     one)."""
-    return jnp.float32 if jax.default_backend() == "cpu" else dtype
+    return jnp.float32 if target_backend() == "cpu" else dtype
 
 
 def capacity(tokens: int, k: int, experts: int, factor: float) -> int:

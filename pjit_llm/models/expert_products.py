@@ -26,6 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from pjit_llm.models.layers import ACTIVATIONS
 from pjit_llm.models.quantize import Int8Weight
+from pjit_llm.models.target import target_backend
 
 EXPERT_MATMULS = ("auto", "ragged_dot", "blocks")
 
@@ -35,7 +36,7 @@ def resolve_matmul(choice: str) -> str:
     to a grouped product, blocks on CPU."""
     if choice != "auto":
         return choice
-    return "blocks" if jax.default_backend() == "cpu" else "ragged_dot"
+    return "blocks" if target_backend() == "cpu" else "ragged_dot"
 
 
 def expert_count(w) -> int:

@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 from pjit_llm.models.expert_dispatch import expert_outputs
 from pjit_llm.models.layers import param
 from pjit_llm.models.moe_config import MoEConfig
+from pjit_llm.models.target import target_backend
 from pjit_llm.parallel.layout import Layout
 
 # The per-token statistics the layer sows, summed over real tokens by the decoder:
@@ -83,7 +84,7 @@ class MoEMLP(nnx.Module):
             compute = jax.shard_map(compute, mesh=self.layout.mesh, axis_names={*rows, *owned},
                                     in_specs=(P(rows), (P(), *[P(group or None)] * 3)),
                                     out_specs=P(rows), check_vma=False)
-            if jax.default_backend() == "cpu":
+            if target_backend() == "cpu":
                 # XLA:CPU (jaxlib 0.10.2) aborts compiling the step when the gradient of a
                 # bfloat16 weight the shard_map replicates over some of its devices is summed
                 # over them ("Invalid binary instruction opcode copy"): such weights cross in

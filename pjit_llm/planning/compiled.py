@@ -37,6 +37,7 @@ from pjit_llm.config import Config
 from pjit_llm.errors import UserError
 from pjit_llm.models.expert_products import BLOCKS_SCOPE
 from pjit_llm.parallel.axes import AXIS_NAMES
+from pjit_llm.planning.gpu_program import compile_for_gpu
 from pjit_llm.planning.hlo import program_cost
 from pjit_llm.training.build import build
 from pjit_llm.training.measure import abstract_batch
@@ -47,7 +48,7 @@ _IRRELEVANT = ("data.source", "data.paths", "data.name", "data.tokenizer_path", 
                "train.eval_every", "checkpoint", "distributed", "mesh.emulate_devices")
 
 
-ANALYSIS_VERSION = 10  # what an entry holds; a change makes old entries unreadable by key
+ANALYSIS_VERSION = 11  # what an entry holds; a change makes old entries unreadable by key
 
 
 def default_cache_dir() -> Path:
@@ -78,25 +79,34 @@ def crossed_axes(group: list[int], sizes: tuple[int, ...], dcn: tuple[int, ...])
     return varies, len(hosts) > 1
 
 
-def _peak_memory(cfg: Config, devices: int) -> float | None:
+def compile_step(parts, gpu: bool) -> tuple[str, dict]:
+    """(optimized HLO text, memory plan) of the built step: the program XLA:CPU runs, or with
+    `gpu` the one a GPU would (gpu_program.py, in a process `prepare`d for it)."""
+    lowered = parts.train_step.lower(parts.abstract_state, abstract_batch(parts))
+    if gpu:
+        return compile_for_gpu(lowered)
+    compiled = lowered.compile()
+    return compiled.as_text(), perf.compiled_memory(compiled) or {}
+
+
+def _peak_memory(cfg: Config, devices: int, gpu: bool) -> float | None:
     """XLA's memory plan of `cfg`'s step alone (the halved-sequence twin of `analyse`)."""
     try:
         parts = build(cfg, devices=jax.devices()[:devices], announce=False)
     except UserError:
         return None
-    compiled = parts.train_step.lower(parts.abstract_state, abstract_batch(parts)).compile()
-    peak = (perf.compiled_memory(compiled) or {}).get("peak")
-    del compiled, parts
+    peak = compile_step(parts, gpu)[1].get("peak")
+    del parts
     gc.collect()
     return peak
 
 
-def score_memory(cfg: Config, devices: int, peak: float | None) -> float:
+def score_memory(cfg: Config, devices: int, peak: float | None, gpu: bool = False) -> float:
     """Bytes of the memory plan held by (seq, seq) buffers: twice the drop at half the
     sequence and twice the batch (the same tokens). 0 where the twin cannot be built."""
     half = dataclasses.replace(cfg, data=dataclasses.replace(
         cfg.data, seq_len=cfg.data.seq_len // 2, batch_size=cfg.data.batch_size * 2))
-    twin = _peak_memory(half, devices) if cfg.data.seq_len % 2 == 0 else None
+    twin = _peak_memory(half, devices, gpu) if cfg.data.seq_len % 2 == 0 else None
     if not peak or twin is None:
         return 0.0
     return max(0.0, 2 * (peak - twin))
@@ -128,25 +138,16 @@ def _shares(cfg: Config, layout) -> dict:
     return {BLOCKS_SCOPE: blocks_share(experts, group)} if experts else {}
 
 
-def grouped_bytes_share(experts: int, group: int):
-    """A GPU's grouped product (ragged_dot) reads each of this device's experts' weights once
-    where the blocks loop reads them for each of its N blocks: the loop's bytes counted at
-    (experts here) / N of its iterations (the rows it moves, a smaller part, likewise)."""
-    here = max(experts // max(group, 1), 1)
-    return lambda blocks: min(1.0, here / max(blocks, 1))
+def rows_share(cfg: Config, layout) -> float:
+    """The share of the rows gathered over an expert group that this device's experts take
+    under balanced routing (models/expert_dispatch.py): one in the group's devices."""
+    return 1.0 / _experts_here(cfg, layout)[1]
 
 
-def _byte_shares(cfg: Config, layout, accelerator: bool) -> dict:
-    experts, group = _experts_here(cfg, layout)
-    if not (experts and accelerator):
-        return {}
-    return {BLOCKS_SCOPE: grouped_bytes_share(experts, group)}
-
-
-def analyse(cfg: Config, devices: int, scores: bool = False, accelerator: bool = False) -> dict:
+def analyse(cfg: Config, devices: int, scores: bool = False, gpu: bool = False) -> dict:
     """Compile `cfg`'s train step on the first `devices` devices and read what it costs
-    (with `scores`, also the memory its (seq, seq) buffers take: `score_memory`; with
-    `accelerator`, the experts' bytes as a GPU's grouped product moves them).
+    (with `scores`, also the memory its (seq, seq) buffers take: `score_memory`; with `gpu`,
+    of the program a GPU would run: gpu_program.py).
     A config the builder refuses comes back as {"refused": its message}."""
     sizes = tuple(cfg.mesh.shape)
     dcn = tuple(cfg.mesh.dcn_shape)
@@ -158,12 +159,10 @@ def analyse(cfg: Config, devices: int, scores: bool = False, accelerator: bool =
     except UserError as e:
         return {"refused": str(e)}
     start = time.perf_counter()
-    lowered = parts.train_step.lower(parts.abstract_state, abstract_batch(parts))
-    compiled = lowered.compile()
+    text, memory = compile_step(parts, gpu)
     compile_s = time.perf_counter() - start
-    memory = perf.compiled_memory(compiled) or {}
-    cost = program_cost(compiled.as_text(), devices, cfg.data.seq_len, cfg.model.num_heads,
-                        _shares(cfg, parts.layout), _byte_shares(cfg, parts.layout, accelerator))
+    cost = program_cost(text, devices, cfg.data.seq_len, cfg.model.num_heads,
+                        _shares(cfg, parts.layout), rows_share(cfg, parts.layout))
     collectives = []
     for c in cost.collectives:
         axes, across = (crossed_axes(c.groups[0], sizes, dcn) if c.groups
@@ -175,16 +174,16 @@ def analyse(cfg: Config, devices: int, scores: bool = False, accelerator: bool =
                             "across_hosts": bool(across)})
     pipeline = parts.pipeline
     out = {"memory": memory, "flops": cost.flops, "bytes": cost.bytes,
-           "xla_flops": perf.compiled_flops(compiled), "collectives": collectives,
+           "collectives": collectives,
            "bubble": pipeline.bubble if pipeline else 0.0, "compile_s": compile_s,
            "attention": parts.model.attention, "score_bytes": cost.score_bytes,
            "kernels": cost.kernels, "dot_bytes": cost.dot_bytes,
            "element_ops": cost.element_ops,
            "context": cfg.mesh.context}
-    del compiled, lowered, parts
+    del parts
     gc.collect()
     if scores:
-        out["score_memory"] = score_memory(one_process_cfg, devices, memory.get("peak"))
+        out["score_memory"] = score_memory(one_process_cfg, devices, memory.get("peak"), gpu)
     return out
 
 
@@ -193,7 +192,7 @@ def cached_analysis(cfg: Config, devices: int, cache_dir: Path | None,
                     variant: str = "") -> tuple[dict, bool]:
     """`compile_with` (`analyse`, or a worker's), read from the cache when it holds this
     config (and the scores' memory when asked for); (result, whether cached). `variant` names
-    how the compiler was set up, where that differs (worker.py's FOR_ACCELERATORS)."""
+    the program compiled, where that differs (gpu_program.VARIANT)."""
     if cache_dir is None:
         return compile_with(cfg, devices, scores), False
     path = Path(cache_dir) / f"{cache_key(cfg, devices, variant)}.json"

@@ -192,12 +192,20 @@ def _link_bytes(op: str, size: int, n: int) -> float:
 
 def _dot_flops(instr: Instr, shapes: dict[str, str]) -> float:
     out = math.prod(_dims(instr.type)) if _dims(instr.type) else 1
-    if instr.op == "dot":
-        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", instr.attrs)
+    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", instr.attrs)
+    if instr.op == "ragged-dot":
+        # A grouped product (gpu_program.py): each row meets one group's weights. Where the
+        # ragged dimension is contracted (a weights' gradient), the output holds one matrix
+        # per group, each a sum over that group's rows only.
+        ragged = re.search(r"lhs_ragged_dims=\{(\d+)\}", instr.attrs)
+        groups = _dims(shapes.get(instr.operands[2], "")) if len(instr.operands) > 2 else []
+        if ragged and contracting and ragged.group(1) in contracting.group(1).split(",") \
+                and groups:
+            out //= groups[-1]
     elif instr.op == "custom-call" and re.search(r'custom_call_target="[^"]*(gemm|matmul)',
                                                 instr.attrs, re.I):
         contracting = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', instr.attrs)
-    else:
+    elif instr.op != "dot":
         return 0.0
     lhs = _dims(shapes.get(instr.operands[0], "")) if instr.operands else []
     if not contracting or not lhs:
@@ -216,6 +224,17 @@ _ELEMENTWISE = {"add", "subtract", "multiply", "divide", "maximum", "minimum", "
                 "xor", "not", "convert", "floor", "ceil", "round-nearest-even", "sign", "erf",
                 "sine", "cosine", "remainder", "is-finite", "reduce"}
 _RETYPE = ("convert", "bitcast", "bitcast-convert", "copy")
+
+
+def _grouped_traffic(instr: Instr, shapes: dict[str, str], rows_share: float) -> float:
+    """Bytes a grouped product (ragged-dot) reads and writes when only `rows_share` of its
+    ragged dimension's rows fall in its groups: the arrays of rows at that share, the groups'
+    weights whole."""
+    ragged = re.search(r"lhs_ragged_dims=\{(\d+)\}", instr.attrs)
+    lhs = _dims(shapes.get(instr.operands[0], "")) if instr.operands else []
+    rows = lhs[int(ragged.group(1))] if ragged and lhs else None
+    arrays = [shapes.get(o, "") for o in instr.operands] + [instr.type]
+    return sum(shape_bytes(a) * (rows_share if rows in _dims(a) else 1.0) for a in arrays)
 
 
 def _traffic(instr: Instr, shapes: dict[str, str], comps: dict[str, list[Instr]]) -> float:
@@ -332,16 +351,14 @@ def _taken(instr: Instr, trips: int, shares: dict) -> list[float] | None:
 
 
 def program_cost(text: str, num_devices: int, seq_len: int = 0, heads: int = 0,
-                 shares: dict | None = None, byte_shares: dict | None = None) -> ProgramCost:
+                 shares: dict | None = None, rows_share: float = 1.0) -> ProgramCost:
     """`shares`: conditionals whose branch taken is known only at run time, by name scope
-    (`_taken`); every other conditional counts each of its branches once. `byte_shares`:
-    {scope: share(trip count)}, the bytes of the kernels in that scope counted as that share of
-    their loop's iterations reading and writing them (whatever branch they sit in): the bytes
-    of another program that does the same work in fewer, larger kernels."""
+    (`_taken`); every other conditional counts each of its branches once. `rows_share`: the
+    share of a grouped product's rows that fall in its groups, the only ones it multiplies
+    (this device's experts' rows among those gathered from its expert group)."""
     comps, entry = parse_computations(text)
     times: dict[str, float] = defaultdict(float)
     trips: dict[str, int] = {}  # a loop body's trip count
-    taken_share: dict[str, float] = {}  # the share of a scoped conditional's branch in `times`
     fused: set[str] = set()
     times[entry] = 1
     for name in reversed(list(comps)):  # callers come after their callees in the text
@@ -351,24 +368,18 @@ def program_cost(text: str, num_devices: int, seq_len: int = 0, heads: int = 0,
             callees = _callees(instr)
             taken = _taken(instr, trips.get(name, 1), shares or {})
             for i, (callee, n, is_fusion) in enumerate(callees):
-                share = taken_share.get(name, 1.0)
                 if taken and len(taken) == len(callees):
                     n *= taken[i]
-                    share *= taken[i]
                 if instr.op == "while" and i == 0:
                     trips[callee] = n
                 elif instr.op != "while" and name in trips:  # a call inside the loop's body
                     trips.setdefault(callee, trips[name])
-                if share != 1.0:
-                    taken_share[callee] = share
                 times[callee] += times[name] * n
                 if is_fusion:
                     fused.add(callee)
-    scoped = {where: {name for name, instrs in comps.items()
-                      if any(f"/{where}/" in _scope(i) for i in instrs)}
-              for where in byte_shares or {}}
     flops = traffic = scores = kernels = dot_traffic = element_ops = 0.0
-    has_dot = {name for name, instrs in comps.items() if any(i.op == "dot" for i in instrs)}
+    has_dot = {name for name, instrs in comps.items()
+               if any(i.op in ("dot", "ragged-dot") for i in instrs)}
     found: dict[tuple, Collective] = {}
     for name, instrs in comps.items():
         t = times.get(name, 0)
@@ -376,23 +387,17 @@ def program_cost(text: str, num_devices: int, seq_len: int = 0, heads: int = 0,
             continue
         shapes = {i.name: i.type for i in instrs}
         for instr in instrs:
-            flops += t * _dot_flops(instr, shapes)
+            grouped = instr.op == "ragged-dot"
+            flops += t * _dot_flops(instr, shapes) * (rows_share if grouped else 1.0)
             base = instr.op.removesuffix("-start")
             if name not in fused and instr.op not in _FREE and not instr.op.endswith("-done"):
-                moved = t * _traffic(instr, shapes, comps)
-                scope = _scope(instr) if byte_shares else ""
-                for where, share in (byte_shares or {}).items():
-                    # its own kernels, and those XLA adds among them (bfloat16 converts on
-                    # XLA:CPU) with no name of their own
-                    ours = f"/{where}/" in scope or (not scope and name in scoped[where])
-                    if ours and taken_share.get(name, 1.0) > 0:
-                        moved *= share(trips.get(name, 1)) / taken_share.get(name, 1.0)
-                        break
+                moved = t * (_grouped_traffic(instr, shapes, rows_share) if grouped
+                             else _traffic(instr, shapes, comps))
                 traffic += moved
                 kernels += t
                 element_ops += t * _element_ops(instr, shapes, comps)
                 body = re.search(r"calls=%([^\s,]+)", instr.attrs)
-                if instr.op == "dot" or (body and body.group(1) in has_dot) or \
+                if instr.op in ("dot", "ragged-dot") or (body and body.group(1) in has_dot) or \
                         _dot_flops(instr, shapes):
                     dot_traffic += moved
                 if is_scores(_dims(instr.type), seq_len, heads):

@@ -20,10 +20,11 @@ from pjit_llm.placement import BYTE_VOCAB, place
 from pjit_llm.parallel.layout import is_variable
 from pjit_llm.parallel.settings import MeshConfig
 from pjit_llm.planning import candidates as cands
+from pjit_llm.planning import gpu_program
 from pjit_llm.planning.compiled import cached_analysis
 from pjit_llm.planning.devices import Cluster
 from pjit_llm.planning.estimate import estimate, flash
-from pjit_llm.planning.worker import FOR_ACCELERATORS, CompileWorker
+from pjit_llm.planning.worker import CompileWorker
 
 
 def concrete_vocab(cfg: Config) -> Config:
@@ -130,8 +131,8 @@ def plan(cfg: Config, cluster: Cluster, kind_for_estimate, budget: float, top: i
                                           cands.analytic_time(cfg, leaves, c, cluster)))
     chosen = _diverse(ranked, top or default_top(leaves))
     rows, cached = [], 0
-    accelerator = kind_for_estimate.name != "cpu"  # planned for GPUs, not this machine's CPU
-    worker = CompileWorker(cluster.devices, accelerator)
+    gpu = kind_for_estimate.name != "cpu"  # planned for GPUs, not this machine's CPU
+    worker = CompileWorker(cluster.devices, gpu)
     compile_with = compile_with or worker.analyse
     flops = perf.flops_per_step(cfg.model, cfg.data.batch_size, cfg.data.seq_len)
     tokens = cfg.data.batch_size * cfg.data.seq_len
@@ -146,7 +147,7 @@ def plan(cfg: Config, cluster: Cluster, kind_for_estimate, budget: float, top: i
                 continue
             scores = kind_for_estimate.flash_attention and cand.mesh["context"] == 1
             analysis, hit = cached_analysis(run_cfg, cluster.devices, cache_dir, scores,
-                                            compile_with, FOR_ACCELERATORS * accelerator)
+                                            compile_with, gpu_program.VARIANT * gpu)
             cached += hit
             if "refused" in analysis:
                 pruned["refused: " + analysis["refused"][:100]] += 1

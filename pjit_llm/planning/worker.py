@@ -5,7 +5,8 @@ One spawned worker compiles candidate after candidate on its own emulated CPU de
 compiled.py's `analyse` needs; the calling process may hold real GPUs for calibration). When
 it dies, the candidate it was compiling comes back refused, naming the compiler's last fatal
 line (the worker's stderr goes to a file, so that an abort's stack trace does not run through
-the plan's table), and the next candidate starts a fresh worker."""
+the plan's table), and the next candidate starts a fresh worker. A worker for a GPU kind
+builds GPU programs (gpu_program.py), which changes how JAX lowers in its process alone."""
 
 import multiprocessing
 import os
@@ -14,35 +15,29 @@ import tempfile
 
 from pjit_llm.config import Config
 from pjit_llm.parallel.mesh import use_emulated_devices
+from pjit_llm.planning import gpu_program
 from pjit_llm.planning.compiled import analyse
 
 
-# XLA:CPU promotes bfloat16 all-reduces to float32 (its runtime sums in float32) and aborts
-# doing so on some programs ("Invalid binary instruction opcode copy", jaxlib 0.10.2). A
-# program planned for a GPU, which sums in bfloat16, is compiled without that pass: it is
-# analysed, never run.
-FOR_ACCELERATORS = "--xla_disable_hlo_passes=all-reduce-promotion"
-
-
-def _serve(conn, devices: int, log: str, accelerator: bool) -> None:
+def _serve(conn, devices: int, log: str, gpu: bool) -> None:
     fd = os.open(log, os.O_WRONLY | os.O_APPEND)
     os.dup2(fd, 2)  # XLA writes to the file descriptor, past Python's sys.stderr
     os.close(fd)
-    if accelerator:
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FOR_ACCELERATORS}"
     use_emulated_devices(devices)  # before anything starts JAX's backend in this process
+    if gpu:
+        gpu_program.prepare()
     while True:
         job = conn.recv()
         if job is None:
             return
         cfg, count, scores = job
-        conn.send(analyse(cfg, count, scores, accelerator))
+        conn.send(analyse(cfg, count, scores, gpu))
 
 
 class CompileWorker:
-    def __init__(self, devices: int, accelerator: bool = False):
-        """`accelerator`: compile the programs a GPU would run (`FOR_ACCELERATORS`)."""
-        self.devices, self.accelerator = devices, accelerator
+    def __init__(self, devices: int, gpu: bool = False):
+        """`gpu`: compile the programs a GPU would run (gpu_program.py)."""
+        self.devices, self.gpu = devices, gpu
         self.process = self.conn = None
         fd, self.log = tempfile.mkstemp(prefix="pjit_llm_plan_", suffix=".log")
         os.close(fd)
@@ -51,7 +46,7 @@ class CompileWorker:
         context = multiprocessing.get_context("spawn")
         self.conn, child = context.Pipe()
         self.process = context.Process(
-            target=_serve, args=(child, self.devices, self.log, self.accelerator), daemon=True)
+            target=_serve, args=(child, self.devices, self.log, self.gpu), daemon=True)
         self.process.start()
         child.close()
 
