@@ -45,8 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--headroom", type=float, default=0.1,
                    help="share of each device's memory left free (default 0.1)")
     p.add_argument("--top", type=int, default=0, help="candidates compiled (default 0: "
-                   f"{planner.SMALL_TOP} for a model under {planner.SMALL_MODEL:.0e} parameters, "
-                   f"else {planner.LARGE_TOP})")
+                   f"{planner.SMALL_TOP} for a GPU kind or a model under "
+                   f"{planner.SMALL_MODEL:.0e} parameters, else {planner.LARGE_TOP})")
     p.add_argument("--remat", default=",".join(REMATS), help="remat policies to consider")
     p.add_argument("--out", help="write the chosen config here (YAML)")
     p.add_argument("--calibrate", type=int, default=0, metavar="N",

@@ -147,6 +147,7 @@ import json, sys
 from pjit_llm.parallel.mesh import use_emulated_devices
 use_emulated_devices(8)
 import jax, jax.numpy as jnp
+from pjit_llm import perf
 from pjit_llm.config import load_config
 from pjit_llm.planning import gpu_program
 from pjit_llm.planning.compiled import analyse
@@ -160,7 +161,10 @@ grouped = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
     jax.ShapeDtypeStruct((4,), jnp.int32))
 text, memory = gpu_program.compile_for_gpu(grouped)
 moe = analyse(load_config(sys.argv[1], sys.argv[2:]), 8, gpu=True)
-print(json.dumps({"text": text, "memory": memory, "moe": moe}))
+plain = jax.jit(lambda a: jnp.tanh(a @ a).sum(0)).lower(jax.ShapeDtypeStruct((256, 256), jnp.float32))
+dumped = gpu_program.compile_for_gpu(plain)[1]["peak"]
+planned = perf.compiled_memory(plain.compile())["peak"]
+print(json.dumps({"text": text, "memory": memory, "moe": moe, "plain": [dumped, planned]}))
 """
 
 
@@ -175,6 +179,9 @@ def test_a_gpu_program_multiplies_each_row_by_its_group_once_and_keeps_bfloat16(
     # summed over its own rows): each 2 x rows x 64 x 32, not that for every group
     assert program_cost(text, 1).flops == pytest.approx(3 * 2 * 256 * 64 * 32)
     assert "bf16[4,64,32]" in text and "f32[256,64]" not in text  # not widened as on XLA:CPU
+    # the memory plan read from XLA's dump is the one a compiled program reports
+    dumped, planned = out["plain"]
+    assert dumped == pytest.approx(planned, rel=1e-3)
     # The whole tiny MoE step for a GPU: its grouped products do no padded blocks' work, and
     # its buffers stay in bfloat16, so it moves less than the program XLA:CPU would run.
     cpu = analyse(load_config(moe[0], moe[1:]), 8)
@@ -264,9 +271,9 @@ def test_a_small_model_compiles_every_mesh_including_plain_data_and_fsdp():
     leaves = param_leaves(cfg)
     cluster = make_cluster(CPU_LIKE, 8, 8)
     found, _ = cands.enumerate_candidates(cfg, leaves, cluster, 3e9)
-    assert default_top(leaves) == SMALL_TOP
+    assert default_top(leaves, gpu=False) == SMALL_TOP
     ranked = sorted(found, key=lambda c: cands.analytic_time(cfg, leaves, c, cluster))
-    chosen = {c.sizes for c in _diverse(ranked, default_top(leaves))}
+    chosen = {c.sizes for c in _diverse(ranked, SMALL_TOP)}
     assert _sizes(data=8) in chosen and _sizes(fsdp=8) in chosen
     # Memory traffic counts: the width-wide activations tensor parallelism replicates make
     # tensor=8 slower than data=8 by formula, as it measures.

@@ -139,22 +139,41 @@ def _active_mlp(model) -> int:
     return k * model.expert_size if k else model.mlp_dim
 
 
+def _mlp_rows(model, mesh: dict) -> float:
+    """Rows of the MLP's products per token on a device: 1 for a dense MLP; for experts, the k
+    assignments, times the expert group's devices when dropless (each device's products are
+    sized for every row gathered from its group: models/expert_dispatch.py)."""
+    k = getattr(model, "experts_per_token", 0)
+    if not k:
+        return 1
+    return k * (mesh["expert"] if model.expert_capacity_factor == 0 else 1)
+
+
 def analytic_memory(cfg: Config, leaves: list[ParamLeaf], cand: Candidate) -> float:
     """A floor-plan estimate of the step's bytes per device: the state, what every layer keeps
-    for the backward pass, one layer's working set and the logits."""
+    for the backward pass, one layer's working set and the logits. A pipeline stage keeps only
+    its input for each of its iterations and recomputes one iteration's layers at a time
+    (parallel/stages.py)."""
     m, s = cfg.model, cand.mesh
     dt = 2 if m.dtype == "bfloat16" else 4
     batch_shards = s["data"] * s["stage"] * s["fsdp"] * s["expert"]
-    tokens = cfg.data.batch_size / cand.grad_accum / batch_shards * cfg.data.seq_len / s["context"]
-    if s["stage"] > 1:  # each stage holds its layers for every micro-batch in flight
-        tokens *= s["stage"]
+    shard = cfg.data.batch_size / cand.grad_accum / batch_shards * cfg.data.seq_len / s["context"]
+    tokens, layers, inputs = shard, m.num_layers / s["stage"], 0.0
+    if s["stage"] > 1:  # per device and micro-batch: the batch shard's share of one
+        iterations = cand.microbatches * cand.repeats + s["stage"] - 1
+        tokens = shard * s["stage"] / cand.microbatches
+        inputs = iterations * tokens * dt * m.embed_dim
+        layers /= cand.repeats
     d_units, f_units = KEPT[cand.remat]
-    per_layer = tokens * dt * (d_units * m.embed_dim + f_units * _active_mlp(m) / s["tensor"])
-    working = tokens * dt * (14 * m.embed_dim + 4 * _active_mlp(m) / s["tensor"])
-    layers = m.num_layers / s["stage"]
+    rows = _mlp_rows(m, s)
+    experts = getattr(m, "experts_per_token", 0)
+    mlp = (rows * m.expert_size if experts else m.mlp_dim) / s["tensor"]
+    routed = 2 * rows * m.embed_dim if experts else 0  # the experts' rows in and out
+    per_layer = tokens * dt * (d_units * m.embed_dim + f_units * mlp + (d_units > 1) * routed)
+    working = tokens * dt * (14 * m.embed_dim + 4 * mlp + routed)
     chunk = cand.loss_chunk or cfg.data.seq_len
-    logits = 3 * 4 * tokens * chunk / cfg.data.seq_len * m.vocab_size / s["tensor"]
-    return state_bytes(cfg, leaves, s) + layers * per_layer + working + logits
+    logits = 3 * 4 * shard * chunk / cfg.data.seq_len * m.vocab_size / s["tensor"]
+    return state_bytes(cfg, leaves, s) + inputs + layers * per_layer + working + logits
 
 
 # Per layer and forward pass, in the compiled programs of this project's decoder: about this

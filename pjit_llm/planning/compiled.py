@@ -4,6 +4,7 @@ and each collective with its bytes, the mesh axes its device groups span and whe
 groups reach across hosts. Results are cached on disk, keyed by the candidate's config, the
 jax version and the device count, so a second plan of the same shape compiles nothing.
 
+For a GPU kind the program is the one a GPU would run (gpu_program.py), read from XLA's dump.
 The program is compiled on one process's emulated devices, so its mesh has no host
 boundaries; which collectives cross hosts follows from the candidate's mesh.dcn_* sizes (the
 pieces across hosts are the outer part of each axis, as parallel/mesh.py lays them out).

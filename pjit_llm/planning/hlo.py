@@ -5,7 +5,9 @@ times its loop's trip count, which XLA's own cost analysis counts once).
 
 A conditional's branches each count once per execution, except where its name scope says the
 step decides at run time how often each runs (`shares`: the expert blocks of
-models/expert_products.py, counted at the share balanced routing uses). An in-place update
+models/expert_products.py, counted at the share balanced routing uses); a grouped product
+(ragged-dot, in a GPU's program) likewise counts the share of its rows that fall in its
+groups (`rows_share`). An in-place update
 counts its update, not its buffer, also where XLA:CPU converts the buffer around it.
 
 Replica groups come in three spellings (explicit `{{0,1},{2,3}}`, iota `[2,2]<=[4]T(1,0)` and

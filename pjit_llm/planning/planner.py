@@ -56,15 +56,16 @@ def _progress(i: int, n: int, what: str) -> None:
     sys.stderr.flush()
 
 
-# How many candidates are compiled by default: a small model's compile takes seconds, so
-# every mesh shape the pruning left (up to SMALL_TOP) is compiled and the program decides; a
-# large one's takes minutes, so only the formula's LARGE_TOP most promising.
+# How many candidates are compiled by default: a GPU's program stops compiling before any code
+# is emitted (gpu_program.py) and a small model compiles in seconds, so up to SMALL_TOP are
+# compiled and the program decides; a large model compiled in full for the CPU takes minutes,
+# so only the formula's LARGE_TOP most promising.
 SMALL_MODEL, SMALL_TOP, LARGE_TOP = 1e8, 24, 8
 
 
-def default_top(leaves: list[cands.ParamLeaf]) -> int:
+def default_top(leaves: list[cands.ParamLeaf], gpu: bool) -> int:
     params = sum(math.prod(l.shape) for l in leaves)
-    return SMALL_TOP if params < SMALL_MODEL else LARGE_TOP
+    return SMALL_TOP if gpu or params < SMALL_MODEL else LARGE_TOP
 
 
 def _diverse(ranked: list[cands.Candidate], top: int) -> list[cands.Candidate]:
@@ -129,9 +130,9 @@ def plan(cfg: Config, cluster: Cluster, kind_for_estimate, budget: float, top: i
                "model")  # noqa
     ranked = sorted(found, key=lambda c: (cands.analytic_memory(cfg, leaves, c) > budget,
                                           cands.analytic_time(cfg, leaves, c, cluster)))
-    chosen = _diverse(ranked, top or default_top(leaves))
-    rows, cached = [], 0
     gpu = kind_for_estimate.name != "cpu"  # planned for GPUs, not this machine's CPU
+    chosen = _diverse(ranked, top or default_top(leaves, gpu))
+    rows, cached = [], 0
     worker = CompileWorker(cluster.devices, gpu)
     compile_with = compile_with or worker.analyse
     flops = perf.flops_per_step(cfg.model, cfg.data.batch_size, cfg.data.seq_len)
