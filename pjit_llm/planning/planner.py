@@ -71,10 +71,10 @@ def default_top(leaves: list[cands.ParamLeaf], gpu: bool) -> int:
 def _diverse(ranked: list[cands.Candidate], top: int) -> list[cands.Candidate]:
     """The `top` first of `ranked`, taking the best of each remat policy, then the best of each
     kind of parallelism (the set of axes it splits: a mixture of experts' expert axis among
-    them), then of each mesh, then of each (mesh, remat), before any second of a kind: the
-    formula ranks, the compile decides."""
+    them), then of each mesh's sizes, then of each placement over hosts, then of each
+    (mesh, remat), before any second of a kind: the formula ranks, the compile decides."""
     picked: list[cands.Candidate] = []
-    for key in (lambda c: c.remat, lambda c: tuple(n > 1 for n in c.sizes),
+    for key in (lambda c: c.remat, lambda c: tuple(n > 1 for n in c.sizes), lambda c: c.sizes,
                 lambda c: (c.sizes, c.dcn), lambda c: (c.sizes, c.dcn, c.remat), lambda c: c):
         seen = {key(c) for c in picked}
         for c in ranked:
