@@ -27,10 +27,12 @@
 #   moe       the Llama-1B shape as a Mixtral of 8 experts half as wide, 2 per token (the
 #             dense model's active parameters): dropless with ragged_dot (grouped GEMMs), with
 #             the CPU's blocks, and in capacity mode (MOE_VARIANTS); beside the llama base row
+#   plan      `python -m pjit_llm.plan` of the Llama-1B row on this one GPU, calibrated: the
+#             planner's predicted step against 5 measured steps for 4 of its candidates
 #
 # Every row runs in its own process under its own time limit and writes under OUT_DIR as it
 # goes: a row that fails or outlasts its limit is recorded with its last line and the next
-# starts; a run cut short keeps what it finished. OUT_DIR (new or empty) ends with 9 files:
+# starts; a run cut short keeps what it finished. OUT_DIR (new or empty) ends with 10 files:
 #   summary.md           the environment, every row's status, the tables (each row beside its
 #                        config's base row, with ratios) and where the profiled steps' time went
 #   log.txt              each command with its limit, time and exit status, and its stderr
@@ -40,6 +42,7 @@
 #   train.txt            the training runs' console output
 #   profile-gpt2.tgz, profile-llama.tgz   the traces (TensorBoard's profile tab, or Perfetto)
 #   fp8loss.md           the fp8 runs' held-out losses beside bfloat16's
+#   plan.txt             the plan's table and its calibration
 # `python -m pjit_llm.bench_report table OUT_DIR/*.jsonl` prints the tables again.
 #
 # Options:
@@ -78,7 +81,7 @@ GENERATE_FLAGS=(
 usage() { sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 fail() { echo "error: $*" >&2; exit 2; }
 
-OUT="" WHEELS="" BUDGET=570 ONLY="env,tests,llama,gpt2,generate,train,profile,fp8loss,moe" DRY=0 SMOKE=0
+OUT="" WHEELS="" BUDGET=570 ONLY="env,tests,llama,gpt2,generate,train,profile,fp8loss,moe,plan" DRY=0 SMOKE=0
 while (($#)); do
   case $1 in
     --wheels) WHEELS=${2:?--wheels needs a folder}; shift ;;
@@ -95,7 +98,7 @@ done
 [ -n "$OUT" ] || fail "give OUT_DIR, a new or empty folder for the results: bash $0 OUT_DIR"
 [[ $BUDGET =~ ^[0-9]+$ ]] || fail "--budget $BUDGET is not a number of seconds"
 for p in ${ONLY//,/ }; do
-  [[ ,env,tests,llama,gpt2,generate,train,profile,fp8loss,moe, == *,$p,* ]] || fail "no part '$p' (--only)"
+  [[ ,env,tests,llama,gpt2,generate,train,profile,fp8loss,moe,plan, == *,$p,* ]] || fail "no part '$p' (--only)"
 done
 if ((!DRY)) && [ -d "$OUT" ] && [ -n "$(ls -A "$OUT")" ]; then
   fail "$OUT is not empty; give a new or empty folder, so that rows of two runs do not mix"
@@ -116,12 +119,12 @@ export JAX_COMPILATION_CACHE_DIR="$WORK/jax-cache"
 USER_XLA_FLAGS=${XLA_FLAGS:-}
 
 if ((SMOKE)); then
-  LLAMA=configs/tiny.yaml GPT2=configs/tiny.yaml
+  LLAMA=configs/tiny.yaml GPT2=configs/tiny.yaml PLAN_KIND=cpu
   LLAMA_STEPS=(--steps 2 --warmup 1) GPT2_STEPS=(--steps 2 --warmup 1)
   GENERATE=(--batch 1 --batch 2 --prompt-len 16 --new-tokens 8 --repeats 1)
   TRAIN_STEPS=(6 8 2) TRAIN_SHAPE=(train.log_every=2 train.eval_every=3) FP8_STEPS=4 FP8_WARMUP=1
 else
-  LLAMA=configs/bench-llama-1b.yaml GPT2=configs/bench-gpt2-small.yaml
+  LLAMA=configs/bench-llama-1b.yaml GPT2=configs/bench-gpt2-small.yaml PLAN_KIND=h200
   LLAMA_STEPS=(--steps 5 --warmup 2) GPT2_STEPS=(--steps 10 --warmup 2)
   GENERATE=(--batch 1 --batch 8 --batch 64 --prompt-len 128 --new-tokens 128 --repeats 3)
   TRAIN_STEPS=(30 35 10) TRAIN_SHAPE=(train.log_every=5 train.eval_every=15) FP8_STEPS=200 FP8_WARMUP=20
@@ -362,6 +365,12 @@ if want moe; then
     # shellcheck disable=SC2086
     step_row 120 llama "$LLAMA" "${MOE[@]}" $v
   done
+fi
+
+if want plan; then
+  run 240 "$OUT/plan.txt" "plan: predicted against measured" \
+    "$PY" -m pjit_llm.plan --config "$LLAMA" --devices 1 --device "$PLAN_KIND" \
+    --calibrate 4 --steps 5 --cache "$WORK/plans"
 fi
 
 if ((DRY)); then

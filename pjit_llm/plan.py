@@ -92,11 +92,15 @@ def main(argv=None) -> None:
     budget = kind.hbm_bytes * (1 - args.headroom)
     cache = None if args.no_cache else (args.cache or default_cache_dir())
     rows, info = plan(cfg, cluster, kind, budget, args.top, cache, remats)
+    arithmetic = {w: n for w, n in info["pruned"].items() if not w.startswith("refused: ")}
+    refused = {w: n for w, n in info["pruned"].items() if w.startswith("refused: ")}
     header = (f"plan for {cluster.describe()}, batch {cfg.data.batch_size} x {cfg.data.seq_len}: "
               f"{info['enumerated']:,} candidates after pruning, {info['compiled']} compiled "
               f"({info['cached']} cached); pruned: "
-              + "; ".join(f"{why} ({n:,})" for why, n in sorted(info["pruned"].items(),
+              + "; ".join(f"{why} ({n:,})" for why, n in sorted(arithmetic.items(),
                                                                 key=lambda kv: -kv[1])[:4]))
+    if refused:  # compiled and refused: the builder's or the compiler's reason
+        header += "; " + "; ".join(f"{why} ({n})" for why, n in refused.items())
     print_plan(rows, header)
     if kind.flash_attention:
         print(f"memory/device: XLA's plan less its (seq, seq) attention buffers, which "

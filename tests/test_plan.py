@@ -253,6 +253,20 @@ def test_serial_kinds_add_memory_elementwise_collectives_and_kernel_overheads():
     assert on_a_gpu["kernel overhead"] == on_a_gpu["elementwise"] == 0
 
 
+def test_one_device_is_probed_without_collectives_and_its_estimate_is_finite():
+    import jax
+
+    from pjit_llm.planning.probe import measure_kind
+
+    kind = measure_kind(jax.devices()[:1], 1e9)
+    assert kind.host_link == kind.network_link == math.inf and kind.link_latency == 0
+    assert kind.peak_flops > 0 and kind.hbm_bandwidth > 0 and kind.kernel_overhead > 0
+    # a one-device program's degenerate collective moves nothing over no link
+    analysis = {**_synthetic(flops=1e9), "collectives": [
+        {"op": "all-reduce", "link_bytes": 0.0, "count": 3, "axes": [], "across_hosts": False}]}
+    assert math.isfinite(estimate(analysis, kind).step_s)
+
+
 def test_elementwise_operations_are_counted_per_element_inside_fusions():
     import jax
     import jax.numpy as jnp

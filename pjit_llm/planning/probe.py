@@ -19,6 +19,7 @@ start-up) cancels out:
 
 Each is the median of several repeats (the machine is shared). A few seconds in all."""
 
+import math
 import time
 
 import jax
@@ -78,6 +79,11 @@ def measure_kind(devices: list, memory_bytes: float, name: str = "cpu") -> Devic
     # A reduction then a broadcast: two kernels an iteration that no fusion joins.
     kernel = _per_iteration(loop(lambda y: y - jnp.max(y, axis=1, keepdims=True)), small,
                             10, 110) / 2
+    if n == 1:  # no collective to time, and none in a one-device program
+        return DeviceKind(name, flops, memory_bytes, bandwidth, math.inf, math.inf,
+                          compute_share=1.0, link_latency=0.0, overlap=False,
+                          flash_attention=False, kernel_overhead=kernel,
+                          element_rate=element_rate)
 
     def psum(y):
         total = jax.shard_map(lambda v: jax.lax.psum(v, "d"), mesh=mesh, in_specs=P("d"),
