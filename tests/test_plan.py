@@ -161,7 +161,8 @@ grouped = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
     jax.ShapeDtypeStruct((4,), jnp.int32))
 text, memory = gpu_program.compile_for_gpu(grouped)
 moe = analyse(load_config(sys.argv[1], sys.argv[2:]), 8, gpu=True)
-plain = jax.jit(lambda a: jnp.tanh(a @ a).sum(0)).lower(jax.ShapeDtypeStruct((256, 256), jnp.float32))
+square = jax.ShapeDtypeStruct((256, 256), jnp.float32)
+plain = jax.jit(lambda a: jnp.tanh(a @ a).sum(0)).lower(square)
 dumped = gpu_program.compile_for_gpu(plain)[1]["peak"]
 planned = perf.compiled_memory(plain.compile())["peak"]
 print(json.dumps({"text": text, "memory": memory, "moe": moe, "plain": [dumped, planned]}))
