@@ -179,6 +179,11 @@ def test_a_gpu_program_multiplies_each_row_by_its_group_once_and_keeps_bfloat16(
     # the forward product, the rows' gradient and the weights' (one matrix per group, each
     # summed over its own rows): each 2 x rows x 64 x 32, not that for every group
     assert program_cost(text, 1).flops == pytest.approx(3 * 2 * 256 * 64 * 32)
+    # with half the rows in this device's groups (the rest other devices' experts'), half the
+    # work, and fewer bytes: the rows' arrays at half, the weights and their gradient whole
+    half = program_cost(text, 1, rows_share=0.5)
+    assert half.flops == pytest.approx(3 * 256 * 64 * 32)
+    assert program_cost(text, 1).bytes > half.bytes > program_cost(text, 1).bytes / 2
     assert "bf16[4,64,32]" in text and "f32[256,64]" not in text  # not widened as on XLA:CPU
     # the memory plan read from XLA's dump is the one a compiled program reports
     dumped, planned = out["plain"]

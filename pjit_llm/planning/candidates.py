@@ -139,7 +139,7 @@ def _active_mlp(model) -> int:
     return k * model.expert_size if k else model.mlp_dim
 
 
-def _mlp_rows(model, mesh: dict) -> float:
+def _mlp_rows(model, mesh: dict) -> int:
     """Rows of the MLP's products per token on a device: 1 for a dense MLP; for experts, the k
     assignments, times the expert group's devices when dropless (each device's products are
     sized for every row gathered from its group: models/expert_dispatch.py)."""
