@@ -191,7 +191,7 @@ def test_a_gpu_program_multiplies_each_row_by_its_group_once_and_keeps_bfloat16(
     assert dumped == pytest.approx(planned, rel=1e-3)
     # The whole tiny MoE step for a GPU (experts split 4 ways): each device multiplies its
     # quarter of the gathered rows, no padded blocks, so the step computes the model's FLOPs
-    # (plus the float32 router and the masked half of attention), not XLA:CPU's blocks' twice.
+    # (plus the float32 router and the masked half of attention).
     gpu = out["moe"]
     assert gpu["memory"]["peak"] > 0 and "refused" not in gpu
     cfg = load_config(moe[0], moe[1:])

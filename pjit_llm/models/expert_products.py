@@ -96,8 +96,7 @@ def _by_ragged_dot(x_RD, sizes_E, weights, activation, dtype):
 
 # The name each block's work carries in the compiled program: how many blocks are used is known
 # only when the step runs, so the planner (planning/hlo.py) counts their conditional products
-# at the share balanced routing would use, and for a GPU, which runs one grouped product
-# instead, their bytes as reading each expert's weights once.
+# at the share balanced routing would use.
 BLOCKS_SCOPE = "expert_blocks"
 
 

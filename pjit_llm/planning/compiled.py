@@ -127,7 +127,7 @@ def blocks_share(experts: int, group: int):
 
 
 def _experts_here(cfg: Config, layout) -> tuple[int, int]:
-    """(experts, the expert group's devices): the blocks loop's shape parameters."""
+    """(experts, the devices of the expert group its tokens are gathered over)."""
     experts = getattr(cfg.model, "num_experts", 0)
     group = math.prod(layout.mesh.shape[a] for a in layout.mesh_axes("expert")
                       if a in layout.mesh_axes("batch")) if experts else 1

@@ -16,9 +16,9 @@
                   much as memory does; not counted on GPUs, where memory bounds them)
     step        = max(compute, memory, hidden) + the other collectives + overhead
     serial step = compute + memory of the kernels without a matrix product + elementwise +
-                  every collective + overhead, on a kind without overlap (the emulated CPU devices:
-                  each kernel runs at its own bound, one after the other, and collectives are
-                  copies on the same cores)
+                  every collective + overhead, on a kind without overlap (the emulated CPU
+                  devices: each kernel runs at its own bound, one after the other, and
+                  collectives are copies on the same cores)
     bubble      = compute x (S-1)/(M.R+S-1), shown apart: the pipeline's idle stages compute
                   on zeros, so the compiled FLOPs already hold it
 
@@ -70,7 +70,8 @@ def estimate(analysis: dict, kind: DeviceKind) -> Estimate:
     hide = sum(collective_seconds(c, kind) for c in analysis["collectives"] if hidden(c))
     block = sum(collective_seconds(c, kind) for c in analysis["collectives"] if not hidden(c))
     overhead = analysis.get("kernels", 0.0) * kind.kernel_overhead
-    elementwise = analysis.get("element_ops", 0.0) / kind.element_rate if kind.element_rate else 0.0
+    elementwise = (analysis.get("element_ops", 0.0) / kind.element_rate
+                   if kind.element_rate else 0.0)
     if kind.overlap:
         step = max(compute, memory, hide) + block + overhead
     else:

@@ -7,8 +7,8 @@ A conditional's branches each count once per execution, except where its name sc
 step decides at run time how often each runs (`shares`: the expert blocks of
 models/expert_products.py, counted at the share balanced routing uses); a grouped product
 (ragged-dot, in a GPU's program) likewise counts the share of its rows that fall in its
-groups (`rows_share`). An in-place update
-counts its update, not its buffer, also where XLA:CPU converts the buffer around it.
+groups (`rows_share`). An in-place update counts its update, not its buffer, also where
+XLA:CPU converts the buffer around it.
 
 Replica groups come in three spellings (explicit `{{0,1},{2,3}}`, iota `[2,2]<=[4]T(1,0)` and
 XLA's mesh form `mesh['axis_0'=2,...] {'axis_0'}`); all become explicit lists of partition ids,
@@ -390,7 +390,8 @@ def program_cost(text: str, num_devices: int, seq_len: int = 0, heads: int = 0,
         shapes = {i.name: i.type for i in instrs}
         for instr in instrs:
             grouped = instr.op == "ragged-dot"
-            flops += t * _dot_flops(instr, shapes) * (rows_share if grouped else 1.0)
+            products = _dot_flops(instr, shapes)
+            flops += t * products * (rows_share if grouped else 1.0)
             base = instr.op.removesuffix("-start")
             if name not in fused and instr.op not in _FREE and not instr.op.endswith("-done"):
                 moved = t * (_grouped_traffic(instr, shapes, rows_share) if grouped
@@ -399,8 +400,8 @@ def program_cost(text: str, num_devices: int, seq_len: int = 0, heads: int = 0,
                 kernels += t
                 element_ops += t * _element_ops(instr, shapes, comps)
                 body = re.search(r"calls=%([^\s,]+)", instr.attrs)
-                if instr.op in ("dot", "ragged-dot") or (body and body.group(1) in has_dot) or \
-                        _dot_flops(instr, shapes):
+                if instr.op in ("dot", "ragged-dot") or products or \
+                        (body and body.group(1) in has_dot):
                     dot_traffic += moved
                 if is_scores(_dims(instr.type), seq_len, heads):
                     scores += moved
